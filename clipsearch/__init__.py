@@ -1,0 +1,3 @@
+"""clipsearch: unified text-and-image search with CLIP."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,253 @@
+"""The `clipsearch` command line: the only place that prints, reads argv or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clipsearch import errors
+from clipsearch.index import default_home, open_index
+from clipsearch.index.base import VectorIndex
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+USAGE_ERRORS = (errors.BadRequest, errors.NotFound, errors.ModelMismatch, errors.ModelUnavailable,
+                errors.ConfigError, errors.UnsupportedMediaType, errors.PayloadTooLarge)
+
+
+def _add_index_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("--index", help="embedded: index folder (default $CLIPSEARCH_HOME or XDG data dir); "
+                   "opensearch: index name")
+    p.add_argument("--backend", choices=("embedded", "opensearch"), default="embedded")
+    p.add_argument("--opensearch-url", default=os.environ.get("CLIPSEARCH_OPENSEARCH_URL"),
+                   help="OpenSearch base URL (default $CLIPSEARCH_OPENSEARCH_URL)")
+    if model:
+        p.add_argument("--model", help="demo, a CLIP name such as RN50, or a checkpoint path")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipsearch", description="Text-and-image search with CLIP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="index images under folders or files")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    _add_index_options(p)
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--workers", type=_positive, default=2, help="decoding threads")
+
+    p = sub.add_parser("search", help="search by text or by an image")
+    p.add_argument("text", nargs="?")
+    p.add_argument("--image", help="an image file to search with")
+    p.add_argument("-k", type=_positive, default=10)
+    p.add_argument("--from", dest="offset", type=_non_negative, default=0)
+    p.add_argument("--min-score", type=float)
+    p.add_argument("--under", help="only results whose path or key starts with this prefix")
+    p.add_argument("--json", action="store_true", help="print the REST response object")
+    _add_index_options(p)
+
+    p = sub.add_parser("stats", help="show the index's figures")
+    p.add_argument("--json", action="store_true")
+    _add_index_options(p, model=False)
+
+    p = sub.add_parser("serve", help="serve the REST API and the web page")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_index_options(p)
+
+    p = sub.add_parser("demo", help="generate a demo catalogue, index it and search it (offline)")
+    p.add_argument("--dir", help="where to put the demo catalogue and index (default $CLIPSEARCH_HOME/demo)")
+    p.add_argument("--count", type=_positive, default=240)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _open(args: argparse.Namespace, model: str | None = None, dim: int | None = None) -> VectorIndex:
+    options: dict[str, Any] = {}
+    if args.backend == "opensearch":
+        if not args.opensearch_url:
+            raise errors.ConfigError("--backend opensearch needs --opensearch-url or "
+                                     "CLIPSEARCH_OPENSEARCH_URL")
+        options["url"] = args.opensearch_url
+        options["auth"] = os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")
+    return open_index(args.backend, args.index, model=model, dim=dim, **options)
+
+
+def _encoder(spec: str) -> Any:
+    from clipsearch.encoders import LocalEncoder
+
+    return LocalEncoder(spec)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from clipsearch import models
+    from clipsearch.ingest import index_paths
+
+    spec = models.canonical_spec(args.model or models.DEMO)
+    try:
+        existing = _open(args)
+        if args.model is None:
+            spec = existing.model
+        existing.close()
+    except errors.NotFound:
+        pass
+    encoder = _encoder(spec)
+    index = _open(args, model=encoder.model, dim=encoder.dim)
+    bar = tqdm(total=0, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True,
+               disable=None)
+
+    def plan(n: int) -> None:
+        bar.total = n
+        bar.refresh()
+
+    def skipped(path: str, reason: str) -> None:
+        bar.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
+
+    try:
+        summary = index_paths(args.paths, encoder, index, batch_size=args.batch_size,
+                              workers=args.workers, on_skip=skipped, on_progress=bar.update,
+                              on_plan=plan)
+    finally:
+        bar.close()
+    print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, removed {summary.deleted}, "
+          f"skipped {len(summary.skipped)} of {summary.seen} images in {summary.seconds:.1f}s "
+          f"({summary.images_per_second:.1f} images/s); index holds {index.count()}")
+    return EXIT_OK
+
+
+def _prefix(args: argparse.Namespace) -> str | None:
+    if not args.under:
+        return None
+    if args.backend == "embedded" and Path(args.under).expanduser().exists():
+        under = Path(args.under).expanduser().resolve()
+        return str(under) + (os.sep if under.is_dir() else "")
+    return str(args.under)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from clipsearch.search import SearchRequest, SearchService
+
+    if (args.text is None) == (args.image is None):
+        raise errors.BadRequest("give a search TEXT or --image FILE (one of them)")
+    index = _open(args)
+    if args.model is not None:
+        from clipsearch import models
+        from clipsearch.index.base import check_model
+
+        check_model(index.model, index.dim, models.canonical_spec(args.model), None)
+    if args.min_score is not None and not -1.0 <= args.min_score <= 1.0:
+        raise errors.BadRequest("--min-score must be a cosine between -1 and 1")
+    options: dict[str, Any] = {"k": args.k, "offset": args.offset, "min_score": args.min_score,
+                               "prefix": _prefix(args)}
+    if args.image is not None:
+        try:
+            data = Path(args.image).read_bytes()
+        except OSError as e:
+            raise errors.BadRequest(f"cannot read {args.image}: {e.strerror or e}") from None
+        request = SearchRequest("image", image=data, **options)
+    else:
+        if not args.text.strip():
+            raise errors.BadRequest("the search text is empty")
+        request = SearchRequest("text", text=args.text.strip(), **options)
+    service = SearchService(_encoder(index.model), index, url_for=lambda hit: f"/images/{hit.id}")
+    response = service.search(request)
+    if args.json:
+        print(json.dumps(response, ensure_ascii=False))
+        return EXIT_OK
+    if not response["hits"]:
+        print("no results")
+    for rank, hit in enumerate(response["hits"], start=args.offset + 1):
+        print(f"{rank:3d}  {hit['score']:+.4f}  {hit['key']}")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    info = _open(args).info().as_dict()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for name, value in info.items():
+            print(f"{name:>16}: {value}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from clipsearch.server import serve
+
+    index = _open(args)
+    serve(index, _encoder(index.model), host=args.host, port=args.port,
+          log=lambda line: print(line, file=sys.stderr, flush=True))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clipsearch.demo import write_catalogue
+
+    base = Path(args.dir).expanduser() if args.dir else default_home() / "demo"
+    images = base / "images"
+    written = write_catalogue(images, count=args.count)
+    print(f"demo catalogue: {written} shape pictures in {images}")
+    index_dir = str(base / "index")
+    common = ["--index", index_dir]
+    status = main(["index", str(images), *common, "--model", "demo"])
+    if status:
+        return status
+    query = "a red circle"
+    print(f'\ntext query: "{query}"')
+    main(["search", query, "-k", "5", *common])
+    example = sorted(images.glob("*blue*star*"))[:1] or sorted(images.iterdir())[:1]
+    if example:
+        print(f"\nimage query: {example[0].name}")
+        main(["search", "--image", str(example[0]), "-k", "5", *common])
+    print(f"\nTry: clipsearch search \"a small green triangle\" --index {index_dir}")
+    print(f"     clipsearch serve --index {index_dir}")
+    return EXIT_OK
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "serve": cmd_serve,
+            "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (typed errors become one stderr line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USAGE_ERRORS as e:
+        print(f"clipsearch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.ClipsearchError as e:
+        print(f"clipsearch: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("clipsearch: interrupted; committed work is kept, re-run to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

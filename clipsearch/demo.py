@@ -1,0 +1,20 @@
+"""The demo catalogue: generated shape pictures with titles in their file names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from clipsearch.shapes import demo_catalogue
+
+
+def write_catalogue(folder: Path, count: int = 240, seed: int = 7) -> int:
+    """Write `count` pictures as NNNN-a-large-red-circle.png (idempotent: same seed, same files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for n, (title, image) in enumerate(demo_catalogue(count, seed=seed)):
+        path = folder / f"{n:04d}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.png"
+        if not path.exists():
+            image.save(path, format="PNG")
+        written += 1
+    return written

@@ -1,0 +1,63 @@
+"""Typed errors raised inside clipsearch; the edges (api.py, cli.py) turn them into HTTP or exit codes."""
+
+from __future__ import annotations
+
+
+class ClipsearchError(Exception):
+    """Base class: the message is safe to show to a user."""
+
+    code = "error"
+
+
+class BadRequest(ClipsearchError):
+    """The request or input is malformed (bad JSON, bad field, not an image)."""
+
+    code = "bad_request"
+
+
+class BadImage(BadRequest):
+    """Bytes that are not a decodable, acceptable image."""
+
+    code = "bad_image"
+
+
+class NotFound(ClipsearchError):
+    """An id or index that does not exist."""
+
+    code = "not_found"
+
+
+class PayloadTooLarge(ClipsearchError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ClipsearchError):
+    code = "unsupported_media_type"
+
+
+class Unavailable(ClipsearchError):
+    """A dependency (encoder endpoint, index) is temporarily unavailable; retry later."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelMismatch(ClipsearchError):
+    """The index was built with another model (or dimension) than the one requested."""
+
+    code = "model_mismatch"
+
+
+class ModelUnavailable(ClipsearchError):
+    """The model cannot be loaded (offline and not cached, bad checkpoint)."""
+
+    code = "model_unavailable"
+
+
+class ConfigError(ClipsearchError):
+    """A required setting is missing or invalid."""
+
+    code = "config_error"

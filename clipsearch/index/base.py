@@ -1,0 +1,148 @@
+"""The VectorIndex interface shared by the embedded and OpenSearch backends.
+
+Scores leave every backend as cosine similarity in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from clipsearch.errors import BadRequest, ClipsearchError, ModelMismatch
+
+__all__ = [
+    "Document",
+    "Hit",
+    "IndexInfo",
+    "UpsertResult",
+    "VectorIndex",
+    "IndexError_",
+    "doc_id",
+    "check_model",
+    "check_query",
+]
+
+
+class IndexError_(ClipsearchError):  # noqa: N801 - avoid shadowing the builtin IndexError
+    """The index backend failed in a way that is not the caller's fault."""
+
+    code = "index_error"
+
+
+def doc_id(bucket: str, key: str) -> str:
+    """Deterministic document id: reprocessing the same object never duplicates it."""
+    return hashlib.sha1(f"{bucket}\x00{key}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Document:
+    """One indexed image: where it lives, what it looks like, and its unit vector."""
+
+    key: str
+    vector: np.ndarray
+    bucket: str = ""
+    title: str = ""
+    content_hash: str = ""
+    size: int = 0
+    mtime: float = 0.0
+    width: int = 0
+    height: int = 0
+    indexed_at: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return doc_id(self.bucket, self.key)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result; score is a cosine similarity."""
+
+    id: str
+    key: str
+    score: float
+    title: str = ""
+    bucket: str = ""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    backend: str
+    name: str
+    model: str
+    dim: int
+    count: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "index": self.name, "model": self.model, "dim": self.dim,
+                "count": self.count, **self.extra}
+
+
+@dataclass
+class UpsertResult:
+    """Per-item outcome of a bulk write: failed maps doc id to a reason."""
+
+    written: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class VectorIndex(Protocol):
+    """What every backend offers. `model` and `dim` are fixed when the index is created."""
+
+    model: str
+    dim: int
+
+    def upsert(self, docs: Sequence[Document]) -> UpsertResult: ...
+
+    def delete(self, ids: Sequence[str]) -> int: ...
+
+    def get(self, id: str) -> Document | None: ...
+
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        offset: int = 0,
+        min_score: float | None = None,
+        prefix: str | None = None,
+    ) -> list[Hit]: ...
+
+    def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
+        """key -> (size, mtime) for documents whose key starts with prefix (for incremental indexing)."""
+        ...
+
+    def count(self) -> int: ...
+
+    def info(self) -> IndexInfo: ...
+
+    def close(self) -> None: ...
+
+
+def check_model(recorded_model: str, recorded_dim: int, model: str | None, dim: int | None) -> None:
+    """Refuse to use an index with another model than the one that built it."""
+    if model is not None and model != recorded_model:
+        raise ModelMismatch(
+            f"index was built with model {recorded_model!r} (dim {recorded_dim}), not {model!r}; "
+            f"use --model {recorded_model} or another --index"
+        )
+    if dim is not None and dim != recorded_dim:
+        raise ModelMismatch(f"index has dimension {recorded_dim}, the model gives {dim}")
+
+
+def check_query(vector: np.ndarray, dim: int, k: int, offset: int) -> np.ndarray:
+    """Validate search arguments shared by every backend; returns the query as float32 1-D."""
+    q = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if q.shape[0] != dim:
+        raise BadRequest(f"query vector has dimension {q.shape[0]}, the index has {dim}")
+    if k < 1:
+        raise BadRequest("k must be at least 1")
+    if offset < 0:
+        raise BadRequest("from must be 0 or more")
+    return q

@@ -1,0 +1,279 @@
+"""SageMaker PyTorch handler for CLIP, and THE one CLIP implementation of clipsearch.
+
+SageMaker calls model_fn / input_fn / predict_fn / output_fn in its container; the local encoder
+calls the same functions in-process. torch and clip are imported lazily so that the image
+decoding helpers here can be imported where torch is absent (the Lambda packages).
+
+Environment: MODEL_NAME (a checkpoint file in model_dir, or a model spec such as `demo` / `RN50`),
+ENCODE_TYPE=TEXT|IMAGE (optional; restricts the endpoint to one kind).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
+
+# One place for the pixel limits: decoding refuses anything bigger (decompression bombs).
+MAX_PIXELS = 100_000_000
+# Images are downscaled to this shorter side before transport / encoding; well above every CLIP
+# input resolution, and small enough that a PNG stays far below SageMaker's 4 MB payload limit.
+MAX_SIDE = 448
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+JSON_TYPES = ("application/json",)
+IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp")
+DEFAULT_MODEL = "demo"
+TEXT, IMAGE = "TEXT", "IMAGE"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message names the fix."""
+
+
+@dataclass
+class ClipModel:
+    """A loaded CLIP model with the preprocessing that belongs to it."""
+
+    name: str
+    model: Any
+    preprocess: Any
+    dim: int
+    context_length: int
+    encode_type: str | None = None
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode bytes into an upright RGB image; ValueError when it is not an acceptable image."""
+    if not data:
+        raise ValueError("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(
+                    f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS:,})"
+                )
+            img.seek(0)  # animated images: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image too large (decompression bomb): {e}") from None
+    except UnidentifiedImageError:
+        raise ValueError("not a recognised image format") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"corrupt or truncated image: {e}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white and high-bit-depth modes scaled to 8 bits."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max()) or 1.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def downscale(img: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
+    """Shrink so the shorter side is at most max_side (CLIP resizes the shorter side anyway)."""
+    short = min(img.size)
+    if short <= max_side:
+        return img
+    scale = max_side / short
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+# -- model --------------------------------------------------------------------------------------
+
+
+def load_model(name: str, model_dir: str = "", encode_type: str | None = None) -> ClipModel:
+    """Load a checkpoint file (in model_dir or a path) or a clip model name (downloaded/cached)."""
+    import clip
+    import torch
+
+    candidates = [os.path.join(model_dir, name), os.path.join(model_dir, name + ".pt"), name]
+    path = next((c for c in candidates if c and os.path.isfile(c)), None)
+    try:
+        if path is not None:
+            model, preprocess = clip.load(path, device="cpu", jit=False)
+        elif name in clip.available_models():
+            root = model_dir or os.path.expanduser("~/.cache/clip")
+            model, preprocess = clip.load(name, device="cpu", jit=False, download_root=root)
+        else:
+            raise ModelLoadError(
+                f"unknown model {name!r}: use demo, a CLIP name ({', '.join(clip.available_models())}) "
+                "or a checkpoint path"
+            )
+    except ModelLoadError:
+        raise
+    except OSError as e:  # urllib errors are OSErrors: offline and not cached
+        raise ModelLoadError(
+            f"model {name!r} is not cached and cannot be downloaded ({e.__class__.__name__}); "
+            f"use --model demo or --model /path/to/{name.replace('/', '-')}.pt"
+        ) from None
+    except (RuntimeError, KeyError, ValueError, EOFError) as e:
+        raise ModelLoadError(f"cannot load model {name!r}: not a CLIP checkpoint ({e})") from None
+    model.eval()
+    if encode_type not in (None, "", TEXT, IMAGE):
+        raise ModelLoadError(f"ENCODE_TYPE must be TEXT or IMAGE, not {encode_type!r}")
+    dim = int(model.text_projection.shape[1])
+    torch.set_grad_enabled(False)
+    return ClipModel(name=name, model=model, preprocess=preprocess, dim=dim,
+                     context_length=int(model.context_length), encode_type=encode_type or None)
+
+
+def encode_texts(clip_model: ClipModel, texts: list[str]) -> np.ndarray:
+    """Unit-length text vectors; texts longer than the context are truncated."""
+    import clip
+    import torch
+
+    tokens = clip.tokenize(texts, context_length=clip_model.context_length, truncate=True)
+    with torch.inference_mode():
+        features = _encode_text_to_eot(clip_model.model, tokens)
+    return _normalise(features)
+
+
+def _encode_text_to_eot(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's encode_text, run only up to the last end-of-text token in the batch.
+
+    The text attention mask is causal and the output is pooled at the EOT token, so positions
+    after it cannot change the result; skipping them is exact and much faster for short queries.
+    """
+    import torch
+
+    eot = tokens.argmax(dim=-1)
+    length = int(eot.max()) + 1
+    x = model.token_embedding(tokens[:, :length]).type(model.dtype)
+    x = x + model.positional_embedding[:length].type(model.dtype)
+    x = x.permute(1, 0, 2)
+    mask = model.build_attention_mask()[:length, :length].to(x.device)
+    for block in model.transformer.resblocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask.to(h.dtype))[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = x.permute(1, 0, 2)
+    x = model.ln_final(x).type(model.dtype)
+    return x[torch.arange(x.shape[0]), eot] @ model.text_projection
+
+
+def encode_images(clip_model: ClipModel, images: list[Image.Image]) -> np.ndarray:
+    """Unit-length image vectors, with CLIP's own preprocessing."""
+    import torch
+
+    batch = torch.stack([clip_model.preprocess(img) for img in images])
+    with torch.inference_mode():
+        features = clip_model.model.encode_image(batch)
+    return _normalise(features)
+
+
+def _normalise(features: Any) -> np.ndarray:
+    arr = features.float().cpu().numpy().astype(np.float32)
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    return (arr / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+# -- the SageMaker serving functions -------------------------------------------------------------
+
+
+def model_fn(model_dir: str) -> ClipModel:
+    """Load the model named by MODEL_NAME (a file in model_dir or a spec)."""
+    name = os.environ.get("MODEL_NAME") or _single_checkpoint(model_dir) or DEFAULT_MODEL
+    encode_type = (os.environ.get("ENCODE_TYPE") or "").strip().upper() or None
+    return load_model(name, model_dir, encode_type)
+
+
+def _single_checkpoint(model_dir: str) -> str | None:
+    try:
+        found = sorted(f for f in os.listdir(model_dir) if f.endswith((".pt", ".pth")))
+    except OSError:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def input_fn(body: bytes | str, content_type: str | None) -> dict[str, Any]:
+    """Parse a request into {"kind": "text", "texts": [...]} or {"kind": "image", "images": [...]}."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype in IMAGE_TYPES:
+        data = body.encode("latin-1") if isinstance(body, str) else bytes(body)
+        return {"kind": IMAGE, "images": [decode_image(data)]}
+    if ctype not in JSON_TYPES:
+        raise ValueError(
+            f"unsupported content type {content_type!r}; use application/json or one of "
+            + ", ".join(IMAGE_TYPES)
+        )
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ValueError('JSON body must be an object: {"inputs": [...]} or {"images": [...]}')
+    has_text, has_images = "inputs" in payload, "images" in payload
+    if has_text == has_images:
+        raise ValueError('give exactly one of "inputs" (texts) or "images" (base64 images)')
+    if has_text:
+        texts = payload["inputs"]
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError('"inputs" must be a string or a list of strings')
+        if not texts:
+            raise ValueError('"inputs" is empty')
+        return {"kind": TEXT, "texts": texts}
+    items = payload["images"]
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ValueError('"images" must be a list of base64 strings')
+    if not items:
+        raise ValueError('"images" is empty')
+    return {"kind": IMAGE, "images": [decode_image(_b64decode(i, n)) for n, i in enumerate(items)]}
+
+
+def _b64decode(text: str, n: int) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"images[{n}] is not valid base64") from None
+
+
+def predict_fn(data: dict[str, Any], model: ClipModel) -> np.ndarray:
+    """Encode the parsed input; (n, dim) float32 unit vectors."""
+    kind = data.get("kind")
+    if model.encode_type is not None and kind != model.encode_type:
+        raise ValueError(f"this endpoint encodes {model.encode_type.lower()} only, not {str(kind).lower()}")
+    if kind == TEXT:
+        return encode_texts(model, data["texts"])
+    if kind == IMAGE:
+        return encode_images(model, data["images"])
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
+def output_fn(prediction: np.ndarray, accept: str | None) -> str:
+    """JSON list of vectors."""
+    ctype = (accept or "application/json").split(";")[0].strip().lower()
+    if ctype not in ("application/json", "*/*", ""):
+        raise ValueError(f"unsupported accept type {accept!r}; use application/json")
+    return json.dumps(np.asarray(prediction, dtype=np.float32).tolist())
