@@ -1,0 +1,37 @@
+"""Shared fixtures: the demo encoder (loaded once), the fake encoder, the real OpenSearch URL."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fakes import FakeEncoder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_encoder():
+    """The bundled demo CLIP through model_code, as `clipsearch` uses it."""
+    from clipsearch.encoders import LocalEncoder
+
+    return LocalEncoder("demo")
+
+
+@pytest.fixture
+def fake_encoder() -> FakeEncoder:
+    return FakeEncoder()
+
+
+@pytest.fixture(scope="session")
+def opensearch_url() -> str:
+    """The real OpenSearch node that `make test` starts; its absence is a failure, not a skip."""
+    url = os.environ.get("CLIPSEARCH_OPENSEARCH_URL")
+    if not url:
+        pytest.fail("CLIPSEARCH_OPENSEARCH_URL is not set: run the suite with `make test`, which starts "
+                    "a real OpenSearch node (scripts/opensearch-local start)")
+    return url
