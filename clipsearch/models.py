@@ -44,3 +44,25 @@ def resolve(spec: str) -> ModelSource:
         return ModelSource(spec, cache, spec)
     path = Path(spec)
     return ModelSource(spec, str(path.parent), path.name)
+
+
+# clip.model.CLIP constructor arguments of the real architectures, for benchmarks and parity tests
+# with random weights (compute does not depend on the weight values).
+ARCHITECTURES: dict[str, tuple] = {
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
+    "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+}
+
+
+def random_model(arch: str, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A randomly initialised real CLIP architecture wrapped for model_code (no download needed)."""
+    import clip
+    import torch
+    from clip.model import CLIP
+
+    from model_code.inference import ClipModel
+
+    torch.manual_seed(seed)
+    model = CLIP(*ARCHITECTURES[arch]).eval()
+    return ClipModel(name=arch, model=model, preprocess=clip.clip._transform(model.visual.input_resolution),
+                     dim=KNOWN_DIMS[arch], context_length=model.context_length)

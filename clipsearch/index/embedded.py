@@ -95,10 +95,10 @@ class EmbeddedIndex:
             rows = self._db.execute("SELECT id, key, vector FROM images ORDER BY rowid").fetchall()
             self._ids = [r[0] for r in rows]
             self._keys = np.array([r[1] for r in rows], dtype=object)
-            mat = np.empty((len(rows), self.dim), dtype=np.float32)
+            self._buffer = np.empty((max(len(rows), 1024), self.dim), dtype=np.float32)
             for i, r in enumerate(rows):
-                mat[i] = np.frombuffer(r[2], dtype=np.float32)
-            self._matrix = mat
+                self._buffer[i] = np.frombuffer(r[2], dtype=np.float32)
+            self._matrix = self._buffer[: len(rows)]
             self._row = {id_: i for i, id_ in enumerate(self._ids)}
             self._data_version = self._current_version()
 
@@ -149,9 +149,16 @@ class EmbeddedIndex:
                     new_keys.append(r[1])
                     new_vecs.append(vec)
             if new_ids:
-                self._ids.extend(new_ids)
+                n, extra = len(self._ids), len(new_ids)
+                if n + extra > self._buffer.shape[0]:
+                    # Grow geometrically so bulk loads stay linear; searches use a view of the filled rows.
+                    grown = np.empty((max(2 * self._buffer.shape[0], n + extra), self.dim), np.float32)
+                    grown[:n] = self._buffer[:n]
+                    self._buffer = grown
+                self._buffer[n:n + extra] = np.stack(new_vecs)
+                self._ids = self._ids + new_ids
                 self._keys = np.concatenate([self._keys, np.array(new_keys, dtype=object)])
-                self._matrix = np.vstack([self._matrix, np.stack(new_vecs)])
+                self._matrix = self._buffer[: n + extra]
             self._data_version = self._current_version()
 
     def delete(self, ids: Sequence[str]) -> int:

@@ -1,0 +1,483 @@
+"""OpenSearch backend: a k-NN index (HNSW, cosine) on a local node or Amazon OpenSearch Service.
+
+The index records the model spec and dimension in its mapping's `_meta`, like the embedded
+index does in SQLite, and refuses another model. Scores leave as cosine: cos = 2 * score - 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import numpy as np
+from opensearchpy import OpenSearch, RequestsHttpConnection
+from opensearchpy import exceptions as os_errors
+
+from clipsearch.errors import BadRequest, ConfigError, NotFound, Unavailable
+from clipsearch.index.base import (
+    Document,
+    Hit,
+    IndexError_,
+    IndexInfo,
+    UpsertResult,
+    check_model,
+    check_query,
+)
+
+__all__ = ["OpenSearchIndex", "ENGINES", "AUTH_MODES", "MAX_K"]
+
+SCHEMA_VERSION = 1
+ENGINES = ("lucene", "faiss")
+AUTH_MODES = ("none", "basic", "sigv4")
+VECTOR_FIELD = "vector"
+# The k-NN plugin caps k at 10000, and index.max_result_window caps from + size at the same.
+MAX_K = 10_000
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_SOURCE_FIELDS = ["key", "bucket", "title", "width", "height"]
+
+T = TypeVar("T")
+
+
+def _cos_to_score(cos: float) -> float:
+    return (cos + 1.0) / 2.0
+
+
+def _score_to_cos(score: float) -> float:
+    return max(-1.0, min(1.0, 2.0 * score - 1.0))
+
+
+class OpenSearchIndex:
+    """A VectorIndex in one OpenSearch index, created on first use when model and dim are given."""
+
+    backend = "opensearch"
+
+    def __init__(
+        self,
+        name: str = "clipsearch",
+        model: str | None = None,
+        dim: int | None = None,
+        *,
+        url: str | None = None,
+        auth: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        region: str | None = None,
+        service: str | None = None,
+        engine: str = "lucene",
+        m: int = 16,
+        ef_construction: int = 128,
+        ef_search: int = 100,
+        shards: int = 1,
+        replicas: int = 0,
+        refresh_interval: str = "10s",
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 30.0,
+        max_bulk_docs: int = 500,
+        max_bulk_bytes: int = 8_000_000,
+        client: OpenSearch | None = None,
+    ) -> None:
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown k-NN engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        self.name = name
+        self.engine = engine
+        self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.max_bulk_docs, self.max_bulk_bytes = max_bulk_docs, max_bulk_bytes
+        self._dirty = False
+        if client is not None:
+            self.url, self.service = "(client)", service or "es"
+            self.client = client
+        else:
+            self.url, self.client, self.service = _make_client(url, auth, username, password, region,
+                                                               service, timeout_s)
+        meta = self._load_meta()
+        if meta is None:
+            if model is None or dim is None:
+                raise NotFound(f"no OpenSearch index {name!r} at {self.url}; run `clipsearch index PATH "
+                               "--backend opensearch` first")
+            meta = self._create(model, dim, shards, replicas, refresh_interval)
+        self.model = str(meta["model"])
+        self.dim = int(meta["dim"])
+        check_model(self.model, self.dim, model, dim)
+        # An existing index keeps the HNSW parameters it was built with.
+        method = meta.get("method", {})
+        self.engine = str(method.get("engine", self.engine))
+        self.m = int(method.get("m", self.m))
+        self.ef_construction = int(method.get("ef_construction", self.ef_construction))
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any,
+              expect: tuple[type[Exception], ...] = (), **kwargs: Any) -> T:
+        """Run one client call, retrying 429/5xx/connection errors with jittered exponential backoff.
+
+        Errors in `expect` reach the caller as they are; others become clipsearch's typed errors.
+        """
+        for attempt in range(self.max_retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except expect:
+                raise
+            except (os_errors.AuthenticationException, os_errors.AuthorizationException) as e:
+                raise ConfigError(f"OpenSearch at {self.url} refused {what} ({e.status_code}); check "
+                                  "CLIPSEARCH_OPENSEARCH_AUTH and the credentials") from e
+            except os_errors.NotFoundError as e:
+                raise NotFound(f"OpenSearch index {self.name!r} not found at {self.url}") from e
+            except os_errors.TransportError as e:
+                retryable = isinstance(e, os_errors.ConnectionError) or e.status_code in RETRY_STATUS
+                if not retryable:
+                    raise IndexError_(f"OpenSearch failed {what}: {_reason(e)}") from e
+                if attempt == self.max_retries:
+                    raise Unavailable(f"OpenSearch at {self.url} unavailable for {what}: {_reason(e)}") from e
+            self._sleep(attempt)
+        raise AssertionError("unreachable")
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(min(20.0, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0))
+
+    def _load_meta(self) -> dict[str, Any] | None:
+        try:
+            mapping = self._call("reading the mapping", self.client.indices.get_mapping,
+                                 index=self.name, expect=(os_errors.NotFoundError,))
+        except os_errors.NotFoundError:
+            return None
+        body: dict[str, Any] = {}
+        for entry in mapping.values():  # one entry, keyed by the concrete index name (maybe via an alias)
+            body = entry.get("mappings", {})
+        meta = body.get("_meta", {}).get("clipsearch")
+        if not meta:
+            raise ConfigError(f"OpenSearch index {self.name!r} exists but was not created by clipsearch; "
+                              "use another --index")
+        return dict(meta)
+
+    def _create(self, model: str, dim: int, shards: int, replicas: int, refresh_interval: str) -> dict:
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "model": model,
+            "dim": dim,
+            "method": {"engine": self.engine, "space_type": "cosinesimil", "m": self.m,
+                       "ef_construction": self.ef_construction},
+            "created_at": time.time(),
+        }
+        settings: dict[str, Any] = {"index.knn": True}
+        if self.service != "aoss":  # Serverless manages shards, replicas and refresh itself.
+            settings.update({"number_of_shards": shards, "number_of_replicas": replicas,
+                             "refresh_interval": refresh_interval})
+        body = {
+            "settings": settings,
+            "mappings": {
+                "_meta": {"clipsearch": meta},
+                "dynamic": "strict",
+                "properties": {
+                    VECTOR_FIELD: {
+                        "type": "knn_vector",
+                        "dimension": dim,
+                        "method": {
+                            "name": "hnsw",
+                            "engine": self.engine,
+                            "space_type": "cosinesimil",
+                            "parameters": {"m": self.m, "ef_construction": self.ef_construction},
+                        },
+                    },
+                    "key": {"type": "keyword"},
+                    "bucket": {"type": "keyword"},
+                    "title": {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 512}}},
+                    "content_hash": {"type": "keyword"},
+                    "size": {"type": "long"},
+                    "mtime": {"type": "double"},
+                    "width": {"type": "integer"},
+                    "height": {"type": "integer"},
+                    "model": {"type": "keyword"},
+                    "indexed_at": {"type": "date", "format": "epoch_second"},
+                },
+            },
+        }
+        try:
+            self._call("creating the index", self.client.indices.create, index=self.name, body=body,
+                       expect=(os_errors.RequestError,))
+        except os_errors.RequestError as e:
+            # Another process (a concurrent Lambda) created it first: use theirs, checked below.
+            if "resource_already_exists_exception" not in str(e.error):
+                raise IndexError_(f"cannot create OpenSearch index {self.name!r}: {_reason(e)}") from e
+            existing = self._load_meta()
+            if existing is None:
+                raise IndexError_(f"OpenSearch index {self.name!r} vanished while being created") from e
+            return existing
+        return meta
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def upsert(self, docs: Sequence[Document]) -> UpsertResult:
+        """Bulk-index docs under their deterministic ids; per-item failures land in `failed`."""
+        result = UpsertResult()
+        now = time.time()
+        lines: dict[str, str] = {}
+        for d in docs:
+            vec = np.asarray(d.vector, dtype=np.float32).reshape(-1)
+            if vec.shape[0] != self.dim:
+                result.failed[d.id] = f"vector has dimension {vec.shape[0]}, index has {self.dim}"
+                continue
+            source = {
+                VECTOR_FIELD: vec.tolist(), "key": d.key, "bucket": d.bucket, "title": d.title,
+                "content_hash": d.content_hash, "size": d.size, "mtime": d.mtime, "width": d.width,
+                "height": d.height, "model": self.model, "indexed_at": d.indexed_at or now,
+            }
+            action = json.dumps({"index": {"_index": self.name, "_id": d.id}})
+            lines[d.id] = action + "\n" + json.dumps(source, separators=(",", ":")) + "\n"
+        ok, failed = self._bulk(lines)
+        result.written += ok
+        result.failed.update(failed)
+        return result
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete by id; returns how many existed."""
+        lines = {i: json.dumps({"delete": {"_index": self.name, "_id": i}}) + "\n"
+                 for i in dict.fromkeys(ids)}
+        if not lines:
+            return 0
+        removed, failed = self._bulk(lines, count_result="deleted")
+        if failed:
+            raise IndexError_(f"{len(failed)} deletes failed, e.g. {next(iter(failed.values()))}")
+        return removed
+
+    def _bulk(self, lines: dict[str, str], count_result: str | None = None) -> tuple[int, dict[str, str]]:
+        """Send id -> ndjson lines in bounded chunks; items rejected with 429/5xx are retried."""
+        done = 0
+        failed: dict[str, str] = {}
+        pending = dict(lines)
+        for attempt in range(self.max_retries + 1):
+            retry: dict[str, str] = {}
+            for chunk in self._chunks(pending):
+                body = "".join(chunk.values())
+                resp = self._call("a bulk write", self.client.bulk, body=body)
+                if not resp.get("errors") and count_result is None:
+                    done += len(chunk)
+                    continue
+                for item in resp["items"]:
+                    (op, res), = item.items()
+                    id_, status = res.get("_id", ""), int(res.get("status", 0))
+                    if 200 <= status < 300:
+                        if count_result is None or res.get("result") == count_result:
+                            done += 1
+                    elif op == "delete" and status == 404:
+                        pass  # already gone: deleting is idempotent
+                    elif status in RETRY_STATUS:
+                        retry[id_] = chunk[id_]
+                        failed[id_] = _item_reason(res)
+                    else:
+                        failed[id_] = _item_reason(res)
+            self._dirty = True
+            if not retry:
+                break
+            if attempt < self.max_retries:
+                for id_ in retry:
+                    failed.pop(id_, None)
+                pending = retry
+                self._sleep(attempt)
+        return done, failed
+
+    def _chunks(self, lines: dict[str, str]) -> Iterator[dict[str, str]]:
+        chunk: dict[str, str] = {}
+        size = 0
+        for id_, text in lines.items():
+            if chunk and (len(chunk) >= self.max_bulk_docs or size + len(text) > self.max_bulk_bytes):
+                yield chunk
+                chunk, size = {}, 0
+            chunk[id_] = text
+            size += len(text)
+        if chunk:
+            yield chunk
+
+    def refresh(self) -> None:
+        """Make every write so far visible to search (tests, and the end of a CLI run)."""
+        if self.service == "aoss":  # Serverless has no refresh API; it refreshes on its own.
+            return
+        self._call("a refresh", self.client.indices.refresh, index=self.name)
+        self._dirty = False
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, id: str) -> Document | None:
+        try:
+            resp = self._call("a get", self.client.get, index=self.name, id=id,
+                              expect=(os_errors.NotFoundError,))
+        except os_errors.NotFoundError:
+            return None
+        s = resp["_source"]
+        return Document(
+            key=s["key"], bucket=s.get("bucket", ""), title=s.get("title", ""),
+            content_hash=s.get("content_hash", ""), size=int(s.get("size", 0)),
+            mtime=float(s.get("mtime", 0)), width=int(s.get("width", 0)), height=int(s.get("height", 0)),
+            indexed_at=float(s.get("indexed_at", 0)),
+            vector=np.asarray(s[VECTOR_FIELD], dtype=np.float32),
+        )
+
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        offset: int = 0,
+        min_score: float | None = None,
+        prefix: str | None = None,
+    ) -> list[Hit]:
+        """Approximate k-NN (HNSW) with the prefix filter applied inside the graph search."""
+        q = check_query(vector, self.dim, k, offset)
+        want = offset + k
+        if want > MAX_K:
+            raise BadRequest(f"from + k must be at most {MAX_K} on the OpenSearch backend")
+        knn: dict[str, Any] = {"vector": q.tolist(), "k": want}
+        # Lucene widens its candidate list to ef_search and then keeps k; a larger list buys recall.
+        knn["method_parameters"] = {"ef_search": max(self.ef_search, want)}
+        if prefix:
+            knn["filter"] = {"prefix": {"key": prefix}}
+        body: dict[str, Any] = {
+            "size": k,
+            "from": offset,
+            "_source": _SOURCE_FIELDS,
+            "query": {"knn": {VECTOR_FIELD: knn}},
+        }
+        if min_score is not None:
+            body["min_score"] = _cos_to_score(min_score)
+        resp = self._call("a search", self.client.search, index=self.name, body=body)
+        hits = []
+        for h in resp["hits"]["hits"]:
+            s = h.get("_source", {})
+            hits.append(Hit(id=h["_id"], key=s.get("key", ""), score=_score_to_cos(float(h["_score"])),
+                            title=s.get("title", ""), bucket=s.get("bucket", ""),
+                            width=int(s.get("width", 0)), height=int(s.get("height", 0))))
+        return hits
+
+    def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
+        # search_after on (key, bucket) rather than scroll: it also works on Serverless.
+        query: dict[str, Any] = {"prefix": {"key": prefix}} if prefix else {"match_all": {}}
+        out: dict[str, tuple[int, float]] = {}
+        after: list[Any] | None = None
+        while True:
+            body: dict[str, Any] = {"size": 1000, "query": query, "_source": ["key", "size", "mtime"],
+                                    "sort": [{"key": "asc"}, {"bucket": "asc"}], "track_total_hits": False}
+            if after is not None:
+                body["search_after"] = after
+            hits = self._call("listing keys", self.client.search, index=self.name, body=body)["hits"]["hits"]
+            for h in hits:
+                s = h["_source"]
+                out[s["key"]] = (int(s.get("size", 0)), float(s.get("mtime", 0)))
+            if len(hits) < 1000:
+                return out
+            after = hits[-1]["sort"]
+
+    def count(self) -> int:
+        return int(self._call("a count", self.client.count, index=self.name)["count"])
+
+    def info(self) -> IndexInfo:
+        return IndexInfo(
+            backend=self.backend, name=self.name, model=self.model, dim=self.dim, count=self.count(),
+            extra={"url": self.url, "engine": self.engine, "space_type": "cosinesimil", "m": self.m,
+                   "ef_construction": self.ef_construction, "ef_search": self.ef_search},
+        )
+
+    def drop(self) -> None:
+        """Delete the whole OpenSearch index (tests and benchmarks)."""
+        try:
+            self._call("deleting the index", self.client.indices.delete, index=self.name,
+                       expect=(os_errors.NotFoundError,))
+        except os_errors.NotFoundError:
+            pass
+
+    def close(self) -> None:
+        # A CLI run that wrote something should be searchable by the next command at once.
+        if self._dirty:
+            try:
+                self.refresh()
+            except NotFound:
+                pass
+        self.client.close()
+
+
+def _reason(e: os_errors.TransportError) -> str:
+    info = e.info
+    if isinstance(info, dict) and isinstance(info.get("error"), dict):
+        err = info["error"]
+        return f"{err.get('type', 'error')}: {err.get('reason', '')}"
+    return f"{e.status_code} {e.error}"
+
+
+def _item_reason(res: dict[str, Any]) -> str:
+    err = res.get("error")
+    if isinstance(err, dict):
+        return f"{res.get('status')} {err.get('type', 'error')}: {err.get('reason', '')}"
+    return f"{res.get('status')} {err or res.get('result', 'failed')}"
+
+
+def _make_client(
+    url: str | None,
+    auth: str | None,
+    username: str | None,
+    password: str | None,
+    region: str | None,
+    service: str | None,
+    timeout_s: float,
+) -> tuple[str, OpenSearch, str]:
+    """Build the client for none/basic/sigv4 auth; returns (url without credentials, client, service)."""
+    url = url or os.environ.get("CLIPSEARCH_OPENSEARCH_URL")
+    if not url:
+        raise ConfigError("no OpenSearch URL: pass --opensearch-url or set CLIPSEARCH_OPENSEARCH_URL")
+    auth = (auth or os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH") or "none").lower()
+    if auth not in AUTH_MODES:
+        raise ConfigError(f"unknown OpenSearch auth {auth!r}; choose one of {', '.join(AUTH_MODES)}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"bad OpenSearch URL {url!r}: expected http(s)://host[:port]")
+    host = parts.hostname
+    clean = urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
+    service = service or ("aoss" if host.endswith(".aoss.amazonaws.com") else "es")
+    http_auth: Any = None
+    if auth == "basic":
+        env = os.environ
+        username = username or unquote(parts.username or "") or env.get("CLIPSEARCH_OPENSEARCH_USER")
+        password = password or unquote(parts.password or "") or env.get("CLIPSEARCH_OPENSEARCH_PASSWORD")
+        if not username or not password:
+            raise ConfigError("basic auth needs a user and password: put them in the URL or set "
+                              "CLIPSEARCH_OPENSEARCH_USER and CLIPSEARCH_OPENSEARCH_PASSWORD")
+        http_auth = (username, password)
+    elif auth == "sigv4":
+        http_auth = _sigv4_auth(host, region, service)
+    client = OpenSearch(
+        hosts=[clean],
+        http_auth=http_auth,
+        connection_class=RequestsHttpConnection,
+        use_ssl=parts.scheme == "https",
+        verify_certs=parts.scheme == "https",
+        timeout=timeout_s,
+        # Retries (with backoff, which the transport's own retry lacks) happen in OpenSearchIndex._call.
+        max_retries=0,
+        # gzip pays off over a network; on loopback it only costs CPU.
+        http_compress=parts.scheme == "https",
+    )
+    return clean, client, service
+
+
+def _sigv4_auth(host: str, region: str | None, service: str) -> Any:
+    import boto3
+    from requests_aws4auth import AWS4Auth
+
+    session = boto3.Session()
+    region = region or session.region_name or _region_from_host(host)
+    if not region:
+        raise ConfigError("SigV4 needs an AWS region: set AWS_REGION")
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise ConfigError("SigV4 needs AWS credentials, and none were found")
+    # Refreshable credentials keep a long-lived Lambda container signing with fresh keys.
+    return AWS4Auth(refreshable_credentials=credentials, region=region, service=service)
+
+
+def _region_from_host(host: str) -> str | None:
+    match = re.search(r"\.([a-z]{2}(?:-[a-z]+)+-\d)\.(?:es|aoss)\.amazonaws\.com$", host)
+    return match.group(1) if match else None
