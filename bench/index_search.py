@@ -36,6 +36,32 @@ def fill(index: EmbeddedIndex, vectors: np.ndarray, batch: int = 20_000) -> floa
     return time.perf_counter() - started
 
 
+def measure(n: int, dim: int, n_queries: int, k: int) -> list[object]:
+    """One row: ingest rate, embedded / faiss / numpy latencies and memory for n vectors of dim."""
+    import faiss
+
+    vectors = unit_rows(n, dim, seed=n + dim)
+    queries = unit_rows(n_queries, dim, seed=1)
+    cycle = iter(range(10**9))
+
+    def query() -> np.ndarray:
+        return queries[next(cycle) % len(queries)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        index = EmbeddedIndex(tmp, model="bench", dim=dim)
+        ingest_s = fill(index, vectors)
+        t_emb = timings(lambda: index.search(query(), k=k), n_queries)
+        flat = faiss.IndexFlatIP(dim)
+        flat.add(vectors)
+        t_faiss = timings(lambda: flat.search(query()[None, :], k), n_queries)
+        t_np = timings(lambda: np.argsort(-(vectors @ query()))[:k], max(5, n_queries // 5))
+        db_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        index.close()
+    print(f"  done n={n} dim={dim}", file=sys.stderr, flush=True)
+    return [n, dim, n / ingest_s, median(t_emb) * 1e3, pct(t_emb, 99) * 1e3, median(t_faiss) * 1e3,
+            median(t_np) * 1e3, median(t_emb) / median(t_faiss), dim * 4, db_bytes / n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000,1000000")
@@ -43,43 +69,10 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--k", type=int, default=10)
     args = ap.parse_args()
-    import faiss
 
     print(f"machine: {machine()}\n")
-    rows = []
-    for dim in map(int, args.dims.split(",")):
-        for n in map(int, args.sizes.split(",")):
-            vectors = unit_rows(n, dim, seed=n + dim)
-            queries = unit_rows(args.queries, dim, seed=1)
-            with tempfile.TemporaryDirectory() as tmp:
-                index = EmbeddedIndex(tmp, model="bench", dim=dim)
-                ingest_s = fill(index, vectors)
-                qi = iter(range(10**9))
-
-                def embedded() -> None:
-                    index.search(queries[next(qi) % len(queries)], k=args.k)
-
-                t_emb = timings(embedded, args.queries)
-                flat = faiss.IndexFlatIP(dim)
-                flat.add(vectors)
-
-                def faiss_flat() -> None:
-                    flat.search(queries[next(qi) % len(queries)][None, :], args.k)
-
-                t_faiss = timings(faiss_flat, args.queries)
-
-                def numpy_plain() -> None:
-                    s = vectors @ queries[next(qi) % len(queries)]
-                    np.argsort(-s)[: args.k]
-
-                t_np = timings(numpy_plain, max(5, args.queries // 5))
-                db_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
-                index.close()
-            rows.append([n, dim, n / ingest_s, median(t_emb) * 1e3, pct(t_emb, 99) * 1e3,
-                         median(t_faiss) * 1e3, median(t_np) * 1e3, median(t_emb) / median(t_faiss),
-                         dim * 4, db_bytes / n])
-            print(f"  done n={n} dim={dim}", file=sys.stderr, flush=True)
-            del vectors, flat
+    rows = [measure(n, dim, args.queries, args.k) for dim in map(int, args.dims.split(","))
+            for n in map(int, args.sizes.split(","))]
     print(table(["vectors", "dim", "ingest vec/s", "embedded p50 ms", "embedded p99 ms", "faiss flat p50 ms",
                  "numpy argsort p50 ms", "embedded/faiss", "RAM B/vec", "disk B/vec"], rows))
 
