@@ -34,20 +34,20 @@ class Encoder(Protocol):
 class LocalEncoder:
     """The model_code handler, in this process."""
 
-    def __init__(self, spec: str = models.DEMO, threads: int | None = None) -> None:
+    def __init__(self, spec: str = models.DEMO, loaded: Any = None) -> None:
+        """Load the model for spec, or wrap `loaded` (a model_code ClipModel already in memory)."""
         from model_code import inference
 
         self._inference = inference
-        source = models.resolve(spec)
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        try:
-            self._model = inference.load_model(source.name, source.model_dir)
-        except inference.ModelLoadError as e:
-            raise ModelUnavailable(str(e)) from None
-        self.model = source.spec
+        if loaded is None:
+            source = models.resolve(spec)
+            try:
+                loaded = inference.load_model(source.name, source.model_dir)
+            except inference.ModelLoadError as e:
+                raise ModelUnavailable(str(e)) from None
+            spec = source.spec
+        self._model = loaded
+        self.model = spec
         self.dim = self._model.dim
         # torch releases the GIL but one model instance is not meant for concurrent forwards.
         self._lock = threading.Lock()
