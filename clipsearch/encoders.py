@@ -108,16 +108,7 @@ class SageMakerEncoder:
             )
             payload = response["Body"].read()
         except ClientError as e:
-            error = e.response.get("Error", {})
-            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            message = error.get("Message") or str(e)
-            if error.get("Code") == "ModelError" and 400 <= int(e.response.get("OriginalStatusCode", 0)
-                                                                 or 500) < 500:
-                raise BadRequest(f"encoder refused the input: {message}") from None
-            if status == 400 and error.get("Code") == "ValidationError":
-                raise Unavailable(f"encoder endpoint {endpoint} is not available: {message}") from None
-            raise Unavailable(f"encoder endpoint {endpoint} failed ({error.get('Code')}): {message}",
-                              retry_after=2) from None
+            raise _client_error(endpoint, e.response) from None
         except BotoCoreError as e:
             raise Unavailable(f"encoder endpoint {endpoint} unreachable: {e}") from None
         try:
@@ -128,3 +119,13 @@ class SageMakerEncoder:
             raise Unavailable(f"encoder endpoint {endpoint} returned vectors of shape {vectors.shape}, "
                               f"expected (*, {self.dim})")
         return vectors
+
+
+def _client_error(endpoint: str, response: Any) -> Exception:
+    """Map an InvokeEndpoint error: the caller's fault (4xx from the model) or retry later."""
+    error = response.get("Error", {})
+    code, message = error.get("Code", ""), error.get("Message", "")
+    original = str(response.get("OriginalStatusCode", ""))
+    if code == "ModelError" and original.startswith("4"):
+        return BadRequest(f"encoder refused the input: {message}")
+    return Unavailable(f"encoder endpoint {endpoint} failed ({code or 'error'}): {message}", retry_after=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
 DEMO_CHECKPOINT = DATA_DIR / "demo.pt"
@@ -54,7 +55,7 @@ ARCHITECTURES: dict[str, tuple] = {
 }
 
 
-def random_model(arch: str, seed: int = 0):  # type: ignore[no-untyped-def]
+def random_model(arch: str, seed: int = 0) -> Any:
     """A randomly initialised real CLIP architecture wrapped for model_code (no download needed)."""
     import clip
     import torch

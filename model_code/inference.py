@@ -64,7 +64,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
                 raise ValueError(
                     f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS:,})"

@@ -136,7 +136,9 @@ class EmbeddedIndex:
 
     def _load_matrix_delta(self, rows: list[tuple]) -> None:
         with self._lock:
-            new_ids, new_keys, new_vecs = [], [], []
+            new_ids: list[str] = []
+            new_keys: list[str] = []
+            new_vecs: list[np.ndarray] = []
             for r in rows:
                 vec = np.frombuffer(r[-1], dtype=np.float32)
                 i = self._row.get(r[0])
