@@ -296,13 +296,18 @@ class OpenSearchIndex:
             yield chunk
 
     def refresh(self) -> None:
-        """Make every write so far visible to search (tests, and the end of a CLI run)."""
-        if self.service == "aoss":  # Serverless has no refresh API; it refreshes on its own.
-            return
-        self._call("a refresh", self.client.indices.refresh, index=self.name)
+        """Make every write so far visible to search, in this process and others."""
+        if self.service != "aoss":  # Serverless has no refresh API; it refreshes on its own.
+            self._call("a refresh", self.client.indices.refresh, index=self.name)
         self._dirty = False
 
     # -- reads --------------------------------------------------------------------------------
+
+    def _see_own_writes(self) -> None:
+        # The embedded index shows a write to the next read at once; refreshing lazily, only when
+        # this object wrote something, gives the same within a process without slowing bulk ingest.
+        if self._dirty:
+            self.refresh()
 
     def get(self, id: str) -> Document | None:
         try:
@@ -345,6 +350,7 @@ class OpenSearchIndex:
         }
         if min_score is not None:
             body["min_score"] = _cos_to_score(min_score)
+        self._see_own_writes()
         resp = self._call("a search", self.client.search, index=self.name, body=body)
         hits = []
         for h in resp["hits"]["hits"]:
@@ -359,6 +365,7 @@ class OpenSearchIndex:
         query: dict[str, Any] = {"prefix": {"key": prefix}} if prefix else {"match_all": {}}
         out: dict[str, tuple[int, float]] = {}
         after: list[Any] | None = None
+        self._see_own_writes()
         while True:
             body: dict[str, Any] = {"size": 1000, "query": query, "_source": ["key", "size", "mtime"],
                                     "sort": [{"key": "asc"}, {"bucket": "asc"}], "track_total_hits": False}
@@ -373,6 +380,7 @@ class OpenSearchIndex:
             after = hits[-1]["sort"]
 
     def count(self) -> int:
+        self._see_own_writes()
         return int(self._call("a count", self.client.count, index=self.name)["count"])
 
     def info(self) -> IndexInfo:
@@ -392,11 +400,10 @@ class OpenSearchIndex:
 
     def close(self) -> None:
         # A CLI run that wrote something should be searchable by the next command at once.
-        if self._dirty:
-            try:
-                self.refresh()
-            except NotFound:
-                pass
+        try:
+            self._see_own_writes()
+        except NotFound:
+            pass
         self.client.close()
 
 
