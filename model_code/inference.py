@@ -15,8 +15,9 @@ import binascii
 import io
 import json
 import os
+import pickle
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +32,9 @@ MAX_PIXELS = 100_000_000
 # input resolution, and small enough that a PNG stays far below SageMaker's 4 MB payload limit.
 MAX_SIDE = 448
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# The frozen image graph takes 5-15 s to build on CPU and saves ~40% of each RN50 forward: build it
+# once this many images have gone through eagerly, so one-off queries never pay for it.
+GRAPH_AFTER_IMAGES = 256
 
 JSON_TYPES = ("application/json",)
 IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp")
@@ -52,6 +56,8 @@ class ClipModel:
     dim: int
     context_length: int
     encode_type: str | None = None
+    # Graphs compiled on first use (see _image_tower): a cache, not part of the model's identity.
+    graphs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -109,32 +115,39 @@ def downscale(img: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
 # -- model --------------------------------------------------------------------------------------
 
 
+def _import_clip() -> Any:
+    # clip-anytorch imports pkg_resources, whose deprecation warning would reach every user's terminal.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import clip
+    return clip
+
+
 def load_model(name: str, model_dir: str = "", encode_type: str | None = None) -> ClipModel:
     """Load a checkpoint file (in model_dir or a path) or a clip model name (downloaded/cached)."""
-    import clip
     import torch
+
+    clip = _import_clip()
 
     candidates = [os.path.join(model_dir, name), os.path.join(model_dir, name + ".pt"), name]
     path = next((c for c in candidates if c and os.path.isfile(c)), None)
+    if path is None and name not in clip.available_models():
+        raise ModelLoadError(
+            f"unknown model {name!r}: use demo, a CLIP name ({', '.join(clip.available_models())}) "
+            "or a checkpoint path"
+        )
     try:
-        if path is not None:
-            model, preprocess = clip.load(path, device="cpu", jit=False)
-        elif name in clip.available_models():
+        with warnings.catch_warnings():
+            # clip.load probes for a JIT archive first; torch's deprecation notice for that is noise here.
+            warnings.simplefilter("ignore", FutureWarning)
             root = model_dir or os.path.expanduser("~/.cache/clip")
-            model, preprocess = clip.load(name, device="cpu", jit=False, download_root=root)
-        else:
-            raise ModelLoadError(
-                f"unknown model {name!r}: use demo, a CLIP name ({', '.join(clip.available_models())}) "
-                "or a checkpoint path"
-            )
-    except ModelLoadError:
-        raise
+            model, preprocess = clip.load(path or name, device="cpu", jit=False, download_root=root)
     except OSError as e:  # urllib errors are OSErrors: offline and not cached
         raise ModelLoadError(
             f"model {name!r} is not cached and cannot be downloaded ({e.__class__.__name__}); "
             f"use --model demo or --model /path/to/{name.replace('/', '-')}.pt"
         ) from None
-    except (RuntimeError, KeyError, ValueError, EOFError) as e:
+    except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise ModelLoadError(f"cannot load model {name!r}: not a CLIP checkpoint ({e})") from None
     model.eval()
     if encode_type not in (None, "", TEXT, IMAGE):
@@ -147,8 +160,9 @@ def load_model(name: str, model_dir: str = "", encode_type: str | None = None) -
 
 def encode_texts(clip_model: ClipModel, texts: list[str]) -> np.ndarray:
     """Unit-length text vectors; texts longer than the context are truncated."""
-    import clip
     import torch
+
+    clip = _import_clip()
 
     tokens = clip.tokenize(texts, context_length=clip_model.context_length, truncate=True)
     with torch.inference_mode():
@@ -181,12 +195,64 @@ def _encode_text_to_eot(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 
 def encode_images(clip_model: ClipModel, images: list[Image.Image]) -> np.ndarray:
     """Unit-length image vectors, with CLIP's own preprocessing."""
+    return encode_pixels(clip_model, preprocess_images(clip_model, images))
+
+
+def preprocess_images(clip_model: ClipModel, images: list[Image.Image]) -> torch.Tensor:
+    """CLIP's own preprocessing, as one (n, 3, size, size) batch; a pipeline can run it ahead of the model."""
     import torch
 
-    batch = torch.stack([clip_model.preprocess(img) for img in images])
+    return torch.stack([clip_model.preprocess(img) for img in images])
+
+
+def encode_pixels(clip_model: ClipModel, batch: torch.Tensor) -> np.ndarray:
+    """Unit-length vectors of images already preprocessed by preprocess_images()."""
+    import torch
+
+    tower = _image_tower(clip_model, len(batch))
     with torch.inference_mode():
-        features = clip_model.model.encode_image(batch)
+        features = tower(batch.type(clip_model.model.dtype))
     return _normalise(features)
+
+
+def prepare_graphs(clip_model: ClipModel) -> None:
+    """Build the image graph now rather than after GRAPH_AFTER_IMAGES images (servers, benchmarks)."""
+    _image_tower(clip_model, GRAPH_AFTER_IMAGES + 1)
+
+
+def _image_tower(clip_model: ClipModel, batch_size: int) -> Any:
+    """The visual tower to run. A ResNet on CPU becomes a frozen TorchScript graph once it has seen
+    GRAPH_AFTER_IMAGES images: freezing folds batch norm into the convolutions and runs them with
+    pre-packed oneDNN kernels, measured 1.4-1.8x faster for RN50 on CPU with the same vectors (1e-7).
+    ViTs stay eager: their graph was slower.
+    """
+    tower = clip_model.graphs.get("visual")
+    if tower is not None:
+        return tower
+    visual = clip_model.model.visual
+    if type(visual).__name__ != "ModifiedResNet" or not _on_cpu(visual):
+        clip_model.graphs["visual"] = visual
+        return visual
+    seen = clip_model.graphs["images_seen"] = clip_model.graphs.get("images_seen", 0) + batch_size
+    if seen <= GRAPH_AFTER_IMAGES:
+        return visual
+    tower = clip_model.graphs["visual"] = _frozen_graph(visual)
+    return tower
+
+
+def _on_cpu(module: Any) -> bool:
+    return all(p.device.type == "cpu" for p in module.parameters())
+
+
+def _frozen_graph(tower: Any) -> Any:
+    import torch
+
+    size = int(tower.input_resolution)
+    example = torch.zeros(1, 3, size, size, dtype=tower.conv1.weight.dtype)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice; the graph is still supported
+        graph = torch.jit.trace(tower.eval(), example)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(graph.eval()))
 
 
 def _normalise(features: Any) -> np.ndarray:
@@ -202,7 +268,10 @@ def model_fn(model_dir: str) -> ClipModel:
     """Load the model named by MODEL_NAME (a file in model_dir or a spec)."""
     name = os.environ.get("MODEL_NAME") or _single_checkpoint(model_dir) or DEFAULT_MODEL
     encode_type = (os.environ.get("ENCODE_TYPE") or "").strip().upper() or None
-    return load_model(name, model_dir, encode_type)
+    model = load_model(name, model_dir, encode_type)
+    if encode_type != TEXT:
+        prepare_graphs(model)  # an endpoint lives long: pay the graph build at start, not mid-traffic
+    return model
 
 
 def _single_checkpoint(model_dir: str) -> str | None:
@@ -218,7 +287,9 @@ def input_fn(body: bytes | str, content_type: str | None) -> dict[str, Any]:
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype in IMAGE_TYPES:
         data = body.encode("latin-1") if isinstance(body, str) else bytes(body)
-        return {"kind": IMAGE, "images": [decode_image(data)]}
+        # Downscaled exactly as clipsearch does before encoding, so raw full-size images (a batch
+        # transform over S3) give the same vectors as `clipsearch index`; a no-op on small images.
+        return {"kind": IMAGE, "images": [downscale(decode_image(data))]}
     if ctype not in JSON_TYPES:
         raise ValueError(
             f"unsupported content type {content_type!r}; use application/json or one of "
@@ -249,7 +320,7 @@ def input_fn(body: bytes | str, content_type: str | None) -> dict[str, Any]:
         raise ValueError('"images" must be a list of base64 strings')
     if not items:
         raise ValueError('"images" is empty')
-    return {"kind": IMAGE, "images": [decode_image(_b64decode(i, n)) for n, i in enumerate(items)]}
+    return {"kind": IMAGE, "images": [downscale(decode_image(_b64decode(i, n))) for n, i in enumerate(items)]}
 
 
 def _b64decode(text: str, n: int) -> bytes:
