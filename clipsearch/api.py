@@ -121,6 +121,12 @@ def build_app(
             logger.error("request failed", extra={"error": str(exc), "code": exc.code})
         return error_response(status, exc.code, str(exc), headers)
 
+    @app.exception_handler(Exception)
+    def handle_unexpected(exc: Exception) -> Response:
+        # The edge of every host: the trace goes to the log, the client gets the contract's JSON 500.
+        logger.exception("unexpected error")
+        return error_response(500, "internal_error", "internal server error")
+
     @app.not_found
     def not_found(exc: Exception) -> Response:
         return error_response(404, "not_found", "no such route")

@@ -1,0 +1,292 @@
+// clipsearch page: text, image and more-like-this queries against the REST API of the same origin.
+"use strict";
+
+(() => {
+  const DEBOUNCE_MS = 250;
+  const SENT_AS_IS = ["image/jpeg", "image/png", "image/webp"];
+
+  const $ = (id) => document.getElementById(id);
+  const form = $("search-form");
+  const input = $("q");
+  const kSelect = $("k");
+  const fileInput = $("file");
+  const drop = $("drop");
+  const results = $("results");
+  const statusLine = $("status");
+  const errorLine = $("error");
+  const queryImage = $("query-image");
+  const queryThumb = $("query-thumb");
+  const queryCaption = $("query-caption");
+
+  // The query being shown, so changing k re-runs it: {type: "text", text} | {type: "image", blob, name}
+  // | {type: "id", id, title}.
+  let current = null;
+  let inflight = null;
+  let sequence = 0;
+  let debounce = 0;
+  let thumbUrl = null;
+
+  function k() {
+    return Number(kSelect.value) || 10;
+  }
+
+  function showError(message) {
+    errorLine.textContent = message;
+    errorLine.hidden = !message;
+  }
+
+  function setBusy(busy) {
+    results.setAttribute("aria-busy", busy ? "true" : "false");
+    document.body.classList.toggle("busy", busy);
+  }
+
+  async function run(query) {
+    current = query;
+    if (inflight) inflight.abort();
+    const controller = new AbortController();
+    inflight = controller;
+    const mine = ++sequence;
+    let url = "/search";
+    const init = { method: "POST", signal: controller.signal, headers: {} };
+    if (query.type === "text") {
+      url = `/search?${new URLSearchParams({ q: query.text, k: String(k()) })}`;
+      init.method = "GET";
+    } else if (query.type === "image") {
+      url = `/search?${new URLSearchParams({ k: String(k()) })}`;
+      init.headers["Content-Type"] = query.blob.type;
+      init.body = query.blob;
+    } else {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify({ id: query.id, k: k() });
+    }
+    setBusy(true);
+    try {
+      const response = await fetch(url, init);
+      const body = await response.json().catch(() => null);
+      if (mine !== sequence) return;
+      if (!response.ok) {
+        const message = body && body.error ? body.error.message : `the server answered ${response.status}`;
+        throw new Error(message);
+      }
+      showError("");
+      render(body, query);
+    } catch (err) {
+      if (err.name === "AbortError" || mine !== sequence) return;
+      showError(`Search failed: ${err.message}`);
+      statusLine.textContent = "";
+    } finally {
+      if (mine === sequence) {
+        setBusy(false);
+        inflight = null;
+      }
+    }
+  }
+
+  function describe(query) {
+    if (query.type === "text") return `\u201c${query.text}\u201d`;
+    if (query.type === "image") return `the picture ${query.name}`;
+    return `pictures like \u201c${query.title}\u201d`;
+  }
+
+  function render(body, query) {
+    results.replaceChildren();
+    const hits = body.hits || [];
+    if (!hits.length) {
+      statusLine.textContent = `No results for ${describe(query)}.`;
+      return;
+    }
+    statusLine.textContent =
+      `${hits.length} result${hits.length === 1 ? "" : "s"} for ${describe(query)} ` +
+      `in ${Number(body.took_ms).toFixed(1)} ms \u00b7 model ${body.model}`;
+    hits.forEach((hit, i) => results.append(card(hit, i + 1)));
+  }
+
+  function card(hit, rank) {
+    const item = document.createElement("li");
+    item.className = "hit";
+    item.dataset.id = hit.id;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "hit-button";
+    const title = hit.title || hit.key.split(/[\\/]/).pop();
+    button.setAttribute("aria-label", `${rank}. ${title}, score ${hit.score.toFixed(3)}: more like this`);
+    button.title = "More like this";
+
+    const img = document.createElement("img");
+    img.className = "hit-thumb";
+    img.loading = "lazy";
+    img.alt = title;
+    img.src = hit.url;
+    img.addEventListener("error", () => img.classList.add("broken"), { once: true });
+
+    const caption = document.createElement("span");
+    caption.className = "hit-text";
+    const name = document.createElement("span");
+    name.className = "hit-title";
+    name.textContent = title;
+    const score = document.createElement("span");
+    score.className = "hit-score";
+    score.textContent = hit.score.toFixed(3);
+    score.title = "cosine similarity";
+    const bar = document.createElement("span");
+    bar.className = "hit-bar";
+    bar.setAttribute("aria-hidden", "true");
+    bar.style.setProperty("--score", String(Math.max(0, Math.min(1, hit.score))));
+    caption.append(name, bar, score);
+
+    button.append(img, caption);
+    button.addEventListener("click", () => {
+      clearImageQuery();
+      run({ type: "id", id: hit.id, title });
+    });
+
+    const path = document.createElement("span");
+    path.className = "hit-path";
+    const pathText = document.createElement("bdi");
+    pathText.textContent = hit.key;
+    path.append(pathText);
+    path.title = hit.key;
+
+    item.append(button, path);
+    return item;
+  }
+
+  // -- text -----------------------------------------------------------------------------------
+
+  function textQuery(now) {
+    clearTimeout(debounce);
+    const text = input.value.trim();
+    if (!text) {
+      if (current && current.type === "text") clearResults();
+      return;
+    }
+    const go = () => {
+      clearImageQuery();
+      run({ type: "text", text });
+    };
+    if (now) go();
+    else debounce = setTimeout(go, DEBOUNCE_MS);
+  }
+
+  function clearResults() {
+    if (inflight) inflight.abort();
+    sequence++;
+    current = null;
+    results.replaceChildren();
+    statusLine.textContent = "";
+    showError("");
+    setBusy(false);
+  }
+
+  input.addEventListener("input", () => textQuery(false));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    textQuery(true);
+  });
+  kSelect.addEventListener("change", () => {
+    if (current) run(current);
+  });
+
+  // -- image ----------------------------------------------------------------------------------
+
+  async function asUploadable(file) {
+    if (SENT_AS_IS.includes(file.type)) return file;
+    // Other formats (GIF, BMP, HEIC where the browser decodes it) travel as PNG.
+    const bitmap = await createImageBitmap(file);
+    const canvas = document.createElement("canvas");
+    canvas.width = bitmap.width;
+    canvas.height = bitmap.height;
+    canvas.getContext("2d").drawImage(bitmap, 0, 0);
+    return new Promise((resolve, reject) =>
+      canvas.toBlob((blob) => (blob ? resolve(blob) : reject(new Error("cannot read that picture"))), "image/png"));
+  }
+
+  async function imageQuery(file) {
+    if (!file) return;
+    if (!file.type.startsWith("image/")) {
+      showError(`${file.name || "That file"} is not an image.`);
+      return;
+    }
+    let blob;
+    try {
+      blob = await asUploadable(file);
+    } catch (err) {
+      showError(`Cannot read ${file.name || "that picture"}: ${err.message || err}`);
+      return;
+    }
+    clearTimeout(debounce);
+    input.value = "";
+    if (thumbUrl) URL.revokeObjectURL(thumbUrl);
+    thumbUrl = URL.createObjectURL(blob);
+    queryThumb.src = thumbUrl;
+    queryCaption.textContent = file.name || "pasted picture";
+    queryImage.hidden = false;
+    run({ type: "image", blob, name: file.name || "pasted picture" });
+  }
+
+  function clearImageQuery() {
+    queryImage.hidden = true;
+    fileInput.value = "";
+  }
+
+  fileInput.addEventListener("change", () => imageQuery(fileInput.files[0]));
+  for (const type of ["dragenter", "dragover"]) {
+    document.addEventListener(type, (event) => {
+      event.preventDefault();
+      drop.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "dragend"]) {
+    document.addEventListener(type, (event) => {
+      if (!event.relatedTarget) drop.classList.remove("dragging");
+    });
+  }
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("dragging");
+    const file = event.dataTransfer && event.dataTransfer.files[0];
+    imageQuery(file);
+  });
+  document.addEventListener("paste", (event) => {
+    const file = [...(event.clipboardData ? event.clipboardData.files : [])].find((f) =>
+      f.type.startsWith("image/"));
+    if (file) {
+      event.preventDefault();
+      imageQuery(file);
+    }
+  });
+
+  // -- keyboard -------------------------------------------------------------------------------
+
+  document.addEventListener("keydown", (event) => {
+    const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);
+    if (event.key === "/" && !typing) {
+      event.preventDefault();
+      input.focus();
+      input.select();
+    } else if (event.key === "Escape") {
+      input.value = "";
+      clearImageQuery();
+      clearResults();
+      input.focus();
+    }
+  });
+
+  // -- start ----------------------------------------------------------------------------------
+
+  fetch("/health")
+    .then((r) => (r.ok ? r.json() : Promise.reject(new Error(`health answered ${r.status}`))))
+    .then((h) => {
+      $("health").textContent = `${h.count.toLocaleString()} pictures \u00b7 model ${h.model}`;
+    })
+    .catch((err) => {
+      $("health").textContent = "server unreachable";
+      showError(`Cannot reach the search server: ${err.message}`);
+    });
+
+  const initial = new URLSearchParams(location.search).get("q");
+  if (initial) {
+    input.value = initial;
+    textQuery(true);
+  }
+})();

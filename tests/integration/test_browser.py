@@ -1,0 +1,203 @@
+"""Headless Chromium drives the real page, served in-process as `clipsearch serve` does, with the demo model.
+
+Chromium comes from Debian (`apt-get install -y chromium`), driven by the pip `playwright` package through
+`executable_path`; Playwright's own browser download is never used. Outside CI a missing Chromium skips;
+with CI=true or CLIPSEARCH_REQUIRE_BROWSER=1 it fails. Screenshots go to test-artifacts/; docs/screenshot.png
+is written when it is missing or CLIPSEARCH_UPDATE_SCREENSHOT=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - the browser fixture reports it
+    expect = sync_playwright = None  # type: ignore[assignment]
+
+from clipsearch.demo import write_catalogue
+from clipsearch.index.embedded import EmbeddedIndex
+from clipsearch.ingest import index_paths
+from clipsearch.server import LocalServer, make_server
+from clipsearch.shapes import render
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                  "--no-first-run", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 30_000
+
+
+def _required() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get("CLIPSEARCH_REQUIRE_BROWSER") == "1"
+
+
+def _unavailable(reason: str) -> None:
+    if _required():
+        pytest.fail(f"{reason} (required because CI=true or CLIPSEARCH_REQUIRE_BROWSER=1)")
+    pytest.skip(reason)
+
+
+def _chromium() -> str:
+    if sync_playwright is None:
+        _unavailable("the playwright Python package is not installed (pip install playwright)")
+    for candidate in (os.environ.get("CLIPSEARCH_CHROMIUM"), shutil.which("chromium"),
+                      shutil.which("chromium-browser"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    _unavailable("Chromium not found: install Debian's package (apt-get install -y chromium) "
+                 "or set CLIPSEARCH_CHROMIUM to a Chromium binary")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    executable = _chromium()
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory, demo_encoder: Any) -> Iterator[LocalServer]:
+    """96 generated shape pictures (every class twice), indexed with the demo model, served on loopback."""
+    base = tmp_path_factory.mktemp("browser")
+    images = base / "catalogue"
+    write_catalogue(images, count=96)
+    index = EmbeddedIndex(base / "index", model=demo_encoder.model, dim=demo_encoder.dim)
+    summary = index_paths([images], demo_encoder, index)
+    assert summary.indexed == 96
+    with make_server(index, demo_encoder, port=0).start() as srv:
+        yield srv
+
+
+@pytest.fixture
+def page(browser: Any, demo_server: LocalServer) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, device_scale_factor=1)
+    tab = context.new_page()
+    tab.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    # A 4xx answer is logged by Chromium as "Failed to load resource"; the page shows those itself.
+    tab.on("console", lambda msg: problems.append(f"console: {msg.text}")
+           if msg.type == "error" and "Failed to load resource" not in msg.text else None)
+    tab.goto(demo_server.url + "/")
+    expect(tab.locator("#health")).to_contain_text("96 pictures")
+    yield tab
+    context.close()
+    assert problems == [], problems
+
+
+def hit_titles(page: Any) -> list[str]:
+    return [t.strip() for t in page.locator("#results .hit .hit-title").all_inner_texts()]
+
+
+def wait_for_results(page: Any, status_text: str) -> list[str]:
+    # Locator expectations, not wait_for_function: the page's CSP (rightly) forbids eval.
+    expect(page.locator("#status")).to_contain_text(status_text)
+    expect(page.locator("#results .hit").first).to_be_visible()
+    return hit_titles(page)
+
+
+def thumbnails_loaded(page: Any) -> bool:
+    thumbs = page.locator("#results img.hit-thumb")
+    for i in range(min(4, thumbs.count())):
+        expect(thumbs.nth(i)).to_have_js_property("complete", True)
+    widths = thumbs.evaluate_all("(imgs) => imgs.slice(0, 4).map((img) => img.naturalWidth)")
+    return bool(widths) and all(w > 0 for w in widths)
+
+
+def save_screenshot(page: Any, name: str, readme: bool = False) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=False)
+    docs = ROOT / "docs" / "screenshot.png"
+    if readme and (not docs.exists() or os.environ.get("CLIPSEARCH_UPDATE_SCREENSHOT") == "1"):
+        page.screenshot(path=str(docs), full_page=False)
+
+
+def test_given_the_page_when_a_sentence_is_typed_then_live_results_show_red_circles_first(page):
+    page.locator("#q").press_sequentially("a red circle", delay=20)
+
+    titles = wait_for_results(page, "a red circle")
+
+    assert len(titles) == 10
+    assert "red circle" in titles[0], titles
+    assert sum("red circle" in t for t in titles[:4]) >= 3, titles
+    scores = [float(s) for s in page.locator("#results .hit-score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert page.locator("#results .hit-path").first.inner_text().endswith(".png")
+    assert thumbnails_loaded(page)
+    save_screenshot(page, "browser-text-search.png", readme=True)
+
+
+def test_given_the_page_when_a_picture_is_uploaded_then_pictures_of_the_same_class_come_first(page, tmp_path):
+    query = tmp_path / "my-blue-star.png"
+    render("blue", "star", "large", rng=np.random.default_rng(2024), image_size=160).save(query)
+
+    page.set_input_files("#file", str(query))
+
+    titles = wait_for_results(page, "my-blue-star.png")
+    assert "blue star" in titles[0], titles
+    assert page.locator("#query-image").is_visible()
+    assert thumbnails_loaded(page)
+    save_screenshot(page, "browser-image-search.png")
+
+
+def test_given_results_when_one_is_chosen_with_the_keyboard_then_more_like_it_replace_them(page):
+    page.locator("#hint").click()  # away from the search box, which has autofocus
+    page.keyboard.press("/")
+    expect(page.locator("#q")).to_be_focused()
+    page.keyboard.type("a green triangle")
+    page.keyboard.press("Enter")
+    wait_for_results(page, "a green triangle")
+    first = page.locator("#results .hit").first
+    first_id = first.get_attribute("data-id")
+    first.locator("button").focus()
+
+    page.keyboard.press("Enter")
+
+    titles = wait_for_results(page, "pictures like")
+    ids = page.locator("#results .hit").evaluate_all("(hits) => hits.map((h) => h.dataset.id)")
+    assert first_id not in ids
+    # Pictures like a green triangle: green ones first, another green triangle among the first few.
+    assert all("green" in t for t in titles[:3]), titles
+    assert any("green triangle" in t for t in titles[:5]), titles
+
+
+def test_given_results_when_k_changes_then_the_same_query_returns_that_many(page):
+    page.locator("#q").fill("a yellow square")
+    wait_for_results(page, "a yellow square")
+
+    page.select_option("#k", "5")
+
+    expect(page.locator("#results .hit")).to_have_count(5)
+    expect(page.locator("#status")).to_contain_text("5 results")
+
+
+def test_given_a_file_that_is_not_a_picture_when_uploaded_then_a_clear_error_shows(page):
+    page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}])
+
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("notes.txt is not an image")
+
+
+def test_given_a_broken_picture_when_uploaded_then_the_servers_message_shows(page):
+    broken = {"name": "broken.png", "mimeType": "image/png", "buffer": b"not a png"}
+
+    page.set_input_files("#file", files=[broken])
+
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("Search failed: not a recognised image")
+    expect(page.locator("#results .hit")).to_have_count(0)
