@@ -95,6 +95,9 @@ def build_app(
                 f"unsupported content type {ctype or '(none)'!r}; use application/json or "
                 + ", ".join(IMAGE_CONTENT_TYPES)
             )
+        if app.current_event.query_string_parameters:
+            raise errors.BadRequest("with a JSON body, put k, from, min_score and filter in the body, "
+                                    "not in the query string")
         try:
             payload = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):

@@ -56,11 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the REST API and the web page")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-body-mb", type=_positive, default=10, help="largest request body in MB (default 10)")
     _add_index_options(p)
 
     p = sub.add_parser("demo", help="generate a demo catalogue, index it and search it (offline)")
     p.add_argument("--dir", help="where to put the demo catalogue and index (default $CLIPSEARCH_HOME/demo)")
     p.add_argument("--count", type=_positive, default=240)
+
+    p = sub.add_parser("package-model", help="write model.tar.gz for the SageMaker endpoint")
+    p.add_argument("--model", default="RN50", help="demo, a CLIP name such as RN50, or a checkpoint path")
+    p.add_argument("--out", default="model.tar.gz")
+
+    p = sub.add_parser("backfill", help="index images already in S3 (via the ingest queue or a batch transform)")
+    p.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    p.add_argument("--queue-url", default=os.environ.get("CLIPSEARCH_QUEUE_URL"),
+                   help="the ingest queue (stack output IngestQueueUrl; default $CLIPSEARCH_QUEUE_URL)")
+    p.add_argument("--batch-transform", action="store_true",
+                   help="encode with a SageMaker batch transform job, then bulk-load the vectors")
+    p.add_argument("--sagemaker-model", help="model for the transform job (stack output TransformModelName)")
+    p.add_argument("--instance-type", default="ml.m5.xlarge")
+    p.add_argument("--output", help="s3:// URL for the transform output (default s3://BUCKET/_clipsearch-batch/JOB/)")
+    _add_index_options(p)
+    p.set_defaults(backend="opensearch")
     return parser
 
 
@@ -87,6 +104,17 @@ def _open(args: argparse.Namespace, model: str | None = None, dim: int | None = 
         options["url"] = args.opensearch_url
         options["auth"] = os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")
     return open_index(args.backend, args.index, model=model, dim=dim, **options)
+
+
+def _open_for_query(args: argparse.Namespace) -> VectorIndex:
+    """Open an existing index; --model, when given, must be the model that built it."""
+    index = _open(args)
+    if args.model is not None:
+        from clipsearch import models
+        from clipsearch.index.base import check_model
+
+        check_model(index.model, index.dim, models.canonical_spec(args.model), None)
+    return index
 
 
 def _encoder(spec: str) -> Any:
@@ -147,12 +175,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if (args.text is None) == (args.image is None):
         raise errors.BadRequest("give a search TEXT or --image FILE (one of them)")
-    index = _open(args)
-    if args.model is not None:
-        from clipsearch import models
-        from clipsearch.index.base import check_model
-
-        check_model(index.model, index.dim, models.canonical_spec(args.model), None)
+    index = _open_for_query(args)
     if args.min_score is not None and not -1.0 <= args.min_score <= 1.0:
         raise errors.BadRequest("--min-score must be a cosine between -1 and 1")
     options: dict[str, Any] = {"k": args.k, "offset": args.offset, "min_score": args.min_score,
@@ -192,9 +215,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from clipsearch.server import serve
 
-    index = _open(args)
+    index = _open_for_query(args)
     serve(index, _encoder(index.model), host=args.host, port=args.port,
-          log=lambda line: print(line, file=sys.stderr, flush=True))
+          log=lambda line: print(line, file=sys.stderr, flush=True), max_body=args.max_body_mb * 1024 * 1024)
     return EXIT_OK
 
 
@@ -222,8 +245,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_package_model(args: argparse.Namespace) -> int:
+    from clipsearch.packaging import package_model
+
+    packaged = package_model(args.model, args.out)
+    print(f"wrote {packaged.path} ({packaged.size / 1e6:.1f} MB): {packaged.checkpoint}, code/inference.py, "
+          "code/requirements.txt")
+    print(f"template parameters: ModelSpec={packaged.spec} ModelDimension={packaged.dim} "
+          f"ModelDataUrl=s3://YOUR-BUCKET/models/{packaged.path.name}")
+    return EXIT_OK
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from clipsearch import backfill, models
+
+    bucket, prefix = backfill.parse_s3_url(args.url)
+    opened: list[VectorIndex] = []
+
+    def index_for(dim: int) -> VectorIndex:
+        spec = models.canonical_spec(args.model) if args.model else None
+        opened.append(_open(args, model=spec, dim=dim if spec else None))
+        return opened[-1]
+
+    try:
+        s3 = boto3.client("s3")
+        if not args.batch_transform:
+            if not args.queue_url:
+                raise errors.ConfigError("give --queue-url (stack output IngestQueueUrl) or set "
+                                         "CLIPSEARCH_QUEUE_URL")
+            summary = backfill.enqueue(s3, boto3.client("sqs"), args.queue_url, bucket, prefix)
+            print(f"queued {summary.sent} of {summary.listed} images under {args.url} for the ingest function")
+        else:
+            if not args.sagemaker_model:
+                raise errors.ConfigError("--batch-transform needs --sagemaker-model (stack output "
+                                         "TransformModelName)")
+            summary = backfill.batch_transform(
+                s3, boto3.client("sagemaker"), index_for, bucket, prefix, args.sagemaker_model,
+                args.instance_type, output_url=args.output,
+                on_status=lambda status: print(f"transform job: {status}", file=sys.stderr, flush=True))
+            print(f"indexed {summary.indexed} of {summary.listed} images under {args.url} "
+                  f"(transform job {summary.job or 'not needed'})")
+    except (BotoCoreError, ClientError) as e:
+        raise errors.Unavailable(f"AWS call failed: {e}") from None
+    finally:
+        for index in opened:
+            index.close()  # makes the bulk-loaded documents searchable at once
+    for key, reason in summary.failed[:20]:
+        print(f"warning: {key}: {reason}", file=sys.stderr)
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
 COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "serve": cmd_serve,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "package-model": cmd_package_model, "backfill": cmd_backfill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
