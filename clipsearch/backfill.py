@@ -1,0 +1,239 @@
+"""`clipsearch backfill`: index images that were in the bucket before the stack was.
+
+Two ways: enqueue S3-event-shaped messages for the ingest Lambda (the same path as a new upload),
+or run a SageMaker batch transform over the images and bulk-load its `.out` vectors into the index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote_plus, urlsplit
+
+import numpy as np
+
+from clipsearch.aws_ingest import metadata_text
+from clipsearch.errors import BadRequest, ClipsearchError, Unavailable
+from clipsearch.images import is_image_name
+from clipsearch.index.base import Document, VectorIndex
+from clipsearch.ingest import title_from_path
+
+SQS_BATCH = 10  # SendMessageBatch's limit
+UPSERT_BATCH = 200
+BATCH_OUTPUT_PREFIX = "_clipsearch-batch/"
+
+
+class TransformFailed(ClipsearchError):
+    code = "transform_failed"
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    etag: str = ""
+
+
+@dataclass
+class BackfillSummary:
+    """Counts for one run; failed lists (key, reason)."""
+
+    listed: int = 0
+    sent: int = 0
+    indexed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    job: str = ""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """s3://bucket/prefix -> (bucket, prefix)."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise BadRequest(f"expected s3://bucket/prefix, not {url!r}")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def list_images(s3: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
+    """Objects under the prefix whose names are images (the backfill's own outputs excluded)."""
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if is_image_name(key) and not key.startswith(BATCH_OUTPUT_PREFIX):
+                yield S3Object(key, int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"'))
+
+
+def s3_event(bucket: str, obj: S3Object, region: str = "") -> dict[str, Any]:
+    """An S3 ObjectCreated notification for one object, shaped as S3 sends it (key URL-encoded)."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return {"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": region, "eventTime": now,
+        "eventName": "ObjectCreated:Put", "userIdentity": {"principalId": "clipsearch-backfill"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"}, "responseElements": {},
+        "s3": {
+            "s3SchemaVersion": "1.0", "configurationId": "clipsearch-backfill",
+            "bucket": {"name": bucket, "ownerIdentity": {"principalId": ""}, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {"key": quote_plus(obj.key, safe="/"), "size": obj.size, "eTag": obj.etag,
+                       "sequencer": "0"},
+        },
+    }]}
+
+
+def enqueue(s3: Any, sqs: Any, queue_url: str, bucket: str, prefix: str,
+            on_progress: Callable[[int], None] | None = None) -> BackfillSummary:
+    """Send one S3-event message per image to the ingest queue, ten per request."""
+    summary = BackfillSummary()
+    region = getattr(getattr(s3, "meta", None), "region_name", "") or ""
+    batch: list[S3Object] = []
+
+    def flush() -> None:
+        entries = [{"Id": str(n), "MessageBody": json.dumps(s3_event(bucket, obj, region))}
+                   for n, obj in enumerate(batch)]
+        resp = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        for failure in resp.get("Failed", []):
+            summary.failed.append((batch[int(failure["Id"])].key, failure.get("Message", failure["Code"])))
+        summary.sent += len(resp.get("Successful", []))
+        if on_progress:
+            on_progress(len(batch))
+        batch.clear()
+
+    for obj in list_images(s3, bucket, prefix):
+        summary.listed += 1
+        batch.append(obj)
+        if len(batch) == SQS_BATCH:
+            flush()
+    if batch:
+        flush()
+    return summary
+
+
+# -- batch transform ------------------------------------------------------------------------------
+
+
+def write_manifest(s3: Any, bucket: str, keys: list[str], manifest_key: str) -> str:
+    """A SageMaker manifest listing exactly the images (a plain prefix would also feed it non-images)."""
+    body = json.dumps([{"prefix": f"s3://{bucket}/"}, *keys])
+    s3.put_object(Bucket=bucket, Key=manifest_key, Body=body.encode(), ContentType="application/json")
+    return f"s3://{bucket}/{manifest_key}"
+
+
+def start_transform(sagemaker: Any, job: str, model_name: str, manifest_url: str, output_url: str,
+                    instance_type: str, instance_count: int = 1) -> None:
+    """Create the transform job: one image per request, JSON vectors out (model_code's contract)."""
+    sagemaker.create_transform_job(
+        TransformJobName=job,
+        ModelName=model_name,
+        BatchStrategy="SingleRecord",
+        MaxConcurrentTransforms=1,
+        MaxPayloadInMB=6,
+        TransformInput={
+            "DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": manifest_url}},
+            "ContentType": "application/x-image",
+            "SplitType": "None",
+            "CompressionType": "None",
+        },
+        TransformOutput={"S3OutputPath": output_url, "Accept": "application/json", "AssembleWith": "None"},
+        TransformResources={"InstanceType": instance_type, "InstanceCount": instance_count},
+    )
+
+
+def wait_transform(sagemaker: Any, job: str, poll_s: float = 30.0,
+                   on_status: Callable[[str], None] | None = None) -> None:
+    """Poll until the job ends; TransformFailed unless it completed."""
+    while True:
+        desc = sagemaker.describe_transform_job(TransformJobName=job)
+        status = desc["TransformJobStatus"]
+        if on_status:
+            on_status(status)
+        if status == "Completed":
+            return
+        if status in ("Failed", "Stopped"):
+            raise TransformFailed(f"transform job {job} {status.lower()}: {desc.get('FailureReason', '')}")
+        time.sleep(poll_s)
+
+
+def read_vector(s3: Any, bucket: str, key: str) -> np.ndarray:
+    """One `.out` file: model_code's JSON answer, a list holding one vector."""
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        vectors = np.asarray(json.loads(body), dtype=np.float32)
+    except (ValueError, TypeError):
+        raise Unavailable(f"s3://{bucket}/{key} is not a JSON list of vectors") from None
+    if vectors.ndim != 2 or vectors.shape[0] != 1:
+        raise Unavailable(f"s3://{bucket}/{key} holds shape {vectors.shape}, expected one vector")
+    return vectors[0]
+
+
+def document_for(s3: Any, bucket: str, key: str, vector: np.ndarray) -> Document:
+    """A Document with the object's title metadata, size and time (no decode: width/height stay 0)."""
+    head = s3.head_object(Bucket=bucket, Key=key)
+    meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+    title = (metadata_text(meta.get("title")) or metadata_text(meta.get("description"))
+             or title_from_path(Path(PurePosixPath(key).name)))
+    modified = head.get("LastModified")
+    return Document(key=key, vector=vector, bucket=bucket, title=title, content_hash=str(head.get("ETag", "")),
+                    size=int(head.get("ContentLength", 0)),
+                    mtime=modified.timestamp() if modified is not None else 0.0)
+
+
+def load_transform_output(s3: Any, index_for: Callable[[int], VectorIndex], bucket: str, keys: list[str],
+                          output_bucket: str, output_prefix: str,
+                          on_progress: Callable[[int], None] | None = None) -> BackfillSummary:
+    """Upsert each key's `<output_prefix><key>.out` vector; index_for(dim) opens or creates the index."""
+    from botocore.exceptions import ClientError
+
+    summary = BackfillSummary(listed=len(keys))
+    index: VectorIndex | None = None
+    docs: list[Document] = []
+
+    def flush() -> None:
+        assert index is not None
+        result = index.upsert(docs)
+        summary.indexed += result.written
+        by_id = {d.id: d.key for d in docs}
+        summary.failed.extend((by_id.get(i, i), reason) for i, reason in result.failed.items())
+        if on_progress:
+            on_progress(len(docs))
+        docs.clear()
+
+    for key in keys:
+        try:
+            vector = read_vector(s3, output_bucket, f"{output_prefix}{key}.out")
+            doc = document_for(s3, bucket, key, vector)
+        except ClientError as e:
+            summary.failed.append((key, e.response.get("Error", {}).get("Message") or str(e)))
+            continue
+        except Unavailable as e:
+            summary.failed.append((key, str(e)))
+            continue
+        if index is None:
+            index = index_for(int(vector.shape[0]))
+        docs.append(doc)
+        if len(docs) >= UPSERT_BATCH:
+            flush()
+    if docs:
+        flush()
+    return summary
+
+
+def batch_transform(s3: Any, sagemaker: Any, index_for: Callable[[int], VectorIndex], bucket: str,
+                    prefix: str, model_name: str, instance_type: str, output_url: str | None = None,
+                    job: str | None = None, poll_s: float = 30.0,
+                    on_status: Callable[[str], None] | None = None) -> BackfillSummary:
+    """List the images, run a transform job over exactly them, and bulk-load the vectors."""
+    keys = [obj.key for obj in list_images(s3, bucket, prefix)]
+    if not keys:
+        return BackfillSummary()
+    job = job or f"clipsearch-backfill-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    out_bucket, out_prefix = parse_s3_url(output_url or f"s3://{bucket}/{BATCH_OUTPUT_PREFIX}{job}/")
+    out_prefix = out_prefix if not out_prefix or out_prefix.endswith("/") else out_prefix + "/"
+    manifest = write_manifest(s3, out_bucket, keys, f"{out_prefix}manifest.json")
+    start_transform(sagemaker, job, model_name, manifest, f"s3://{out_bucket}/{out_prefix}", instance_type)
+    wait_transform(sagemaker, job, poll_s=poll_s, on_status=on_status)
+    summary = load_transform_output(s3, index_for, bucket, keys, out_bucket, out_prefix)
+    summary.job = job
+    return summary

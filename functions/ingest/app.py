@@ -1,0 +1,35 @@
+"""Ingest Lambda: SQS batches of S3 notifications -> clipsearch.aws_ingest, with partial batch failures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from clipsearch import aws_config
+from clipsearch.aws_ingest import Ingestor
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+# A batch whose records all fail still answers with batchItemFailures rather than an error.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+
+config = aws_config.from_env("ingest")
+ingestor = Ingestor(
+    encoder=aws_config.make_encoder(config),
+    index=aws_config.make_index(config),
+    s3=aws_config.boto_client("s3"),
+    metrics=metrics,
+)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    return process_partial_response(event=event, record_handler=ingestor.handle_record,
+                                    processor=processor, context=context)

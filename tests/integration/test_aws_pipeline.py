@@ -1,0 +1,383 @@
+"""The AWS pipeline end to end, on this machine: moto S3/SQS, a local SageMaker runtime, real OpenSearch.
+
+- S3 and SQS are a moto server; the bucket's notifications really put S3 events on the queue.
+- InvokeEndpoint is answered by a small HTTP server on the runtime's route, running model_code
+  from the model.tar.gz that `clipsearch package-model --model demo` writes, so boto3's real
+  client, its signing and serialization are exercised.
+- The index is the real OpenSearch node (CLIPSEARCH_OPENSEARCH_URL).
+- The Lambda modules under functions/ are loaded as Lambda loads them, configured by environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+import threading
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pytest
+from moto.server import ThreadedMotoServer
+
+from clipsearch import shapes
+from clipsearch.errors import NotFound
+from clipsearch.images import load_file
+from clipsearch.index.base import doc_id
+from clipsearch.index.opensearch import OpenSearchIndex
+from clipsearch.packaging import package_model
+
+pytestmark = pytest.mark.opensearch
+
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "clipsearch-images-e2e"
+ENDPOINT = "clipsearch-demo"
+MAX_RECEIVE_COUNT = 2
+
+
+# -- the local SageMaker runtime -------------------------------------------------------------------
+
+
+class InvokeEndpointServer(ThreadingHTTPServer):
+    """POST /endpoints/NAME/invocations -> model_code's input_fn/predict_fn/output_fn, as in the container."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from model_code import inference
+
+        self.inference = inference
+        self.model = inference.model_fn(str(model_dir))
+        self.throttle_next = 0
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _InvokeHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _InvokeHandler(BaseHTTPRequestHandler):
+    server: InvokeEndpointServer
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        parts = self.path.strip("/").split("/")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if len(parts) != 3 or parts[0] != "endpoints" or parts[2] != "invocations":
+            return self._send(404, {"message": "no such route"}, "UnknownOperationException")
+        ctype = self.headers.get("Content-Type", "")
+        with self.server.lock:
+            self.server.calls.append((parts[1], ctype))
+            if self.server.throttle_next > 0:
+                self.server.throttle_next -= 1
+                return self._send(400, {"message": "Rate exceeded"}, "ThrottlingException")
+            inference = self.server.inference
+            try:
+                data = inference.input_fn(body, ctype)
+                answer = inference.output_fn(inference.predict_fn(data, self.server.model),
+                                             self.headers.get("Accept"))
+            except ValueError as e:
+                return self._send(424, {"message": "Received client error (400) from model",
+                                        "OriginalStatusCode": 400, "OriginalMessage": str(e),
+                                        "ErrorCode": "CLIENT_ERROR_FROM_MODEL"}, "ModelError")
+        payload = answer.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("x-Amzn-Invoked-Production-Variant", "AllTraffic")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _send(self, status: int, body: dict[str, Any], error_type: str) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("x-amzn-ErrorType", error_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InvokeEndpointServer]:
+    work = tmp_path_factory.mktemp("endpoint")
+    packaged = package_model("demo", work / "model.tar.gz")
+    model_dir = work / "model"
+    with tarfile.open(packaged.path) as tar:
+        tar.extractall(model_dir, filter="data")
+    server = InvokeEndpointServer(model_dir)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+# -- the stack -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    s3: Any
+    sqs: Any
+    queue_url: str
+    dlq_url: str
+    ingest: Any
+    search: Any
+    index_name: str
+    opensearch_url: str
+
+    def index(self) -> OpenSearchIndex:
+        """A reader of the index the functions write, refreshed so that searches see every write."""
+        index = OpenSearchIndex(name=self.index_name, url=self.opensearch_url, auth="none")
+        index.refresh()
+        return index
+
+    def deliver(self) -> tuple[list[str], list[str]]:
+        """One SQS poll handed to the ingest function, as Lambda's event source mapping does it.
+
+        Successful messages are deleted; failed ones become visible again at once (the visibility
+        timeout, shortened). Returns (all message ids, failed message ids).
+        """
+        messages = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                                            AttributeNames=["All"]).get("Messages", [])
+        if not messages:
+            return [], []
+        event = {"Records": [{
+            "messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
+            "attributes": m.get("Attributes", {}), "messageAttributes": {}, "md5OfBody": m["MD5OfBody"],
+            "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
+            "awsRegion": "us-east-1"} for m in messages]}
+        response = self.ingest.handler(event, LambdaContext())
+        failed = [f["itemIdentifier"] for f in response["batchItemFailures"]]
+        for m in messages:
+            if m["MessageId"] in failed:
+                self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=m["ReceiptHandle"],
+                                                   VisibilityTimeout=0)
+            else:
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=m["ReceiptHandle"])
+        return [m["MessageId"] for m in messages], failed
+
+    def deliver_all(self) -> list[str]:
+        """Poll until the queue is empty; returns the ids that failed along the way."""
+        failures: list[str] = []
+        for _ in range(20):
+            seen, failed = self.deliver()
+            failures += failed
+            if not seen:
+                return failures
+        raise AssertionError("the queue did not drain")
+
+    def api(self, event_file: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        event = json.loads((ROOT / "events" / "api" / event_file).read_text())
+        if body is not None:
+            event["body"] = json.dumps(body)
+        response = self.search.handler(event, LambdaContext())
+        return response["statusCode"], json.loads(response["body"])
+
+
+class LambdaContext:
+    function_name = "clipsearch-e2e"
+    memory_limit_in_mb = 1024
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-e2e"
+    aws_request_id = "00000000-0000-4000-8000-0000000000e2"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+def load_function(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"e2e_{name}_app", ROOT / "functions" / name / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def stack(moto_url: str, endpoint: InvokeEndpointServer, opensearch_url: str,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    index_name = f"clipsearch-aws-e2e-{uuid.uuid4().hex[:8]}"
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        # The standard per-service endpoint variables: the functions' clients have no endpoint_url.
+        "AWS_ENDPOINT_URL_S3": moto_url, "AWS_ENDPOINT_URL_SQS": moto_url,
+        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
+        # One attempt: a throttle reaches our code instead of botocore's retry loop.
+        "AWS_MAX_ATTEMPTS": "1",
+        "CLIPSEARCH_ENDPOINT_NAME": ENDPOINT, "CLIPSEARCH_OPENSEARCH_URL": opensearch_url,
+        # SigV4 as on AWS: the local node (security plugin off) accepts the signed requests.
+        "CLIPSEARCH_OPENSEARCH_AUTH": "sigv4", "CLIPSEARCH_INDEX": index_name, "CLIPSEARCH_MODEL": "demo",
+        "CLIPSEARCH_DIM": "128", "CLIPSEARCH_BUCKET": BUCKET,
+        "POWERTOOLS_SERVICE_NAME": "clipsearch", "POWERTOOLS_METRICS_NAMESPACE": "clipsearch-e2e",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    run = uuid.uuid4().hex[:8]
+    dlq_url = sqs.create_queue(QueueName=f"ingest-dlq-{run}")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_url = sqs.create_queue(QueueName=f"ingest-{run}", Attributes={
+        "VisibilityTimeout": "1080",
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}),
+    })["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [
+        {"QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
+    stack = Stack(s3, sqs, queue_url, dlq_url, load_function("ingest"), load_function("search"), index_name,
+                  opensearch_url)
+    # Configuring notifications sends an s3:TestEvent: it must be consumed without failing.
+    assert stack.deliver_all() == []
+    yield stack
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={})
+    s3.delete_bucket(Bucket=BUCKET)
+    try:
+        OpenSearchIndex(name=index_name, url=opensearch_url, auth="none").drop()
+    except NotFound:
+        pass  # nothing was ever indexed (the poison-message test)
+
+
+def picture(colour: str, shape: str, seed: int, fmt: str = "PNG") -> bytes:
+    img = shapes.render(colour, shape, "large", rng=np.random.default_rng(seed), image_size=224)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=92)
+    return buf.getvalue()
+
+
+def fetch(url: str) -> bytes:
+    """GET a presigned URL from the moto server on loopback, directly (never through a proxy)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as response:
+        return bytes(response.read())
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+
+def test_given_picture_put_into_s3_when_pipeline_runs_then_search_finds_it_and_delete_removes_it(
+        stack: Stack, endpoint: InvokeEndpointServer, demo_encoder: Any, tmp_path: Path) -> None:
+    red_key = "catalogue/Red circle – été+1 (copy).jpg"
+    red = picture("red", "circle", seed=1, fmt="JPEG")
+    stack.s3.put_object(Bucket=BUCKET, Key=red_key, Body=red, ContentType="image/jpeg",
+                        Metadata={"title": "A red circle", "description": "the one we look for"})
+    for n, (colour, shape) in enumerate([("blue", "square"), ("green", "triangle"), ("yellow", "star"),
+                                         ("purple", "square")]):
+        stack.s3.put_object(Bucket=BUCKET, Key=f"catalogue/{colour} {shape}.png",
+                            Body=picture(colour, shape, seed=10 + n))
+
+    assert stack.deliver_all() == []
+
+    index = stack.index()
+    assert index.count() == 5
+    doc = index.get(doc_id(BUCKET, red_key))
+    assert doc is not None and (doc.key, doc.title, doc.bucket) == (red_key, "A red circle", BUCKET)
+    # The same picture through `clipsearch index` (local file -> LocalEncoder) gives the same vector.
+    local_file = tmp_path / "red.jpg"
+    local_file.write_bytes(red)
+    local = demo_encoder.encode_images([load_file(local_file).image])[0]
+    assert float(np.max(np.abs(doc.vector - local))) <= 1e-4
+    assert (ENDPOINT, "image/png") in endpoint.calls
+
+    status, body = stack.api("search-text.json")
+    assert status == 200 and body["query"]["text"] == "a red circle"
+    top = body["hits"][0]
+    assert (top["key"], top["title"]) == (red_key, "A red circle")
+    assert fetch(top["url"]) == red
+
+    stack.s3.delete_object(Bucket=BUCKET, Key=red_key)
+    assert stack.deliver_all() == []
+
+    index = stack.index()
+    assert index.get(doc_id(BUCKET, red_key)) is None and index.count() == 4
+    status, body = stack.api("search-text.json")
+    assert status == 200 and red_key not in [h["key"] for h in body["hits"]]
+
+
+def test_given_raw_image_query_when_searched_then_the_closest_picture_comes_first(stack: Stack) -> None:
+    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "star"), ("green", "square")]):
+        stack.s3.put_object(Bucket=BUCKET, Key=f"q/{colour} {shape}.png", Body=picture(colour, shape, seed=30 + n))
+    assert stack.deliver_all() == []
+    stack.index()
+
+    status, body = stack.api("search-binary.json")  # a 64 px red circle, sent as image/png
+
+    assert status == 200 and body["hits"][0]["key"] == "q/red circle.png"
+
+
+def test_given_throttled_endpoint_when_batch_arrives_then_only_that_record_fails_and_nothing_is_lost(
+        stack: Stack, endpoint: InvokeEndpointServer) -> None:
+    keys = ["t/one.png", "t/two.png"]
+    for n, key in enumerate(keys):
+        stack.s3.put_object(Bucket=BUCKET, Key=key, Body=picture("orange", "triangle", seed=50 + n))
+    endpoint.throttle_next = 1
+
+    seen, failed = stack.deliver()
+
+    assert len(seen) == 2 and len(failed) == 1
+    assert stack.index().count() == 1
+    assert stack.deliver_all() == []  # the redelivered record succeeds
+    index = stack.index()
+    assert all(index.get(doc_id(BUCKET, key)) is not None for key in keys)
+
+
+def test_given_poison_message_when_it_keeps_failing_then_it_lands_in_the_dead_letter_queue(stack: Stack) -> None:
+    stack.sqs.send_message(QueueUrl=stack.queue_url, MessageBody="definitely not an S3 notification")
+
+    failures = stack.deliver_all()
+
+    assert len(failures) == MAX_RECEIVE_COUNT
+    dead = stack.sqs.receive_message(QueueUrl=stack.dlq_url, MaxNumberOfMessages=10).get("Messages", [])
+    assert [m["Body"] for m in dead] == ["definitely not an S3 notification"]
+
+
+def test_given_odd_keys_when_round_tripped_then_ingest_search_and_download_keep_them_intact(stack: Stack) -> None:
+    keys = ["odd/a+b c.png", "odd/ümlaut ñ 東京.png", "odd/100% sure?#&=.png", "odd/ spaces  around .png"]
+    bodies = {key: picture("blue", "circle", seed=70 + n) for n, key in enumerate(keys)}
+    for key, data in bodies.items():
+        stack.s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+    stack.s3.put_object(Bucket=BUCKET, Key="elsewhere/x.png", Body=picture("red", "star", seed=99))
+
+    assert stack.deliver_all() == []
+    stack.index()
+    status, body = stack.api("search-text.json", {"text": "a blue circle", "k": 10, "filter": {"prefix": "odd/"}})
+
+    assert status == 200 and sorted(h["key"] for h in body["hits"]) == sorted(keys)
+    for hit in body["hits"]:
+        assert hit["id"] == doc_id(BUCKET, hit["key"])
+        assert fetch(hit["url"]) == bodies[hit["key"]]
+
+
+def test_given_demo_package_when_served_then_endpoint_answers_text_like_the_local_encoder(
+        endpoint: InvokeEndpointServer, demo_encoder: Any) -> None:
+    client = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    answer = client.invoke_endpoint(EndpointName=ENDPOINT, Body=json.dumps({"inputs": ["a red circle"]}),
+                                    ContentType="application/json", Accept="application/json")
+    remote = np.asarray(json.loads(answer["Body"].read()), dtype=np.float32)
+    assert float(np.max(np.abs(remote - demo_encoder.encode_texts(["a red circle"])))) <= 1e-4

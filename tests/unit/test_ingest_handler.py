@@ -1,0 +1,474 @@
+"""The ingest Lambda's record handling, with moto S3/SQS, the fake encoder and a real embedded index.
+
+The sample events under events/ingest/ drive it, as `sam local invoke -e` would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+from collections.abc import Iterator
+from email.header import Header
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pytest
+from aws_lambda_powertools import Metrics
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from fakes import FakeEncoder
+from moto import mock_aws
+from PIL import Image, ImageDraw
+
+from clipsearch import aws_config, backfill
+from clipsearch.aws_ingest import Ingestor, parse_notification
+from clipsearch.errors import ConfigError, Unavailable
+from clipsearch.index.base import Document, UpsertResult, doc_id
+from clipsearch.index.embedded import EmbeddedIndex
+from model_code.inference import decode_image, downscale
+
+ROOT = Path(__file__).resolve().parents[2]
+EVENTS = ROOT / "events" / "ingest"
+BUCKET = "clipsearch-images-example"
+ODD_KEY = "holiday photos/Café – été 2019+1.jpg"  # the key in events/ingest/put.json
+
+
+def load_event(name: str) -> dict[str, Any]:
+    return json.loads((EVENTS / name).read_text())
+
+
+def picture(colour: tuple[int, int, int] = (220, 30, 30), size: tuple[int, int] = (900, 600),
+            fmt: str = "JPEG") -> bytes:
+    img = Image.new("RGB", size, (250, 250, 250))
+    ImageDraw.Draw(img).ellipse([size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4], fill=colour)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SQS", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def s3(aws: None) -> Any:
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> EmbeddedIndex:
+    return EmbeddedIndex(tmp_path / "index", model=FakeEncoder.model, dim=FakeEncoder.dim)
+
+
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    metrics = Metrics(namespace="clipsearch-test", service="clipsearch")
+    metrics.clear_metrics()  # Powertools shares one metric set between all Metrics instances
+    yield metrics
+    metrics.clear_metrics()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Messages logged under the service logger `clipsearch` (the Lambda prints them as JSON lines)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    logger = logging.getLogger("clipsearch")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+def run_batch(ingestor: Ingestor, event: dict[str, Any]) -> list[str]:
+    """Run a batch the way functions/ingest/app.py does; returns the failed message ids."""
+    result = process_partial_response(event=event, record_handler=ingestor.handle_record,
+                                      processor=BatchProcessor(event_type=EventType.SQS,
+                                                               raise_on_entire_batch_failure=False),
+                                      context=None)
+    return [f["itemIdentifier"] for f in result["batchItemFailures"]]
+
+
+def counted(metrics: Metrics, name: str) -> float:
+    entry = metrics.metric_set.get(name)
+    return sum(entry["Value"]) if entry else 0
+
+
+class ThrottledOnce(FakeEncoder):
+    """An endpoint that throttles its first call (SageMakerEncoder raises Unavailable then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttled = False
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        if not self.throttled:
+            self.throttled = True
+            raise Unavailable("encoder endpoint clip failed (ThrottlingException): Rate exceeded")
+        return super().encode_images(images)
+
+
+class RefusingIndex(EmbeddedIndex):
+    """OpenSearch rejecting the document (mapping conflict, disk full...)."""
+
+    def upsert(self, docs: Any) -> UpsertResult:
+        return UpsertResult(failed={d.id: "429 es_rejected_execution_exception" for d in docs})
+
+
+# -- notifications ---------------------------------------------------------------------------------
+
+
+def test_given_put_event_when_parsed_then_key_with_spaces_plus_and_unicode_is_decoded() -> None:
+    body = load_event("put.json")["Records"][0]["body"]
+    (event,) = parse_notification(body)
+    assert (event.action, event.bucket, event.key, event.size) == ("created", BUCKET, ODD_KEY, 48213)
+
+
+def test_given_s3_test_event_when_parsed_then_nothing_to_do() -> None:
+    assert parse_notification(load_event("test-event.json")["Records"][0]["body"]) == []
+
+
+# -- the batch handler ---------------------------------------------------------------------------
+
+
+def test_given_put_event_when_ingested_then_document_has_decoded_key_title_and_downscaled_vector(
+        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    data = picture()
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=data, Metadata={"title": "Sunset at the pool"})
+    ingestor = Ingestor(FakeEncoder(), index, s3, metrics)
+
+    assert run_batch(ingestor, load_event("put.json")) == []
+
+    doc = index.get(doc_id(BUCKET, ODD_KEY))
+    assert doc is not None
+    assert (doc.key, doc.bucket, doc.title) == (ODD_KEY, BUCKET, "Sunset at the pool")
+    assert (doc.width, doc.height, doc.size) == (900, 600, len(data))
+    expected = FakeEncoder().encode_images([downscale(decode_image(data))])[0]
+    assert np.allclose(doc.vector, expected, atol=1e-6)
+    assert counted(metrics, "ImagesIndexed") == 1
+
+
+def test_given_same_event_twice_when_ingested_then_exactly_one_document(s3: Any, index: EmbeddedIndex) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
+    ingestor = Ingestor(FakeEncoder(), index, s3)
+
+    run_batch(ingestor, load_event("put.json"))
+    run_batch(ingestor, load_event("put.json"))
+
+    assert index.count() == 1
+
+
+def test_given_indexed_image_when_delete_event_then_document_is_removed(
+        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
+    ingestor = Ingestor(FakeEncoder(), index, s3, metrics)
+    run_batch(ingestor, load_event("put.json"))
+
+    assert run_batch(ingestor, load_event("delete.json")) == []
+
+    assert index.get(doc_id(BUCKET, ODD_KEY)) is None
+    assert counted(metrics, "ImagesDeleted") == 1
+
+
+def test_given_s3_test_event_when_handled_then_ignored_without_failure(s3: Any, index: EmbeddedIndex) -> None:
+    encoder = FakeEncoder()
+    assert run_batch(Ingestor(encoder, index, s3), load_event("test-event.json")) == []
+    assert encoder.calls == [] and index.count() == 0
+
+
+def test_given_non_image_key_when_handled_then_skipped_with_one_log_line_and_a_metric(
+        s3: Any, index: EmbeddedIndex, metrics: Metrics, log_lines: list[str]) -> None:
+    encoder = FakeEncoder()
+
+    assert run_batch(Ingestor(encoder, index, s3, metrics), load_event("not-an-image.json")) == []
+
+    assert encoder.calls == [] and index.count() == 0
+    assert counted(metrics, "ObjectsSkipped") == 1
+    skipped = [line for line in log_lines if "skipped" in line]
+    assert len(skipped) == 1 and "notes/read me.txt" in skipped[0]
+
+
+def test_given_undecodable_image_when_handled_then_skipped_not_retried(
+        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=b"\xff\xd8\xff\xe0 truncated jpeg")
+
+    assert run_batch(Ingestor(FakeEncoder(), index, s3, metrics), load_event("put.json")) == []
+
+    assert index.count() == 0 and counted(metrics, "ObjectsSkipped") == 1
+
+
+def test_given_object_deleted_before_processing_when_handled_then_skipped(
+        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    assert run_batch(Ingestor(FakeEncoder(), index, s3, metrics), load_event("put.json")) == []
+    assert index.count() == 0 and counted(metrics, "ObjectsSkipped") == 1
+
+
+def test_given_mixed_batch_when_handled_then_each_record_gets_its_own_outcome(
+        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
+
+    # put, test event, non-image, delete of the same key
+    assert run_batch(Ingestor(FakeEncoder(), index, s3, metrics), load_event("batch.json")) == []
+
+    assert index.count() == 0
+    assert [counted(metrics, m) for m in ("ImagesIndexed", "ObjectsSkipped", "ImagesDeleted")] == [1, 1, 1]
+
+
+def test_given_throttled_endpoint_when_batch_handled_then_only_that_record_fails_and_retry_indexes_it(
+        s3: Any, index: EmbeddedIndex) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
+    s3.put_object(Bucket=BUCKET, Key="b/blue.png", Body=picture((30, 30, 220), fmt="PNG"))
+    event = load_event("put.json")
+    second = json.loads(json.dumps(event["Records"][0]))
+    second["messageId"] = "second"
+    second["body"] = json.dumps(backfill.s3_event(BUCKET, backfill.S3Object("b/blue.png", 100)))
+    event["Records"].append(second)
+    ingestor = Ingestor(ThrottledOnce(), index, s3)
+
+    failed = run_batch(ingestor, event)
+
+    assert failed == [event["Records"][0]["messageId"]]
+    assert index.get(doc_id(BUCKET, "b/blue.png")) is not None
+    # SQS redelivers the failed message only.
+    assert run_batch(ingestor, {"Records": [event["Records"][0]]}) == []
+    assert index.count() == 2
+
+
+def test_given_index_refuses_document_when_handled_then_record_fails(s3: Any, tmp_path: Path) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
+    index = RefusingIndex(tmp_path / "refusing", model="fake", dim=16)
+    event = load_event("put.json")
+
+    assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == [event["Records"][0]["messageId"]]
+
+
+def test_given_poison_message_when_handled_then_it_fails_towards_the_dead_letter_queue(
+        s3: Any, index: EmbeddedIndex) -> None:
+    event = load_event("poison.json")
+    assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == [event["Records"][0]["messageId"]]
+
+
+def test_given_non_ascii_title_encoded_as_rfc2047_when_ingested_then_title_is_decoded(
+        s3: Any, index: EmbeddedIndex) -> None:
+    title = "Été à la plage"
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture(),
+                  Metadata={"title": Header(title, "utf-8").encode(), "description": "ignored"})
+
+    run_batch(Ingestor(FakeEncoder(), index, s3), load_event("put.json"))
+
+    doc = index.get(doc_id(BUCKET, ODD_KEY))
+    assert doc is not None and doc.title == title
+
+
+def test_given_only_a_description_when_ingested_then_it_is_the_title(s3: Any, index: EmbeddedIndex) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture(), Metadata={"description": "Two people by a pool"})
+    run_batch(Ingestor(FakeEncoder(), index, s3), load_event("put.json"))
+    doc = index.get(doc_id(BUCKET, ODD_KEY))
+    assert doc is not None and doc.title == "Two people by a pool"
+
+
+def test_given_no_metadata_when_ingested_then_title_comes_from_the_file_name(
+        s3: Any, index: EmbeddedIndex) -> None:
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
+    run_batch(Ingestor(FakeEncoder(), index, s3), load_event("put.json"))
+    doc = index.get(doc_id(BUCKET, ODD_KEY))
+    assert doc is not None and doc.title == "Café – été 2019+1"
+
+
+def test_given_key_without_extension_but_image_content_type_when_ingested_then_indexed(
+        s3: Any, index: EmbeddedIndex) -> None:
+    s3.put_object(Bucket=BUCKET, Key="scans/0001", Body=picture(), ContentType="image/jpeg")
+    s3.put_object(Bucket=BUCKET, Key="scans/0002", Body=b"plain text", ContentType="text/plain")
+    event = {"Records": [
+        {**load_event("put.json")["Records"][0], "messageId": key,
+         "body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, 10)))}
+        for key in ("scans/0001", "scans/0002")]}
+
+    assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == []
+
+    assert index.get(doc_id(BUCKET, "scans/0001")) is not None and index.count() == 1
+
+
+# -- the handler module and its configuration -------------------------------------------------------
+
+
+ENV = {
+    "CLIPSEARCH_ENDPOINT_NAME": "clip-endpoint",
+    "CLIPSEARCH_OPENSEARCH_URL": "https://search-example.us-east-1.es.amazonaws.com",
+    "CLIPSEARCH_INDEX": "images",
+    "CLIPSEARCH_MODEL": "demo",
+    "CLIPSEARCH_DIM": "128",
+    "POWERTOOLS_SERVICE_NAME": "clipsearch",
+    "POWERTOOLS_METRICS_NAMESPACE": "clipsearch",
+}
+
+
+def load_function(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"{name}_app_under_test", ROOT / "functions" / name / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_given_complete_environment_when_read_then_config_matches_contract() -> None:
+    config = aws_config.from_env("ingest", ENV)
+    assert (config.image_endpoint, config.text_endpoint) == ("clip-endpoint", "clip-endpoint")
+    assert (config.index, config.model, config.dim, config.opensearch_auth) == ("images", "demo", 128, "sigv4")
+
+
+def test_given_two_endpoint_layout_when_read_then_text_and_image_endpoints_differ() -> None:
+    env = {k: v for k, v in ENV.items() if k != "CLIPSEARCH_ENDPOINT_NAME"}
+    env.update(CLIPSEARCH_TEXT_ENDPOINT_NAME="clip-text", CLIPSEARCH_IMAGE_ENDPOINT_NAME="clip-image",
+               CLIPSEARCH_BUCKET="b")
+    config = aws_config.from_env("search", env)
+    assert (config.text_endpoint, config.image_endpoint) == ("clip-text", "clip-image")
+
+
+def test_given_known_model_without_dim_when_read_then_dimension_comes_from_the_model() -> None:
+    env = {**ENV, "CLIPSEARCH_MODEL": "RN50"}
+    del env["CLIPSEARCH_DIM"]
+    assert aws_config.from_env("ingest", env).dim == 1024
+
+
+def test_given_dim_that_contradicts_the_model_when_read_then_config_error() -> None:
+    with pytest.raises(ConfigError, match="does not fit model 'RN50'"):
+        aws_config.from_env("ingest", {**ENV, "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_DIM": "512"})
+
+
+def test_given_missing_variables_when_function_starts_then_one_clear_log_line_and_config_error(
+        aws: None, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]) -> None:
+    for name in (*ENV, "CLIPSEARCH_IMAGE_ENDPOINT_NAME", "CLIPSEARCH_TEXT_ENDPOINT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLIPSEARCH_MODEL", "demo")
+
+    with pytest.raises(ConfigError):
+        load_function("ingest")
+
+    assert len(log_lines) == 1
+    for name in ("CLIPSEARCH_ENDPOINT_NAME", "CLIPSEARCH_OPENSEARCH_URL", "CLIPSEARCH_INDEX"):
+        assert name in log_lines[0]
+
+
+def test_given_ingest_module_when_invoked_with_sample_batch_then_partial_batch_response(
+        s3: Any, index: EmbeddedIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    module = load_function("ingest")
+    # The module's clients are built from the environment; the stand-ins replace the remote ones.
+    module.ingestor = Ingestor(FakeEncoder(), index, s3, module.metrics)
+    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
+
+    response = module.handler(load_event("put.json"), LambdaContext())
+
+    assert response == {"batchItemFailures": []}
+    assert index.get(doc_id(BUCKET, ODD_KEY)) is not None
+
+
+class LambdaContext:
+    function_name = "clipsearch-IngestFunction"
+    memory_limit_in_mb = 1024
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-IngestFunction"
+    aws_request_id = "00000000-0000-4000-8000-000000000000"
+    log_group_name = "/aws/lambda/clipsearch-IngestFunction"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+# -- backfill (existing objects -> the same ingest path) --------------------------------------------
+
+
+def test_given_existing_objects_when_backfill_enqueues_then_ingest_indexes_each_image_once(
+        s3: Any, index: EmbeddedIndex) -> None:
+    sqs = boto3.client("sqs")
+    queue_url = sqs.create_queue(QueueName="ingest")["QueueUrl"]
+    keys = [ODD_KEY, "2019/pool party.png", "a+b/ça.webp"]
+    for key in keys:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=picture(fmt="PNG"))
+    s3.put_object(Bucket=BUCKET, Key="2019/notes.txt", Body=b"not an image")
+
+    summary = backfill.enqueue(s3, sqs, queue_url, BUCKET, "")
+
+    assert (summary.listed, summary.sent, summary.failed) == (3, 3, [])
+    messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
+    event = {"Records": [{"messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
+                          "attributes": {}, "messageAttributes": {}, "eventSource": "aws:sqs"}
+                         for m in messages]}
+    assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == []
+    assert sorted(index.fingerprints()) == sorted(keys)
+
+
+def test_given_transform_output_when_loaded_then_vectors_land_under_their_keys(
+        s3: Any, index: EmbeddedIndex) -> None:
+    sagemaker = boto3.client("sagemaker")
+    sagemaker.create_model(ModelName="clip", ExecutionRoleArn="arn:aws:iam::123456789012:role/sm",
+                           PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/p:1"})
+    keys = ["photos/red one.png", "photos/blue+two.png"]
+    for key, colour in zip(keys, [(220, 30, 30), (30, 30, 220)], strict=True):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=picture(colour, fmt="PNG"), Metadata={"title": key[7:]})
+    vectors = {key: FakeEncoder().encode_images([Image.open(io.BytesIO(s3.get_object(
+        Bucket=BUCKET, Key=key)["Body"].read()))])[0] for key in keys}
+
+    def fake_transform(**kwargs: Any) -> None:
+        # What the real job writes: one `<key>.out` per manifest entry, model_code's JSON answer.
+        out = kwargs["TransformOutput"]["S3OutputPath"]
+        out_bucket, out_prefix = backfill.parse_s3_url(out)
+        for key, vec in vectors.items():
+            s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}{key}.out", Body=json.dumps([vec.tolist()]))
+        sagemaker.create_transform_job(**kwargs)
+
+    class Control:
+        create_transform_job = staticmethod(fake_transform)
+        describe_transform_job = staticmethod(sagemaker.describe_transform_job)
+
+    summary = backfill.batch_transform(s3, Control(), lambda dim: index, BUCKET, "photos/", "clip",
+                                       "ml.m5.xlarge", job="job-1", poll_s=0)
+
+    assert (summary.indexed, summary.failed, summary.job) == (2, [], "job-1")
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key="_clipsearch-batch/job-1/manifest.json")["Body"].read())
+    assert manifest == [{"prefix": f"s3://{BUCKET}/"}, *sorted(keys)]
+    job = sagemaker.describe_transform_job(TransformJobName="job-1")
+    assert job["TransformInput"]["ContentType"] == "application/x-image"
+    for key in keys:
+        doc = index.get(doc_id(BUCKET, key))
+        assert isinstance(doc, Document) and doc.title == key[7:]
+        assert np.allclose(doc.vector, vectors[key], atol=1e-6)
+
+
+def test_given_cli_backfill_when_run_then_it_reports_what_it_queued(
+        s3: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from clipsearch.cli import EXIT_OK, main
+
+    queue_url = boto3.client("sqs").create_queue(QueueName="ingest-cli")["QueueUrl"]
+    s3.put_object(Bucket=BUCKET, Key="photos/a b.jpg", Body=picture())
+
+    assert main(["backfill", f"s3://{BUCKET}/photos/", "--queue-url", queue_url]) == EXIT_OK
+    assert f"queued 1 of 1 images under s3://{BUCKET}/photos/" in capsys.readouterr().out
+
+
+def test_given_cli_backfill_without_a_queue_when_run_then_one_line_names_the_fix(
+        s3: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from clipsearch.cli import EXIT_USAGE, main
+
+    monkeypatch.delenv("CLIPSEARCH_QUEUE_URL", raising=False)
+
+    assert main(["backfill", f"s3://{BUCKET}/"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--queue-url" in err[0]

@@ -1,0 +1,428 @@
+"""template.yaml: cfn-lint, the SAM transform, the security properties, `sam validate` and `sam build`.
+
+The properties are asserted on the transformed template (what CloudFormation deploys), with its
+conditions evaluated for the parameter values under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "template.yaml"
+BIN = Path(sys.executable).parent
+CONTRACT_ENV = {"CLIPSEARCH_OPENSEARCH_URL", "CLIPSEARCH_OPENSEARCH_AUTH", "CLIPSEARCH_INDEX", "CLIPSEARCH_MODEL"}
+GUARDED_SERVICES = ("s3:", "es:", "sagemaker:")
+ALLOWED_MANAGED_POLICIES = {"AWSLambdaBasicExecutionRole", "AWSXrayWriteOnlyAccess",
+                            "AWSLambdaVPCAccessExecutionRole"}
+MAX_ARTIFACT_ZIP_BYTES = 30 * 1024 * 1024
+
+
+def tool_env() -> dict[str, str]:
+    env = dict(os.environ, SAM_CLI_TELEMETRY="0", AWS_DEFAULT_REGION="us-east-1",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("AWS_PROFILE", None)
+    return env
+
+
+# -- the transform, with conditions evaluated ----------------------------------------------------
+
+
+def transform(**parameters: str) -> dict[str, Any]:
+    """The SAM transform of template.yaml, as CloudFormation would run it (code already uploaded)."""
+    from samtranslator.translator.transform import transform as sam_transform
+    from samtranslator.yaml_helper import yaml_parse
+
+    template = yaml_parse(TEMPLATE.read_text())
+    for resource in template["Resources"].values():
+        props = resource.get("Properties", {})
+        for uri in ("CodeUri", "ContentUri"):
+            if uri in props:
+                props[uri] = "s3://artifacts-bucket/clipsearch/code.zip"
+
+    class NoManagedPolicies:
+        def load(self) -> dict[str, str]:
+            return {}
+
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    return dict(sam_transform(template, parameters, NoManagedPolicies()))
+
+
+class Deployed:
+    """The transformed template with parameters applied and Fn::If / conditions resolved."""
+
+    def __init__(self, **parameters: str) -> None:
+        self.template = transform(**parameters)
+        self.params = {name: str(p.get("Default", "")) for name, p in self.template["Parameters"].items()}
+        self.params.update(parameters)
+        self.conditions: dict[str, bool] = {}
+        for name in self.template.get("Conditions", {}):
+            self.condition(name)
+        self.resources = {
+            name: self.resolve(res) for name, res in self.template["Resources"].items()
+            if "Condition" not in res or self.conditions[res["Condition"]]
+        }
+
+    def condition(self, name: str) -> bool:
+        if name not in self.conditions:
+            self.conditions[name] = bool(self.evaluate(self.template["Conditions"][name]))
+        return self.conditions[name]
+
+    def evaluate(self, node: Any) -> Any:
+        if isinstance(node, dict) and len(node) == 1:
+            (fn, arg), = node.items()
+            if fn == "Fn::Equals":
+                return str(self.evaluate(arg[0])) == str(self.evaluate(arg[1]))
+            if fn == "Fn::Not":
+                return not self.evaluate(arg[0])
+            if fn == "Fn::Or":
+                return any(self.evaluate(a) for a in arg)
+            if fn == "Fn::And":
+                return all(self.evaluate(a) for a in arg)
+            if fn == "Condition":
+                return self.condition(arg)
+            if fn == "Fn::Join":
+                items = self.evaluate(arg[1])
+                return arg[0].join(items if isinstance(items, list) else str(items).split(","))
+            if fn == "Ref" and arg in self.params:
+                return self.params[arg]
+        return node
+
+    def resolve(self, node: Any) -> Any:
+        """Fn::If and AWS::NoValue resolved; other intrinsics kept, to be asserted on."""
+        if isinstance(node, dict):
+            if set(node) == {"Fn::If"}:
+                name, yes, no = node["Fn::If"]
+                return self.resolve(yes if self.condition(name) else no)
+            out = {k: self.resolve(v) for k, v in node.items()}
+            return {k: v for k, v in out.items() if v != {"Ref": "AWS::NoValue"}}
+        if isinstance(node, list):
+            return [self.resolve(v) for v in node if self.resolve(v) != {"Ref": "AWS::NoValue"}]
+        return node
+
+    def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {n: r for n, r in self.resources.items() if r["Type"] == kind}
+
+    def statements(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every identity-policy statement: (owner, statement)."""
+        for name, res in self.of_type("AWS::IAM::Role").items():
+            for policy in res["Properties"].get("Policies", []):
+                for st in policy["PolicyDocument"]["Statement"]:
+                    yield name, st
+        for name, res in self.of_type("AWS::IAM::Policy").items():
+            for st in res["Properties"]["PolicyDocument"]["Statement"]:
+                yield name, st
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def env_of(deployed: Deployed, function: str) -> dict[str, Any]:
+    return deployed.resources[function]["Properties"]["Environment"]["Variables"]
+
+
+@pytest.fixture(scope="module")
+def default() -> Deployed:
+    return Deployed()
+
+
+LAYOUTS = [
+    {},
+    {"EndpointLayout": "split", "ApiAuth": "AWS_IAM"},
+    {"VpcSubnetIds": "subnet-1,subnet-2", "VpcSecurityGroupIds": "sg-1", "NotificationSuffix": ".jpg"},
+]
+
+
+# -- linting ---------------------------------------------------------------------------------------
+
+
+def test_given_template_when_cfn_lint_runs_then_no_errors_or_warnings() -> None:
+    result = subprocess.run([str(BIN / "cfn-lint"), str(TEMPLATE)], capture_output=True, text=True,
+                            env=tool_env(), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_given_template_when_sam_validate_lint_runs_then_valid() -> None:
+    result = subprocess.run([str(BIN / "sam"), "validate", "--lint", "--template-file", str(TEMPLATE)],
+                            capture_output=True, text=True, env=tool_env(), timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- security properties ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parameters", LAYOUTS)
+def test_given_any_layout_when_transformed_then_no_s3_es_or_sagemaker_action_on_a_wildcard(
+        parameters: dict[str, str]) -> None:
+    deployed = Deployed(**parameters)
+    checked = 0
+    for owner, st in deployed.statements():
+        actions = [a for a in as_list(st["Action"]) if a.startswith(GUARDED_SERVICES)]
+        if not actions or st["Effect"] != "Allow":
+            continue
+        checked += 1
+        for resource in as_list(st["Resource"]):
+            text = json.dumps(resource)
+            assert resource != "*" and ":::*" not in text and ":*/" not in text, (owner, actions, resource)
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("parameters", LAYOUTS)
+def test_given_any_layout_when_transformed_then_only_known_managed_policies(parameters: dict[str, str]) -> None:
+    for res in Deployed(**parameters).of_type("AWS::IAM::Role").values():
+        for arn in res["Properties"].get("ManagedPolicyArns", []):
+            assert arn.rsplit("/", 1)[-1] in ALLOWED_MANAGED_POLICIES, arn
+
+
+def test_given_default_layout_when_transformed_then_invoke_endpoint_is_scoped_to_this_endpoint(
+        default: Deployed) -> None:
+    grants = [st for _, st in default.statements() if "sagemaker:InvokeEndpoint" in as_list(st["Action"])]
+    assert grants and all(as_list(st["Resource"]) == [{"Ref": "ClipEndpoint"}] for st in grants)
+
+
+def test_given_split_layout_when_transformed_then_ingest_invokes_only_the_image_endpoint() -> None:
+    deployed = Deployed(EndpointLayout="split")
+    role = deployed.resources["IngestFunctionRole"]["Properties"]["Policies"]
+    resources = [st["Resource"] for p in role for st in p["PolicyDocument"]["Statement"]
+                 if "sagemaker:InvokeEndpoint" in as_list(st["Action"])]
+    assert resources == [{"Ref": "ImageEndpoint"}]
+    env = env_of(deployed, "IngestFunction")
+    assert "CLIPSEARCH_ENDPOINT_NAME" not in env and "CLIPSEARCH_IMAGE_ENDPOINT_NAME" in env
+    search_env = env_of(deployed, "SearchFunction")
+    assert {"CLIPSEARCH_TEXT_ENDPOINT_NAME", "CLIPSEARCH_IMAGE_ENDPOINT_NAME"} <= set(search_env)
+    models = deployed.of_type("AWS::SageMaker::Model")
+    assert sorted(m["Properties"]["PrimaryContainer"]["Environment"]["ENCODE_TYPE"] for m in models.values()) \
+        == ["IMAGE", "TEXT"]
+
+
+def test_given_default_layout_when_transformed_then_opensearch_http_is_scoped_to_this_domain(
+        default: Deployed) -> None:
+    grants = [(owner, st) for owner, st in default.statements()
+              if any(a.startswith("es:") for a in as_list(st["Action"]))]
+    assert [owner for owner, _ in grants] == ["OpenSearchAccessPolicy"]
+    (_, st), = grants
+    assert st["Resource"] == {"Fn::Sub": "${OpenSearchDomain.Arn}/*"}
+    roles = default.resources["OpenSearchAccessPolicy"]["Properties"]["Roles"]
+    assert roles == [{"Ref": "IngestFunctionRole"}, {"Ref": "SearchFunctionRole"}]
+
+
+def test_given_default_layout_when_transformed_then_s3_access_is_this_bucket_only(default: Deployed) -> None:
+    for owner, st in default.statements():
+        if any(a.startswith("s3:") for a in as_list(st["Action"])) and owner != "SageMakerRole":
+            assert "ImagesBucket" in json.dumps(st["Resource"]), (owner, st)
+            assert not {a for a in as_list(st["Action"]) if a.startswith("s3:Put") or a.startswith("s3:Delete")}
+
+
+def test_given_default_parameters_when_transformed_then_every_route_needs_an_api_key(default: Deployed) -> None:
+    assert default.params["ApiAuth"] == "API_KEY"
+    body = default.resources["SearchApi"]["Properties"]["Body"]
+    routes = [(path, method, op) for path, ops in body["paths"].items() for method, op in ops.items()]
+    assert {(p, m) for p, m, _ in routes if m != "options"} == {("/health", "get"), ("/search", "get"),
+                                                                  ("/search", "post")}
+    for path, method, op in routes:
+        if method != "options":  # CORS preflight: browsers send it without credentials
+            assert op["security"] == [{"api_key": []}], (path, method)
+    plan = default.of_type("AWS::ApiGateway::UsagePlan")
+    assert len(plan) == 1 and len(default.of_type("AWS::ApiGateway::ApiKey")) == 1
+    (usage,) = plan.values()
+    assert usage["Properties"]["ApiStages"][0]["ApiId"] == {"Ref": "SearchApi"}
+    assert usage["Properties"]["Throttle"] == {"RateLimit": {"Ref": "ApiThrottleRateLimit"},
+                                               "BurstLimit": {"Ref": "ApiThrottleBurstLimit"}}
+
+
+def test_given_iam_auth_when_transformed_then_routes_need_sigv4_and_no_api_key_exists() -> None:
+    deployed = Deployed(ApiAuth="AWS_IAM")
+    body = deployed.resources["SearchApi"]["Properties"]["Body"]
+    for method, op in body["paths"]["/search"].items():
+        if method != "options":
+            assert op["security"] == [{"sigv4": []}]
+    assert body["securityDefinitions"]["sigv4"]["x-amazon-apigateway-authtype"] == "awsSigv4"
+    assert not deployed.of_type("AWS::ApiGateway::ApiKey") and not deployed.of_type("AWS::ApiGateway::UsagePlan")
+
+
+def test_given_api_when_transformed_then_binary_images_cors_and_stage_throttling(default: Deployed) -> None:
+    api = default.resources["SearchApi"]["Properties"]
+    assert "image/*" in api["Body"]["x-amazon-apigateway-binary-media-types"]
+    options = api["Body"]["paths"]["/search"]["options"]["x-amazon-apigateway-integration"]
+    assert "method.response.header.Access-Control-Allow-Origin" in options["responses"]["default"][
+        "responseParameters"]
+    (stage,) = default.of_type("AWS::ApiGateway::Stage").values()
+    (setting,) = stage["Properties"]["MethodSettings"]
+    assert setting["ThrottlingRateLimit"] == {"Ref": "ApiThrottleRateLimit"}
+    assert setting["ThrottlingBurstLimit"] == {"Ref": "ApiThrottleBurstLimit"}
+    assert env_of(default, "SearchFunction")["CLIPSEARCH_CORS_ORIGIN"] == {"Ref": "CorsAllowOrigin"}
+
+
+def test_given_bucket_when_transformed_then_private_encrypted_and_notifying_the_queue(default: Deployed) -> None:
+    props = default.resources["ImagesBucket"]["Properties"]
+    assert set(props["PublicAccessBlockConfiguration"].values()) == {True}
+    assert len(props["PublicAccessBlockConfiguration"]) == 4
+    rule = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+    assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms")
+    queues = props["NotificationConfiguration"]["QueueConfigurations"]
+    assert {q["Event"] for q in queues} == {"s3:ObjectCreated:*", "s3:ObjectRemoved:*"}
+    assert all(q["Queue"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]} and "Filter" not in q for q in queues)
+    policy = default.resources["IngestQueuePolicy"]["Properties"]["PolicyDocument"]["Statement"][0]
+    assert policy["Principal"] == {"Service": "s3.amazonaws.com"} and policy["Action"] == "sqs:SendMessage"
+    assert {"ArnEquals", "StringEquals"} <= set(policy["Condition"])
+
+
+def test_given_key_filters_when_transformed_then_notifications_are_filtered() -> None:
+    deployed = Deployed(NotificationPrefix="photos/", NotificationSuffix=".jpg")
+    for q in deployed.resources["ImagesBucket"]["Properties"]["NotificationConfiguration"]["QueueConfigurations"]:
+        assert q["Filter"]["S3Key"]["Rules"] == [{"Name": "prefix", "Value": {"Ref": "NotificationPrefix"}},
+                                                 {"Name": "suffix", "Value": {"Ref": "NotificationSuffix"}}]
+
+
+def test_given_queue_when_transformed_then_dead_letter_queue_and_visibility_six_times_timeout(
+        default: Deployed) -> None:
+    queue = default.resources["IngestQueue"]["Properties"]
+    timeout = default.resources["IngestFunction"]["Properties"]["Timeout"]
+    assert queue["VisibilityTimeout"] == 6 * timeout
+    assert queue["RedrivePolicy"] == {"deadLetterTargetArn": {"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]},
+                                      "maxReceiveCount": {"Ref": "IngestMaxReceiveCount"}}
+    assert default.resources["IngestDeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 1209600
+    (mapping,) = default.of_type("AWS::Lambda::EventSourceMapping").values()
+    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
+
+
+def test_given_domain_when_transformed_then_encrypted_https_tls12_and_open_only_to_the_two_roles(
+        default: Deployed) -> None:
+    props = default.resources["OpenSearchDomain"]["Properties"]
+    version = default.params["OpenSearchEngineVersion"].removeprefix("OpenSearch_")
+    assert tuple(int(p) for p in version.split(".")) >= (2, 19)
+    assert props["EncryptionAtRestOptions"] == {"Enabled": True}
+    assert props["NodeToNodeEncryptionOptions"] == {"Enabled": True}
+    assert props["DomainEndpointOptions"]["EnforceHTTPS"] is True
+    assert "TLS-1-2" in props["DomainEndpointOptions"]["TLSSecurityPolicy"]
+    assert props["ClusterConfig"] == {"InstanceType": {"Ref": "OpenSearchInstanceType"},
+                                      "InstanceCount": {"Ref": "OpenSearchInstanceCount"}}
+    assert "VPCOptions" not in props
+    (st,) = props["AccessPolicies"]["Statement"]
+    assert st["Principal"] == {"AWS": [{"Fn::GetAtt": ["IngestFunctionRole", "Arn"]},
+                                       {"Fn::GetAtt": ["SearchFunctionRole", "Arn"]}]}
+    assert st["Resource"] != "*" and "/*" in json.dumps(st["Resource"])
+
+
+def test_given_vpc_subnets_when_transformed_then_domain_and_functions_join_the_vpc() -> None:
+    deployed = Deployed(VpcSubnetIds="subnet-1,subnet-2", VpcSecurityGroupIds="sg-1")
+    assert "VPCOptions" in deployed.resources["OpenSearchDomain"]["Properties"]
+    for fn in ("IngestFunction", "SearchFunction"):
+        assert deployed.resources[fn]["Properties"]["VpcConfig"]["SubnetIds"] == {"Ref": "VpcSubnetIds"}
+
+
+def test_given_endpoint_config_when_transformed_then_serverless_with_memory_and_concurrency_parameters(
+        default: Deployed) -> None:
+    assert default.params["EndpointMemorySizeInMB"] == "6144"
+    (config,) = default.of_type("AWS::SageMaker::EndpointConfig").values()
+    (variant,) = config["Properties"]["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": {"Ref": "EndpointMemorySizeInMB"},
+                                           "MaxConcurrency": {"Ref": "EndpointMaxConcurrency"}}
+    assert len(default.of_type("AWS::SageMaker::Endpoint")) == 1
+    (model,) = default.of_type("AWS::SageMaker::Model").values()
+    container = model["Properties"]["PrimaryContainer"]
+    assert container["ModelDataUrl"] == {"Ref": "ModelDataUrl"} and container["Image"] == {"Ref": "InferenceImageUri"}
+    assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert "ENCODE_TYPE" not in container["Environment"]
+
+
+def test_given_functions_when_transformed_then_environment_follows_the_contract(default: Deployed) -> None:
+    for fn in ("IngestFunction", "SearchFunction"):
+        props = default.resources[fn]["Properties"]
+        env = props["Environment"]["Variables"]
+        assert CONTRACT_ENV | {"CLIPSEARCH_ENDPOINT_NAME", "CLIPSEARCH_DIM"} <= set(env), fn
+        assert env["CLIPSEARCH_OPENSEARCH_AUTH"] == "sigv4"
+        assert props["Handler"] == "app.handler"
+        assert props["Runtime"] == f"python{sys.version_info.major}.{sys.version_info.minor}"
+        assert props["TracingConfig"] == {"Mode": "Active"}
+    assert env_of(default, "SearchFunction")["CLIPSEARCH_BUCKET"] == {"Ref": "ImagesBucket"}
+
+
+def test_given_runtime_when_checked_then_this_machine_has_its_interpreter(default: Deployed) -> None:
+    runtime = default.resources["IngestFunction"]["Properties"]["Runtime"]
+    assert shutil.which(runtime), f"{runtime} is not on this machine: sam build needs it without Docker"
+
+
+def test_given_outputs_when_read_then_each_has_a_description() -> None:
+    outputs = transform()["Outputs"]
+    assert {"ApiUrl", "ApiKeyId", "ImagesBucketName", "OpenSearchDomainEndpoint", "EndpointName",
+            "IngestQueueUrl", "TransformModelName"} <= set(outputs)
+    assert all(o.get("Description") for o in outputs.values())
+
+
+# -- sam build -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    build_dir = tmp_path_factory.mktemp("sam-build")
+    result = subprocess.run([str(BIN / "sam"), "build", "--template-file", str(TEMPLATE),
+                             "--build-dir", str(build_dir)],
+                            capture_output=True, text=True, env=tool_env(), timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return build_dir
+
+
+def zipped_size(folder: Path, tmp: Path) -> int:
+    archive = shutil.make_archive(str(tmp / folder.name), "zip", folder)
+    with zipfile.ZipFile(archive) as z:
+        assert z.namelist()
+    return Path(archive).stat().st_size
+
+
+def test_given_sam_build_when_done_then_functions_hold_code_only_and_layer_the_dependencies(
+        built: Path, tmp_path: Path) -> None:
+    for fn in ("IngestFunction", "SearchFunction"):
+        names = {p.name for p in (built / fn).iterdir()}
+        assert {"app.py", "clipsearch", "model_code"} <= names and not {"torch", "boto3", "data"} & names
+        assert not (built / fn / "clipsearch" / "data").exists()
+        assert zipped_size(built / fn, tmp_path) < 1024 * 1024
+    layer = built / "DependenciesLayer" / "python"
+    names = {p.name for p in layer.iterdir()}
+    assert {"numpy", "PIL", "opensearchpy", "aws_lambda_powertools", "requests_aws4auth"} <= names
+    assert not {"torch", "boto3", "botocore", "clip"} & names
+    assert zipped_size(built / "DependenciesLayer", tmp_path) < MAX_ARTIFACT_ZIP_BYTES
+
+
+@pytest.mark.parametrize("function", ["IngestFunction", "SearchFunction"])
+def test_given_built_function_when_imported_like_lambda_then_it_starts_without_torch(
+        built: Path, tmp_path: Path, function: str) -> None:
+    # The Lambda runtime: the function, then the layer, then the runtime's boto3; no site-packages.
+    runtime_libs = tmp_path / "runtime"
+    runtime_libs.mkdir()
+    import boto3
+    import botocore
+    import s3transfer
+
+    for module in (boto3, botocore, s3transfer):
+        (runtime_libs / module.__name__).symlink_to(Path(module.__file__ or "").parent)
+    code = (
+        "import sys, importlib.util\n"
+        "import app\n"
+        "assert importlib.util.find_spec('torch') is None, 'torch is importable'\n"
+        "assert 'torch' not in sys.modules and callable(app.handler)\n"
+        "print('started')\n"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "PYTHONPATH": os.pathsep.join([str(built / function), str(built / "DependenciesLayer" / "python"),
+                                         str(runtime_libs)]),
+           "POWERTOOLS_SERVICE_NAME": "clipsearch", "POWERTOOLS_METRICS_NAMESPACE": "clipsearch",
+           "CLIPSEARCH_ENDPOINT_NAME": "clip", "CLIPSEARCH_OPENSEARCH_URL": "https://search-x.es.amazonaws.com",
+           "CLIPSEARCH_INDEX": "images", "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_BUCKET": "b"}
+    python = shutil.which("python3.11") or sys.executable
+    result = subprocess.run([python, "-S", "-c", code], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "started" in result.stdout, result.stdout + result.stderr
