@@ -175,9 +175,12 @@ def test_given_the_live_server_when_schemathesis_runs_every_phase_then_no_5xx_an
                          env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"})
 
     assert run.returncode == 0, f"schemathesis found problems:\n{run.stdout[-8000:]}\n{run.stderr[-2000:]}"
-    assert "No issues found" in run.stdout
-    generated = re.search(r"(\d+) generated", run.stdout)
-    assert generated and int(generated.group(1)) >= 1000, run.stdout[-3000:]
+    # A warning (not a failure) is expected: query options on POST /search apply to raw image bodies,
+    # so the JSON bodies schemathesis pairs them with are mostly rejected with 400, as documented.
+    counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
+    assert counts, run.stdout[-3000:]
+    generated, passed = int(counts.group(1)), int(counts.group(2))
+    assert generated >= 1000 and passed == generated, run.stdout[-3000:]
 
 
 # -- the command -----------------------------------------------------------------------------------
