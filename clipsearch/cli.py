@@ -222,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from clipsearch.demo import write_catalogue
+    from clipsearch.demo import write_catalogue, write_query_picture
 
     base = Path(args.dir).expanduser() if args.dir else default_home() / "demo"
     images = base / "images"
@@ -236,10 +236,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     query = "a red circle"
     print(f'\ntext query: "{query}"')
     main(["search", query, "-k", "5", *common])
-    example = sorted(images.glob("*blue*star*"))[:1] or sorted(images.iterdir())[:1]
-    if example:
-        print(f"\nimage query: {example[0].name}")
-        main(["search", "--image", str(example[0]), "-k", "5", *common])
+    query_picture = write_query_picture(base / "query-yellow-star.png")
+    print(f"\nimage query: {query_picture} (drawn by a renderer the model never trained on)")
+    main(["search", "--image", str(query_picture), "-k", "5", *common])
     print(f"\nTry: clipsearch search \"a small green triangle\" --index {index_dir}")
     print(f"     clipsearch serve --index {index_dir}")
     return EXIT_OK

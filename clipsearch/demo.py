@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from clipsearch.shapes import demo_catalogue
+import numpy as np
+
+from clipsearch.shapes import demo_catalogue, render_alt
 
 
 def write_catalogue(folder: Path, count: int = 240, seed: int = 7) -> int:
@@ -18,3 +20,10 @@ def write_catalogue(folder: Path, count: int = 240, seed: int = 7) -> int:
             image.save(path, format="PNG")
         written += 1
     return written
+
+
+def write_query_picture(path: Path) -> Path:
+    """A large yellow star drawn by the other renderer: a picture the index has never seen."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_alt("yellow", "star", "large", rng=np.random.default_rng(5), image_size=200).save(path, format="PNG")
+    return path
