@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit lint opensearch-start opensearch-stop clean
+.PHONY: install demo test unit lint secrets opensearch-start opensearch-stop clean
 
 install: $(STAMP)
 
@@ -33,7 +33,12 @@ unit: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy clipsearch model_code functions
-	if [ -f template.yaml ]; then $(BIN)/cfn-lint template.yaml; fi
+	$(BIN)/cfn-lint template.yaml
+	$(MAKE) secrets
+
+# Secret scan of every tracked file against the reviewed baseline.
+secrets: install
+	git ls-files -z | xargs -0 $(BIN)/detect-secrets-hook --baseline .secrets.baseline
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam build *.egg-info

@@ -52,12 +52,15 @@ class _Loaded:
 
 
 def scan(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Image files under the given files and folders, recursively, in a stable order."""
+    """Image files under the given folders, recursively, in a stable order, and every file named.
+
+    A file named on its own is always tried, so one that is not an image (an SVG, a HEIC) is reported
+    as skipped with its reason instead of being passed over in silence.
+    """
     for root in paths:
         root = Path(root).expanduser()
         if root.is_file():
-            if is_image_name(root.name):
-                yield root.resolve()
+            yield root.resolve()
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames.sort()

@@ -297,7 +297,7 @@ def input_fn(body: bytes | str, content_type: str | None) -> dict[str, Any]:
         )
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise ValueError("body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise ValueError('JSON body must be an object: {"inputs": [...]} or {"images": [...]}')
