@@ -1,13 +1,17 @@
 """The indexing pipeline's images/s as a ratio of the bare model forward on pre-decoded tensors.
 
 Goal: >= 0.9 for RN50, i.e. decoding, resizing and SQLite writes are hidden behind the forward.
+Each model is measured twice in the same run: "before" forces clip's eager visual tower (the code as
+it was), "after" uses model_code as it serves now. The bare forward of each uses the same tower.
 
-    python bench/pipeline.py [--model RN50] [--images 128] [--batch-size 32]
+    python bench/pipeline.py [--models RN50,ViT-B/32,demo] [--images 128] [--batch-size 32]
+                             [--jpeg-size 0]   # >0: photo-sized JPEGs (longer side), decode-heavy
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -19,50 +23,96 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="RN50")
-    ap.add_argument("--images", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
-    import torch
-
+def load(name: str):  # type: ignore[no-untyped-def]
     from clipsearch import models
+    from model_code import inference
+
+    if name == "demo":
+        source = models.resolve("demo")
+        return inference.load_model(source.name, source.model_dir)
+    return models.random_model(name)
+
+
+def write_pictures(folder: Path, count: int, jpeg_size: int) -> None:
+    from PIL import Image
+
     from clipsearch.demo import write_catalogue
+
+    write_catalogue(folder, count=count)
+    if jpeg_size:
+        for path in sorted(folder.glob("*.png")):
+            img = Image.open(path).convert("RGB")
+            img.resize((jpeg_size, jpeg_size * 3 // 4), Image.Resampling.BICUBIC).save(
+                path.with_suffix(".jpg"), quality=90)
+            path.unlink()
+
+
+def bare_forward(loaded, folder: Path, batch_size: int) -> float:  # type: ignore[no-untyped-def]
+    """images/s of the tower alone, on tensors decoded and preprocessed beforehand."""
+    from clipsearch.images import load_file
+    from model_code import inference
+
+    images = [load_file(p).image for p in sorted(folder.iterdir())]
+    batches = [inference.preprocess_images(loaded, images[i:i + batch_size])
+               for i in range(0, len(images), batch_size)]
+    inference.encode_pixels(loaded, batches[0])
+    started = time.perf_counter()
+    for batch in batches:
+        inference.encode_pixels(loaded, batch)
+    return len(images) / (time.perf_counter() - started)
+
+
+def pipeline(name: str, loaded, folder: Path, tmp: Path, batch_size: int, workers: int) -> float:  # type: ignore[no-untyped-def]
     from clipsearch.encoders import LocalEncoder
     from clipsearch.index.embedded import EmbeddedIndex
     from clipsearch.ingest import index_paths
+
+    encoder = LocalEncoder(name, loaded=loaded)
+    index = EmbeddedIndex(tempfile.mkdtemp(dir=tmp), model=name, dim=encoder.dim)
+    summary = index_paths([folder], encoder, index, batch_size=batch_size, workers=workers)
+    index.close()
+    return summary.images_per_second
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="RN50")
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--jpeg-size", type=int, default=0)
+    ap.add_argument("--skip-before", action="store_true")
+    args = ap.parse_args()
+    import torch
+
     from model_code import inference
 
     torch.set_num_threads(args.threads)
-    if args.model == "demo":
-        source = models.resolve("demo")
-        loaded = inference.load_model(source.name, source.model_dir)
-    else:
-        loaded = models.random_model(args.model)
-    encoder = LocalEncoder(args.model, loaded=loaded)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "pics"
-        write_catalogue(folder, count=args.images)
-        from PIL import Image
-
-        # Bare forward: tensors already decoded and preprocessed, so only the model runs.
-        tensors = [loaded.preprocess(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
-        batches = [torch.stack(tensors[i:i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
-        with torch.inference_mode():
-            loaded.model.encode_image(batches[0])
-            started = time.perf_counter()
-            for batch in batches:
-                loaded.model.encode_image(batch)
-            bare = len(tensors) / (time.perf_counter() - started)
-        index = EmbeddedIndex(Path(tmp) / "idx", model=args.model, dim=encoder.dim)
-        summary = index_paths([folder], encoder, index, batch_size=args.batch_size, workers=args.workers)
-    pipeline = summary.images_per_second
-    print(f"machine: {machine()}, torch {torch.__version__}, {args.threads} threads\n")
-    print(table(["model", "images", "batch", "bare forward img/s", "pipeline img/s", "ratio"],
-                [[args.model, args.images, args.batch_size, bare, pipeline, pipeline / bare]]))
+    print(f"machine: {machine()}, torch {torch.__version__}, {args.threads} threads, "
+          f"load average {os.getloadavg()[0]:.2f}\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        folder = tmp / "pics"
+        write_pictures(folder, args.images, args.jpeg_size)
+        for name in args.models.split(","):
+            loaded = load(name)
+            runs = [("after", None)] if args.skip_before else [("before", loaded.model.visual), ("after", None)]
+            for label, tower in runs:
+                loaded.graphs.clear()
+                if tower is not None:
+                    loaded.graphs["visual"] = tower  # clip's eager tower, as before the graph runtime
+                else:
+                    inference.prepare_graphs(loaded)  # steady state: built after 256 images in a real run
+                bare = bare_forward(loaded, folder, args.batch_size)
+                piped = pipeline(name, loaded, folder, tmp, args.batch_size, args.workers)
+                rows.append([name, label, args.images, args.batch_size, bare, piped, piped / bare])
+                print(f"  done {name} {label}", file=sys.stderr, flush=True)
+    kind = f"{args.jpeg_size}px JPEG" if args.jpeg_size else "192px PNG"
+    print(f"{args.images} pictures ({kind}), {args.workers} decode workers\n")
+    print(table(["model", "code", "images", "batch", "bare forward img/s", "pipeline img/s", "ratio"], rows))
+    print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 Every batch is one SQLite transaction (WAL), so a killed process loses nothing that was committed
 and a re-run continues without duplicates (the primary key is the deterministic doc id).
+
+`search_mode="approx"` (opt-in) answers from an IVF structure (clipsearch/index/ann.py) that is a
+cache over the matrix: rebuilt from SQLite when missing or stale, persisted beside the database.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from clipsearch.errors import NotFound
+from clipsearch.errors import ConfigError, NotFound
+from clipsearch.index import ann as ann_mod
 from clipsearch.index.base import (
     Document,
     Hit,
@@ -46,6 +52,10 @@ CREATE INDEX IF NOT EXISTS images_key ON images (key);
 """
 
 _COLUMNS = "id, key, bucket, title, content_hash, size, mtime, width, height, indexed_at"
+SEARCH_MODES = ("exact", "approx")
+# Each write transaction bumps this, so a persisted ANN structure can tell whether it is stale.
+_BUMP_GENERATION = ("INSERT INTO meta (name, value) VALUES ('generation', '1') ON CONFLICT(name) "
+                    "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
 
 class EmbeddedIndex:
@@ -53,7 +63,19 @@ class EmbeddedIndex:
 
     backend = "embedded"
 
-    def __init__(self, directory: str | Path, model: str | None = None, dim: int | None = None) -> None:
+    def __init__(self, directory: str | Path, model: str | None = None, dim: int | None = None,
+                 search_mode: str = "exact", ann: dict[str, Any] | None = None) -> None:
+        """Open or create the index; search_mode="approx" opts into the ANN structure (`ann`: its options)."""
+        if search_mode not in SEARCH_MODES:
+            raise ConfigError(f"unknown search mode {search_mode!r}; choose one of {', '.join(SEARCH_MODES)}")
+        self.search_mode = search_mode
+        self._ann_options = ann_mod.AnnOptions.from_dict(ann)
+        self._ann: ann_mod.AnnIndex | None = None
+        self._ann_reloads = -1  # the matrix load the ANN structure's row numbers refer to
+        self._ann_saved = -1  # generation of the persisted copy
+        self._replaced: set[int] = set()  # rows updated in place since the last ANN sync
+        self._reloads = 0
+        self._key_order: tuple[np.ndarray, np.ndarray] | None = None
         self.directory = Path(directory).expanduser()
         db_path = self.directory / DB_NAME
         if not db_path.exists():
@@ -90,17 +112,37 @@ class EmbeddedIndex:
         return _Transaction(self._db, self._lock)
 
     def _load_matrix(self) -> None:
-        """(Re)build the in-memory matrix from SQLite, the source of truth."""
+        """(Re)build the in-memory matrix from SQLite, the source of truth, from one read snapshot."""
         with self._lock:
-            rows = self._db.execute("SELECT id, key, vector FROM images ORDER BY rowid").fetchall()
-            self._ids = [r[0] for r in rows]
-            self._keys = np.array([r[1] for r in rows], dtype=object)
-            self._buffer = np.empty((max(len(rows), 1024), self.dim), dtype=np.float32)
-            for i, r in enumerate(rows):
-                self._buffer[i] = np.frombuffer(r[2], dtype=np.float32)
-            self._matrix = self._buffer[: len(rows)]
+            self._db.execute("BEGIN")
+            try:
+                n = int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+                self._generation = self._read_generation()
+                ids: list[str] = []
+                keys: list[str] = []
+                self._buffer = np.empty((max(n, 1024), self.dim), dtype=np.float32)
+                cursor = self._db.execute("SELECT id, key, vector FROM images ORDER BY rowid")
+                # In chunks: a million 4 KB blobs fetched at once would double the peak memory.
+                while rows := cursor.fetchmany(8192):
+                    start = len(ids)
+                    ids.extend(r[0] for r in rows)
+                    keys.extend(r[1] for r in rows)
+                    block = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
+                    self._buffer[start:start + len(rows)] = block.reshape(len(rows), self.dim)
+                self._data_version = self._current_version()
+            finally:
+                self._db.execute("COMMIT")
+            self._ids = ids
+            self._keys = np.array(keys, dtype=object)
+            self._matrix = self._buffer[: len(ids)]
             self._row = {id_: i for i, id_ in enumerate(self._ids)}
-            self._data_version = self._current_version()
+            self._reloads += 1
+            self._replaced.clear()
+            self._key_order = None
+
+    def _read_generation(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
+        return int(row[0]) if row else 0
 
     def _current_version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
@@ -130,12 +172,15 @@ class EmbeddedIndex:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-            self._load_matrix_delta(rows)
+                self._db.execute(_BUMP_GENERATION)
+                generation = self._read_generation()
+            self._load_matrix_delta(rows, generation)
         result.written = len(rows)
         return result
 
-    def _load_matrix_delta(self, rows: list[tuple]) -> None:
+    def _load_matrix_delta(self, rows: list[tuple], generation: int) -> None:
         with self._lock:
+            self._generation = generation
             new_ids: list[str] = []
             new_keys: list[str] = []
             new_vecs: list[np.ndarray] = []
@@ -145,6 +190,7 @@ class EmbeddedIndex:
                 if i is not None:
                     self._matrix[i] = vec
                     self._keys[i] = r[1]
+                    self._replaced.add(i)
                 else:
                     self._row[r[0]] = len(self._ids) + len(new_ids)
                     new_ids.append(r[0])
@@ -161,6 +207,7 @@ class EmbeddedIndex:
                 self._ids = self._ids + new_ids
                 self._keys = np.concatenate([self._keys, np.array(new_keys, dtype=object)])
                 self._matrix = self._buffer[: n + extra]
+                self._key_order = None
             self._data_version = self._current_version()
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -170,6 +217,8 @@ class EmbeddedIndex:
             before = self._db.total_changes
             self._db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
             removed = self._db.total_changes - before
+            if removed:
+                self._db.execute(_BUMP_GENERATION)
         if removed:
             self._load_matrix()
         return removed
@@ -196,31 +245,96 @@ class EmbeddedIndex:
         prefix: str | None = None,
     ) -> list[Hit]:
         q = check_query(vector, self.dim, k, offset)
+        want = offset + k
+        found: tuple[np.ndarray, np.ndarray] | None = None
         with self._lock:
             self._refresh_if_changed()
-            matrix, ids, keys = self._matrix, self._ids, self._keys
+            matrix, ids = self._matrix, self._ids
+            allowed = self._prefix_rows(prefix) if prefix else None
+            if self.search_mode == "approx" and self._approx_pays(len(ids), allowed):
+                # Under the lock: syncing mutates the structure. None: it cannot beat a scan here.
+                found = self._ann_search(q, want, matrix, allowed)
         if not ids:
             return []
-        scores = matrix @ q
-        candidates: np.ndarray | None = None
-        if prefix:
-            candidates = np.flatnonzero([key.startswith(prefix) for key in keys])
-            scores = scores[candidates]
-        want = offset + k
-        if want < scores.shape[0]:
-            top = np.argpartition(-scores, want - 1)[:want]
-        else:
-            top = np.arange(scores.shape[0])
+        top, scores = found if found is not None else _exact_top(matrix, q, want, allowed)
         # Ties broken by id so both backends and repeated runs agree.
-        order = sorted(top.tolist(), key=lambda i: (-float(scores[i]), ids[i if candidates is None
-                                                                          else candidates[i]]))
-        picked = order[offset:want]
-        rows = [int(i if candidates is None else candidates[i]) for i in picked]
-        hit_scores = [float(scores[i]) for i in picked]
+        order = sorted(range(len(top)), key=lambda i: (-float(scores[i]), ids[top[i]]))[offset:want]
+        rows = [int(top[i]) for i in order]
+        hit_scores = [float(scores[i]) for i in order]
         if min_score is not None:
             kept = [(r, s) for r, s in zip(rows, hit_scores, strict=True) if s >= min_score]
             rows, hit_scores = [r for r, _ in kept], [s for _, s in kept]
         return self._hits(rows, hit_scores, ids)
+
+    def _prefix_rows(self, prefix: str) -> np.ndarray:
+        """Rows whose key starts with prefix, ascending: two binary searches in the sorted keys."""
+        if self._key_order is None:  # sorted once after each batch of new keys
+            order = np.argsort(self._keys, kind="stable")
+            self._key_order = (order, self._keys[order])
+        order, sorted_keys = self._key_order
+        lo = int(np.searchsorted(sorted_keys, np.array([prefix], dtype=object))[0])
+        end = _prefix_end(prefix)
+        hi = len(order) if end is None else int(np.searchsorted(sorted_keys, np.array([end], dtype=object))[0])
+        return np.sort(order[lo:hi])
+
+    # -- approximate mode ---------------------------------------------------------------------
+
+    def _approx_pays(self, n: int, allowed: np.ndarray | None) -> bool:
+        """Small collections and narrow filters are answered exactly: a scan of them is already fast."""
+        floor = self._ann_options.min_rows
+        return n >= floor and (allowed is None or len(allowed) > max(floor, n // 8))
+
+    def _ann_search(self, q: np.ndarray, want: int, matrix: np.ndarray,
+                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+        ann = self._synced_ann(matrix)
+        if not ann.useful:
+            return None
+        mask = None
+        if allowed is not None:
+            mask = np.zeros(matrix.shape[0], dtype=bool)
+            mask[allowed] = True
+        return ann.search(q, want, matrix, mask)
+
+    def _synced_ann(self, matrix: np.ndarray) -> ann_mod.AnnIndex:
+        """The ANN structure in step with the matrix: loaded, built, re-filled or topped up as needed."""
+        ann, n = self._ann, matrix.shape[0]
+        if ann is None or n > 4 * ann.trained_count:  # lists trained on far fewer rows: retrain
+            ann = self._load_or_build_ann(matrix)
+        elif self._ann_reloads != self._reloads:  # rows renumbered (a delete, another process)
+            ann.reset(matrix)
+        else:
+            if self._replaced:
+                rows = np.array(sorted(self._replaced), dtype=np.int64)
+                ann.replace(rows, matrix[rows])
+            if ann.count < n:
+                ann.append(matrix[ann.count:n], ann.count)
+        self._replaced.clear()
+        self._ann, self._ann_reloads = ann, self._reloads
+        return ann
+
+    def _ann_header(self) -> ann_mod.AnnHeader:
+        return ann_mod.AnnHeader(generation=self._generation, count=len(self._ids), dim=self.dim,
+                                 ids_digest=ann_mod.ids_digest(self._ids), options=asdict(self._ann_options))
+
+    def _load_or_build_ann(self, matrix: np.ndarray) -> ann_mod.AnnIndex:
+        header = self._ann_header()
+        path = self.directory / ann_mod.FILE_NAME
+        ann = ann_mod.AnnIndex.load(path, header, self._ann_options) if self._ann_options.persist else None
+        if ann is not None:
+            self._ann_saved = header.generation
+            return ann
+        ann = ann_mod.AnnIndex.build(matrix, self._ann_options)
+        self._save_ann(ann, header)
+        return ann
+
+    def _save_ann(self, ann: ann_mod.AnnIndex, header: ann_mod.AnnHeader) -> None:
+        if not self._ann_options.persist:
+            return
+        try:
+            ann.save(self.directory / ann_mod.FILE_NAME, header)
+        except OSError:
+            return  # a read-only index directory: the structure is a cache, rebuilt on next open
+        self._ann_saved = header.generation
 
     def _hits(self, rows: list[int], scores: list[float], ids: list[str]) -> list[Hit]:
         if not rows:
@@ -255,14 +369,45 @@ class EmbeddedIndex:
 
     def info(self) -> IndexInfo:
         n = self.count()
-        return IndexInfo(
-            backend=self.backend, name=str(self.directory), model=self.model, dim=self.dim, count=n,
-            extra={"bytes_per_vector": self.dim * 4, "path": str(self.directory / DB_NAME)},
-        )
+        extra: dict[str, Any] = {"bytes_per_vector": self.dim * 4, "path": str(self.directory / DB_NAME),
+                                 "search_mode": self.search_mode}
+        with self._lock:
+            if self._ann is not None:
+                extra.update(self._ann.info())
+        return IndexInfo(backend=self.backend, name=str(self.directory), model=self.model, dim=self.dim,
+                         count=n, extra=extra)
 
     def close(self) -> None:
         with self._lock:
+            if self._ann is not None and self._ann_options.persist and self._ann_saved != self._generation:
+                self._refresh_if_changed()
+                self._save_ann(self._synced_ann(self._matrix), self._ann_header())
             self._db.close()
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The smallest string above every string that starts with prefix (None: there is none)."""
+    while prefix and ord(prefix[-1]) == 0x10FFFF:
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
+
+
+def _exact_top(matrix: np.ndarray, q: np.ndarray, want: int,
+               allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The `want` best rows by inner product (in no order) and their scores; `allowed`: rows to consider."""
+    if allowed is None:
+        scores = matrix @ q
+    elif 4 * len(allowed) < matrix.shape[0]:
+        # A narrow filter: score only its rows, gathered in blocks so no big copy is made.
+        scores = np.empty(len(allowed), dtype=np.float32)
+        for start in range(0, len(allowed), 16384):
+            block = allowed[start:start + 16384]
+            scores[start:start + len(block)] = matrix[block] @ q
+    else:
+        scores = (matrix @ q)[allowed]
+    n = len(scores)
+    top = np.argpartition(scores, n - want)[n - want:] if want < n else np.arange(n)
+    return (top if allowed is None else allowed[top]), scores[top]
 
 
 class _Transaction:
