@@ -25,6 +25,9 @@ def _add_index_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--backend", choices=("embedded", "opensearch"), default="embedded")
     p.add_argument("--opensearch-url", default=os.environ.get("CLIPSEARCH_OPENSEARCH_URL"),
                    help="OpenSearch base URL (default $CLIPSEARCH_OPENSEARCH_URL)")
+    p.add_argument("--search-mode", choices=("exact", "approx"),
+                   default=os.environ.get("CLIPSEARCH_SEARCH_MODE", "exact"),
+                   help="embedded backend: exact cosine (default) or the opt-in approximate index")
     if model:
         p.add_argument("--model", help="demo, a CLIP name such as RN50, or a checkpoint path")
 
@@ -103,6 +106,8 @@ def _open(args: argparse.Namespace, model: str | None = None, dim: int | None = 
                                      "CLIPSEARCH_OPENSEARCH_URL")
         options["url"] = args.opensearch_url
         options["auth"] = os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")
+    elif getattr(args, "search_mode", "exact") != "exact":
+        options["search_mode"] = args.search_mode
     return open_index(args.backend, args.index, model=model, dim=dim, **options)
 
 

@@ -39,7 +39,7 @@ def open_index(
         from clipsearch.index.embedded import EmbeddedIndex
 
         directory = Path(index).expanduser() if index else default_home() / "index"
-        return EmbeddedIndex(directory, model=model, dim=dim)
+        return EmbeddedIndex(directory, model=model, dim=dim, **options)
     if backend == "opensearch":
         from clipsearch.index.opensearch import OpenSearchIndex
 

@@ -42,3 +42,16 @@ def test_given_random_real_architecture_when_encoding_images_then_equal_to_clip_
         batch = torch.stack([arch.preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for d in raw])
         ref = _reference(arch.model.encode_image(batch))
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B/32"])
+def test_given_prepared_graphs_when_encoding_pixels_then_equal_to_clip_reference(name):
+    """The frozen RN50 visual graph (used after the first batches of a long ingest) stays exact."""
+    model = random_model(name)
+    inference.prepare_graphs(model)
+    batch = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ours = inference.encode_pixels(model, batch)
+    with torch.no_grad():
+        ref = _reference(model.model.encode_image(batch))
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert isinstance(model.graphs["visual"], torch.jit.ScriptModule) == (name == "RN50")
