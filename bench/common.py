@@ -8,6 +8,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def machine() -> str:
@@ -55,3 +56,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def load_model(name: str) -> Any:
+    """The bundled demo model, or a randomly initialised real architecture (RN50, ViT-B/32)."""
+    from clipsearch import models
+    from model_code import inference
+
+    if name == "demo":
+        source = models.resolve("demo")
+        return inference.load_model(source.name, source.model_dir)
+    return models.random_model(name)

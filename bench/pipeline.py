@@ -20,17 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table  # noqa: E402
-
-
-def load(name: str):  # type: ignore[no-untyped-def]
-    from clipsearch import models
-    from model_code import inference
-
-    if name == "demo":
-        source = models.resolve("demo")
-        return inference.load_model(source.name, source.model_dir)
-    return models.random_model(name)
+from common import load_model as load  # noqa: E402
+from common import machine, table
 
 
 def write_pictures(folder: Path, count: int, jpeg_size: int) -> None:
