@@ -6,9 +6,10 @@
    (GET and POST, most of them new to the encoder's cache), raw image queries, more-like-this by id,
    /health and /images/<id>. Any non-200 answer or connection error is an error. The server's
    resident memory (VmRSS) is sampled every second after a warm-up; growth = last / first - 1.
-2. Kill trials: `clipsearch index` over the catalogue is killed with SIGKILL at a random moment after
-   its first commit; the index must then be consistent (SQLite integrity ok, one row per file, `stats`
-   works) and a re-run must finish with exactly one document per picture.
+2. Kill trials: `clipsearch index` over the catalogue is killed with SIGKILL once a random number of
+   pictures (1 to half the catalogue) is committed, so the kill lands mid-ingest however fast the
+   machine; the index must then be consistent (SQLite integrity ok, one row per file, `stats` works)
+   and a re-run must finish with exactly one document per picture.
 
     python bench/soak.py                              # 32 clients x 60 s, 10 kill trials
     python bench/soak.py --clients 8 --seconds 5 --trials 2
@@ -263,8 +264,14 @@ class Trial:
 
 
 def kill_trial(n: int, catalogue: Path, index_dir: Path, expected: int, rng: random.Random,
-               batch_size: int = 16) -> Trial:
-    """Index, SIGKILL at a random moment after the first commit, check, re-run, check again."""
+               batch_size: int = 4) -> Trial:
+    """Index, SIGKILL once a random number of pictures is committed, check, re-run, check again.
+
+    The kill point is chosen by progress (rows committed), not by wall time, so a faster machine still
+    kills mid-ingest: the indexer is stopped as soon as at least `target` rows are in, with half the
+    catalogue or more still to go.
+    """
+    target = rng.randint(1, max(1, expected // 2))
     proc = subprocess.Popen([*CLI, "index", str(catalogue), "--index", str(index_dir), "--batch-size",
                              str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     started = time.monotonic()
@@ -274,14 +281,16 @@ def kill_trial(n: int, catalogue: Path, index_dir: Path, expected: int, rng: ran
     while proc.poll() is None and time.monotonic() - started < 300:
         if db.exists():
             try:
-                if index_rows(index_dir)[0] > 0:
+                if index_rows(index_dir)[0] >= target:
                     break
             except sqlite3.Error:
                 pass  # the schema is still being created
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(0.005)
     finished = proc.poll() is not None
-    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it exited between the poll and the kill
+        finished = True
     proc.wait()
     killed_after = time.monotonic() - started
     rows, _ = index_rows(index_dir)

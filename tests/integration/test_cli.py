@@ -168,7 +168,7 @@ def test_given_kill_9_mid_run_when_rerun_then_exact_count_and_no_duplicates(tmp_
                 committed = 0
             if committed >= 16:
                 break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert proc.poll() is None, "the indexer finished before it could be killed; make the corpus bigger"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
