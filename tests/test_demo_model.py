@@ -19,11 +19,10 @@ import clip  # noqa: E402
 
 DEMO_PT = Path(clipsearch.__file__).parent / "data" / "demo.pt"
 PER_CLASS = 4
-# Measured on this held-out set (seed 2024): see tools/train_demo_model.py for the bigger evaluation.
+# Measured on this set (seed 2024): precision@4 1.000, 1-NN 0.948. Over ten other seeds of the same size:
+# precision@4 0.958..1.000, 1-NN 0.844..0.969, hence the lower bound for the noisier 1-NN figure.
 MIN_PRECISION = 0.9
-# Image->image is the weaker direction for this small model (0.72 measured on this set, 0.77 on the
-# trainer's 384-picture evaluation); the bound still fails a model that ignores shape or colour.
-MIN_IMAGE_ACCURACY = 0.65
+MIN_NN_ACCURACY = 0.85
 
 Model = tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]
 
@@ -91,4 +90,4 @@ def test_given_a_picture_when_searching_by_image_then_its_nearest_neighbour_has_
 
     accuracy = (labels[sims.argmax(dim=1)] == labels).float().mean().item()
 
-    assert accuracy >= MIN_IMAGE_ACCURACY, f"image->image 1-NN accuracy {accuracy:.3f}"
+    assert accuracy >= MIN_NN_ACCURACY, f"image->image 1-NN accuracy {accuracy:.3f}"
