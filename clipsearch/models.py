@@ -61,9 +61,8 @@ def random_model(arch: str, seed: int = 0) -> Any:
     import torch
     from clip.model import CLIP
 
-    from model_code.inference import ClipModel
+    from model_code.inference import prepare_model
 
     torch.manual_seed(seed)
-    model = CLIP(*ARCHITECTURES[arch]).eval()
-    return ClipModel(name=arch, model=model, preprocess=clip.clip._transform(model.visual.input_resolution),
-                     dim=KNOWN_DIMS[arch], context_length=model.context_length)
+    model = CLIP(*ARCHITECTURES[arch])
+    return prepare_model(arch, model, clip.clip._transform(model.visual.input_resolution))
