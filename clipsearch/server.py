@@ -188,7 +188,14 @@ class LocalServer(ThreadingHTTPServer):
                  max_body: int) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
-        self.log = log
+        # Request threads and the main thread all log; one line at a time, so lines never interleave.
+        log_lock = threading.Lock()
+
+        def log_line(line: str) -> None:
+            with log_lock:
+                log(line)
+
+        self.log = log_line
         self.max_body = max_body
         self.loopback_only = _is_loopback(host)
         self.assets = {route: (_asset(name), ctype) for route, (name, ctype) in ASSETS.items()}
@@ -468,8 +475,8 @@ def _is_loopback(host: str) -> bool:
 def serve(index: VectorIndex, encoder: Encoder, host: str = "127.0.0.1", port: int = 8000,
           log: Log | None = None, max_body: int = MAX_BODY_BYTES) -> None:
     """Serve the REST API and the page until interrupted (Ctrl-C)."""
-    say = log or (lambda line: None)
-    server = make_server(index, encoder, host=host, port=port, log=say, max_body=max_body)
+    server = make_server(index, encoder, host=host, port=port, log=log, max_body=max_body)
+    say = server.log
     if not _is_loopback(host):
         say(f"warning: listening on {host}: anyone who can reach it can search and fetch the indexed images")
     say(f"serving {index.count()} images ({index.model}) on {server.url}/ - press Ctrl-C to stop")

@@ -231,6 +231,8 @@ def test_given_the_serve_command_when_run_then_it_serves_page_and_api_logs_each_
         page = conn.getresponse()
         page_body = page.read()
         conn.close()
+        while sum('"GET /' in line for line in seen) < 3:  # each line is logged just after its response
+            seen.append(lines.get(timeout=60))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -448,6 +448,37 @@ def test_given_several_requests_when_served_then_each_one_logs_exactly_one_line(
     assert sorted(line.split('"')[2].split()[0] for line in lines) == ["200", "200", "400", "404"]
 
 
+def test_given_a_log_that_writes_in_two_steps_when_requests_run_concurrently_then_lines_never_interleave(
+        catalogue, fake_encoder):
+    """print() writes a line and its newline separately; the server must not let two threads' writes mix."""
+    import time
+    from urllib.parse import quote
+
+    index, _ = catalogue
+    written: list[str] = []
+
+    def two_step_log(line: str) -> None:  # like print(line, file=sys.stderr)
+        written.append(line)
+        time.sleep(0.002)  # widen the window between the two writes
+        written.append("\n")
+
+    with make_server(index, fake_encoder, port=0, log=two_step_log).start() as srv:
+        threads = [threading.Thread(target=request, args=(srv, "GET", f"/search?q={quote(f'query {i}')}"))
+                   for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        deadline = time.monotonic() + 10  # each line is logged just after its response is sent
+        while written.count("\n") < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        srv.log("stopped")
+
+    lines = "".join(written).split("\n")
+    assert lines[-1] == "" and lines[-2] == "stopped"
+    assert len(lines[:-2]) == 16 and all(LOG_LINE.match(line) for line in lines[:-2]), lines
+
+
 def test_given_a_request_with_control_characters_when_logged_then_the_line_stays_one_line(server, log_lines):
     raw_exchange(server, b"GET /search?q=a%0Ab\x1b[2J HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
 
