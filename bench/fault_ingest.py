@@ -48,7 +48,8 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
 
-from test_aws_pipeline import InvokeEndpointServer, LambdaContext, _InvokeHandler, load_function  # noqa: E402
+from fakes import LambdaContext, load_function  # noqa: E402
+from test_aws_pipeline import InvokeEndpointServer, _InvokeHandler  # noqa: E402
 
 BUCKET = "clipsearch-fault-ingest"
 ENDPOINT = "clipsearch-demo"

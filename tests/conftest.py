@@ -1,9 +1,10 @@
-"""Shared fixtures: the demo encoder (loaded once), the fake encoder, the real OpenSearch URL."""
+"""Shared fixtures: the demo encoder (loaded once), the fake encoder, moto, the real OpenSearch URL."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ def demo_encoder():
 @pytest.fixture
 def fake_encoder() -> FakeEncoder:
     return FakeEncoder()
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """moto's in-process AWS, with test credentials and no endpoint or profile from the environment."""
+    from moto import mock_aws
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SQS", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")  # pragma: allowlist secret
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,18 @@
-"""Hand-written fakes for fast tests: a deterministic encoder with the Encoder interface."""
+"""Hand-written fakes for fast tests: a deterministic encoder with the Encoder interface, and the Lambda
+context plus a loader that imports a function's app.py as Lambda does."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 FAKE_DIM = 16
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -44,3 +49,26 @@ class FakeEncoder:
             v[12] = 0.1
             out.append(_unit(v))
         return np.stack(out)
+
+
+class LambdaContext:
+    """The fields Powertools reads from a Lambda context."""
+
+    def __init__(self, function_name: str = "clipsearch-test") -> None:
+        self.function_name = function_name
+        self.memory_limit_in_mb = 1024
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
+        self.aws_request_id = "00000000-0000-4000-8000-000000000000"
+        self.log_group_name = f"/aws/lambda/{function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+def load_function(name: str) -> Any:
+    """functions/<name>/app.py as a fresh module, its module-level setup run now (a cold start)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_app_under_test", ROOT / "functions" / name / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

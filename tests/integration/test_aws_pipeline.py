@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -26,6 +25,7 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
+from fakes import LambdaContext, load_function
 from moto.server import ThreadedMotoServer
 
 from clipsearch import shapes
@@ -167,7 +167,7 @@ class Stack:
             "attributes": m.get("Attributes", {}), "messageAttributes": {}, "md5OfBody": m["MD5OfBody"],
             "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
             "awsRegion": "us-east-1"} for m in messages]}
-        response = self.ingest.handler(event, LambdaContext())
+        response = self.ingest.handler(event, LambdaContext("clipsearch-e2e"))
         failed = [f["itemIdentifier"] for f in response["batchItemFailures"]]
         for m in messages:
             if m["MessageId"] in failed:
@@ -191,26 +191,8 @@ class Stack:
         event = json.loads((ROOT / "events" / "api" / event_file).read_text())
         if body is not None:
             event["body"] = json.dumps(body)
-        response = self.search.handler(event, LambdaContext())
+        response = self.search.handler(event, LambdaContext("clipsearch-e2e"))
         return response["statusCode"], json.loads(response["body"])
-
-
-class LambdaContext:
-    function_name = "clipsearch-e2e"
-    memory_limit_in_mb = 1024
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-e2e"
-    aws_request_id = "00000000-0000-4000-8000-0000000000e2"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
-
-
-def load_function(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"e2e_{name}_app", ROOT / "functions" / name / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from urllib.parse import quote_plus
 import boto3
 import pytest
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
-from fakes import FakeEncoder
+from fakes import FakeEncoder, LambdaContext
 from images import (
     animated_gif,
     bad_files,
@@ -282,16 +282,6 @@ class Harness:
         if not self._cli_run:
             self._cli_run.update(run_cli_index(self.work, self.cli_index))
         return self._cli_run[name]
-
-
-class LambdaContext:
-    function_name = "clipsearch-bad-inputs"
-    memory_limit_in_mb = 1024
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-bad-inputs"
-    aws_request_id = "00000000-0000-4000-8000-00000000bad1"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
 
 
 def outcome(status: int, body: bytes) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -152,28 +151,3 @@ def test_given_missing_index_when_searching_then_clear_error(tmp_path):
     assert proc.returncode == 2 and "clipsearch index" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_given_kill_9_mid_run_when_rerun_then_exact_count_and_no_duplicates(tmp_path):
-    folder = tmp_path / "many"
-    write_catalogue(folder, count=240)
-    index_dir = tmp_path / "idx"
-    proc = subprocess.Popen([*CLI, "index", str(folder), "--index", str(index_dir), "--batch-size", "8"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    committed = 0
-    while time.time() < deadline and proc.poll() is None:
-        if (index_dir / DB_NAME).exists():
-            try:
-                committed = rows(index_dir)[0]
-            except sqlite3.OperationalError:
-                committed = 0
-            if committed >= 16:
-                break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the indexer finished before it could be killed; make the corpus bigger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    after_kill = rows(index_dir)
-    assert 16 <= after_kill[0] < 240 and after_kill[0] == after_kill[1]
-    out = run("index", str(folder), "--index", str(index_dir)).stdout
-    assert f"unchanged {after_kill[0]}" in out
-    assert rows(index_dir) == (240, 240)

@@ -57,13 +57,16 @@ def top_keys(index: EmbeddedIndex, q: np.ndarray, **kw: object) -> list[str]:
     return [h.key for h in index.search(q, **kw)]  # type: ignore[arg-type]
 
 
+def recall_at_10(index: EmbeddedIndex, exact: EmbeddedIndex, queries: np.ndarray) -> float:
+    found = sum(len(set(top_keys(index, q, k=10)) & set(top_keys(exact, q, k=10))) for q in queries)
+    return found / (10 * len(queries))
+
+
 def test_given_random_vectors_when_searching_approx_then_recall_at_10_is_at_least_098(tmp_path):
     index = EmbeddedIndex(tmp_path, model="fake", dim=DIM, search_mode="approx", ann=ANN)
     fill(index, unit_rows(N, seed=1))
     exact = EmbeddedIndex(tmp_path)
-    queries = unit_rows(60, seed=2)
-    found = sum(len(set(top_keys(index, q, k=10)) & set(top_keys(exact, q, k=10))) for q in queries)
-    assert found / (10 * len(queries)) >= 0.98
+    assert recall_at_10(index, exact, unit_rows(60, seed=2)) >= 0.98
     assert index.info().extra["ann_lists"] > 1  # the structure was built (and judged against a scan)
 
 
@@ -71,10 +74,8 @@ def test_given_clustered_vectors_when_searching_approx_then_recall_holds_while_v
     index = EmbeddedIndex(tmp_path, model="fake", dim=DIM, search_mode="approx", ann=ANN)
     fill(index, clustered_rows(N, seed=10))
     exact = EmbeddedIndex(tmp_path)
-    queries = clustered_rows(60, seed=11)
-    found = sum(len(set(top_keys(index, q, k=10)) & set(top_keys(exact, q, k=10))) for q in queries)
+    assert recall_at_10(index, exact, clustered_rows(60, seed=11)) >= 0.98
     info = index.info().extra
-    assert found / (10 * len(queries)) >= 0.98
     assert info["ann_useful"] and info["ann_nprobe"] <= info["ann_lists"] // 4  # really answered from the lists
 
 

@@ -5,7 +5,6 @@ The sample events under events/ingest/ drive it, as `sam local invoke -e` would.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -19,8 +18,7 @@ import numpy as np
 import pytest
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
-from fakes import FakeEncoder
-from moto import mock_aws
+from fakes import FakeEncoder, LambdaContext, load_function
 from PIL import Image, ImageDraw
 
 from clipsearch import aws_config, backfill
@@ -47,17 +45,6 @@ def picture(colour: tuple[int, int, int] = (220, 30, 30), size: tuple[int, int] 
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch):
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SQS", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        yield
 
 
 @pytest.fixture
@@ -319,14 +306,6 @@ ENV = {
 }
 
 
-def load_function(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"{name}_app_under_test", ROOT / "functions" / name / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_given_complete_environment_when_read_then_config_matches_contract() -> None:
     config = aws_config.from_env("ingest", ENV)
     assert (config.image_endpoint, config.text_endpoint) == ("clip-endpoint", "clip-endpoint")
@@ -379,17 +358,6 @@ def test_given_ingest_module_when_invoked_with_sample_batch_then_partial_batch_r
 
     assert response == {"batchItemFailures": []}
     assert index.get(doc_id(BUCKET, ODD_KEY)) is not None
-
-
-class LambdaContext:
-    function_name = "clipsearch-IngestFunction"
-    memory_limit_in_mb = 1024
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-IngestFunction"
-    aws_request_id = "00000000-0000-4000-8000-000000000000"
-    log_group_name = "/aws/lambda/clipsearch-IngestFunction"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
 
 
 # -- backfill (existing objects -> the same ingest path) --------------------------------------------

@@ -7,7 +7,6 @@ embedded index.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -19,8 +18,7 @@ import numpy as np
 import pytest
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from botocore.exceptions import ClientError
-from fakes import FakeEncoder
-from moto import mock_aws
+from fakes import FakeEncoder, LambdaContext, load_function
 from PIL import Image, ImageDraw
 
 from clipsearch import aws_config
@@ -77,15 +75,9 @@ def shape(colour: tuple[int, int, int], box: bool = False) -> Image.Image:
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Any:
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield aws_config.boto_client("s3", signature_version="s3v4")  # as build_service makes it
+def s3(aws: None) -> Any:
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    return aws_config.boto_client("s3", signature_version="s3v4")  # as build_service makes it
 
 
 @pytest.fixture
@@ -125,16 +117,6 @@ def call(app: Any, event_name: str, **headers: str) -> tuple[int, dict[str, str]
     answer = {k.lower(): v[0] for k, v in (response.get("multiValueHeaders") or {}).items()}
     answer.update({k.lower(): v for k, v in (response.get("headers") or {}).items()})
     return response["statusCode"], answer, json.loads(response["body"])
-
-
-class LambdaContext:
-    function_name = "clipsearch-SearchFunction"
-    memory_limit_in_mb = 1024
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:clipsearch-SearchFunction"
-    aws_request_id = "00000000-0000-4000-8000-000000000001"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 29_000
 
 
 # -- answers ---------------------------------------------------------------------------------------
@@ -230,20 +212,12 @@ def test_given_browser_origin_when_answered_then_cors_header_is_set(app: Any) ->
 # -- the handler module ----------------------------------------------------------------------------
 
 
-def load_search_module() -> Any:
-    spec = importlib.util.spec_from_file_location("search_app_under_test", ROOT / "functions/search/app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_given_environment_when_module_loads_then_no_remote_call_until_first_request(
         s3: Any, index: EmbeddedIndex, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
 
-    module = load_search_module()  # OpenSearch at an unreachable URL: opened lazily, so this works
+    module = load_function("search")  # OpenSearch at an unreachable URL: opened lazily, so this works
     module.app = make_app(index, s3, runtime)
     response = module.handler(json.loads((EVENTS / "search-binary.json").read_text()), LambdaContext())
 

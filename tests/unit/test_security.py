@@ -20,7 +20,6 @@ import boto3
 import pytest
 from botocore.config import Config
 from fakes import FakeEncoder
-from moto import mock_aws
 from PIL import Image
 from test_template import LAYOUTS, Deployed, as_list
 
@@ -115,14 +114,8 @@ def test_given_default_parameters_when_deployed_then_queues_are_encrypted(defaul
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        yield boto3.client("s3", config=Config(signature_version="s3v4"))
+def s3(aws: None) -> Any:
+    return boto3.client("s3", config=Config(signature_version="s3v4"))
 
 
 def _expires(url: str) -> int:
