@@ -125,7 +125,6 @@ def _import_clip() -> Any:
 
 def load_model(name: str, model_dir: str = "", encode_type: str | None = None) -> ClipModel:
     """Load a checkpoint file (in model_dir or a path) or a clip model name (downloaded/cached)."""
-
     clip = _import_clip()
 
     candidates = [os.path.join(model_dir, name), os.path.join(model_dir, name + ".pt"), name]
@@ -183,7 +182,7 @@ def _encode_text_to_eot(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     after it cannot change the result; skipping them is exact and much faster for short queries.
     The blocks are CLIP's ResidualAttentionBlock written out with its own modules and weights, with
     causal scaled-dot-product attention in place of nn.MultiheadAttention under CLIP's causal mask
-    (the same function; its wrapper's reshapes and mask handling cost ~10% of a short query).
+    (the same function; its wrapper's reshapes and mask handling cost ~4% of a short query).
     """
     import torch
     from torch.nn.functional import linear, scaled_dot_product_attention
@@ -210,7 +209,7 @@ def _lay_out_text_weights(model: Any) -> None:
 
     A short query is ~10 rows against 48 weight matrices, each read once per query; the GEMM reads a
     contiguous (K, N) operand faster than the (N, K) layout nn.Linear stores (~4% of an RN50 /
-    ViT-B/32 text query on CPU, measured in bench/encode.py's interleaved A/B). clip's own modules
+    ViT-B/32 text query on CPU, in an interleaved A/B within one process). clip's own modules
     compute the same values on these strided views.
     """
     for param in model.transformer.parameters():

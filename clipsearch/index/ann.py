@@ -105,7 +105,7 @@ def _faiss() -> Any:
 
 # FAISS's fast-scan search variant that splits one query's lists across the OpenMP threads and collects
 # candidates in a reservoir (implem 15); the default one scans a single query's lists on one thread.
-# Same candidates; measured 0.5-1.4 ms less per query at 1M x 1024 on 2 cores (bench/index_search.py).
+# Same candidates; 0.3-0.4 ms less per query at 1M x 1024 on 2 cores (bench/index_search.py, same runs).
 PARALLEL_SCAN = 15
 
 
