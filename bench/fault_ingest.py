@@ -4,7 +4,7 @@
   policy (maxReceiveCount, as template.yaml's IngestMaxReceiveCount) to a dead-letter queue.
 - A driver honours SQS semantics: batches of 10 to functions/ingest/app.py's handler, successes deleted,
   the batchItemFailures made visible again after a (shortened) visibility timeout.
-- The SageMaker runtime stand-in (tests/integration/test_aws_pipeline.py's, running model_code with the
+- The SageMaker runtime stand-in (tests/support/sagemaker_endpoint.py's, running model_code with the
   demo model) throttles 10% of calls, answers 5xx / model errors on 2% and answers slowly on 1%.
 - A fault proxy in front of the real OpenSearch node answers 429 to 5% of _bulk calls and fails the
   items of 2% more (item status 429, nothing written).
@@ -30,7 +30,6 @@ import os
 import random
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
 
 from fakes import LambdaContext, load_function  # noqa: E402
-from test_aws_pipeline import InvokeEndpointServer, _InvokeHandler  # noqa: E402
+from support.sagemaker_endpoint import InvokeEndpointServer, _InvokeHandler, running_endpoint  # noqa: E402
 
 BUCKET = "clipsearch-fault-ingest"
 ENDPOINT = "clipsearch-demo"
@@ -79,7 +78,7 @@ class Faults:
 
 
 class FaultyEndpoint(InvokeEndpointServer):
-    """test_aws_pipeline's InvokeEndpoint server, throttling / failing / stalling a share of calls."""
+    """tests/support's InvokeEndpoint server, throttling / failing / stalling a share of calls."""
 
     def __init__(self, model_dir: Path, faults: Faults) -> None:
         super().__init__(model_dir)
@@ -120,20 +119,9 @@ class _FaultyInvokeHandler(_InvokeHandler):
 
 @contextmanager
 def endpoint(work: Path, faults: Faults) -> Iterator[FaultyEndpoint]:
-    from clipsearch.packaging import package_model
-
-    packaged = package_model("demo", work / "model.tar.gz")
-    model_dir = work / "model"
-    with tarfile.open(packaged.path) as tar:
-        tar.extractall(model_dir, filter="data")
-    server = FaultyEndpoint(model_dir, faults)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running_endpoint(work, make=lambda model_dir, _env: FaultyEndpoint(model_dir, faults)) as server:
+        assert isinstance(server, FaultyEndpoint)
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # -- the OpenSearch fault proxy ------------------------------------------------------------------

@@ -3,9 +3,10 @@
 The function and the dependency layer are built with the same targets `sam build` runs
 (functions/Makefile: build-SearchFunction, build-IngestFunction, build-DependenciesLayer), and boto3 /
 botocore / s3transfer are installed beside them at this venv's versions, standing in for the copies the
-Lambda runtime provides. Each run is a fresh `python -S -X importtime` of the handler module with only
-those three folders on sys.path (no site-packages), and the template's variables set to dummies, so
-packages that only the dev venv has (awscrt, pyOpenSSL, torch) cannot leak into the figure.
+Lambda runtime provides. Each run is a fresh `python3.X -S -X importtime` of the handler module, under
+template.yaml's Runtime (the layer's wheels are built for it), with only those three folders on sys.path
+(no site-packages), and the template's variables set to dummies, so packages that only the dev venv has
+(awscrt, pyOpenSSL, torch) cannot leak into the figure.
 
     python bench/lambda_import.py                  # search and ingest, 15 runs each
     python bench/lambda_import.py --runs 5 --function search
@@ -18,6 +19,7 @@ and the unzipped and zipped sizes of function + layer.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -59,6 +61,25 @@ def build(work: Path) -> dict[str, Path]:
     return dirs
 
 
+@functools.cache
+def runtime_python() -> Path:
+    """This machine's interpreter for template.yaml's Runtime (python3.12 -> a working python3.12)."""
+    found = re.search(r"^\s+Runtime:\s*(python(3\.\d+))\s*$", (ROOT / "template.yaml").read_text(), re.M)
+    if not found:
+        raise RuntimeError("template.yaml names no python Runtime")
+    name, version = found.group(1), found.group(2)
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    # A pyenv shim answers for every installed version but fails unless that version is selected.
+    for candidate in [shutil.which(name), *sorted(pyenv.glob(f"versions/{version}.*/bin/{name}"), reverse=True)]:
+        if candidate is None:
+            continue
+        probe = subprocess.run([str(candidate), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return Path(candidate)
+    raise RuntimeError(f"no working {name} on this machine (pyenv install {version})")
+
+
 def import_once(function: Path, layer: Path, runtime: Path, dev_venv: bool = False) -> tuple[float, dict[str, int]]:
     """Cumulative ms of `import app` in a bare interpreter, and each module's own microseconds.
 
@@ -73,8 +94,8 @@ def import_once(function: Path, layer: Path, runtime: Path, dev_venv: bool = Fal
     else:
         module = "app"
         paths = [str(function), str(layer / "python"), str(runtime)]
-        python = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-        cmd = [str(python), "-S", "-E", "-X", "importtime", "-c", f"import sys; sys.path[:0] = {paths!r}; import app"]
+        cmd = [str(runtime_python()), "-S", "-E", "-X", "importtime", "-c",
+               f"import sys; sys.path[:0] = {paths!r}; import app"]
         cwd = function
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:

@@ -6,7 +6,10 @@ point them at local stand-ins (moto, a local InvokeEndpoint server) in tests.
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 from aws_lambda_powertools import Logger
 
-from clipsearch.errors import ConfigError
+from clipsearch.errors import ConfigError, Unavailable
 from clipsearch.index.base import Document, Hit, IndexInfo, UpsertResult, VectorIndex
 from clipsearch.models import KNOWN_DIMS
 
@@ -116,35 +119,160 @@ def _expiry(text: str) -> int:
 
 
 # -- clients ------------------------------------------------------------------------------------
+#
+# botocore's default retry mode ("legacy") makes 5 attempts and retries read timeouts (boto3 guide,
+# "Retries": legacy mode). A hung endpoint then cost the search path about 100 s, so every client
+# here states its attempts ("standard" mode, total_max_attempts) and its timeouts, and the callers
+# fit them into the time the invocation has left.
 
 
-def boto_client(service: str, **config: Any) -> Any:
-    """A boto3 client with optional botocore Config settings (read_timeout, signature_version, ...)."""
+class DeadlineExceeded(Unavailable):
+    """Too little of the invocation's time is left for this call; retrying later can succeed."""
+
+
+class Deadline:
+    """How long the current invocation has left: the Lambda context's remaining time less a reserve,
+    and at most `limit_s` from the invocation's start (API Gateway's own timeout, for search).
+
+    `start(context)` at the start of each invocation. The first one also counts the time since this
+    object was made: a cold start's init runs inside API Gateway's timeout but outside Lambda's.
+    """
+
+    def __init__(self, reserve_s: float = 0.0, limit_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.reserve_s, self.limit_s, self._clock = reserve_s, limit_s, clock
+        self._context: Any = None
+        self._limit_at: float | None = None
+        self._loaded_at: float | None = clock()
+
+    def start(self, context: Any) -> None:
+        """Begin an invocation; context is the Lambda context (None: no deadline but limit_s)."""
+        self._context = context
+        if self.limit_s is not None:
+            began = self._loaded_at if self._loaded_at is not None else self._clock()
+            self._limit_at = began + self.limit_s
+        self._loaded_at = None
+
+    def remaining_s(self) -> float:
+        left = math.inf
+        if self._context is not None:
+            left = self._context.get_remaining_time_in_millis() / 1000.0
+        if self._limit_at is not None:
+            left = min(left, self._limit_at - self._clock())
+        return left - self.reserve_s
+
+
+def boto_client(service: str, *, attempts: int, connect_timeout_s: float, read_timeout_s: float,
+                **config: Any) -> Any:
+    """A boto3 client with explicit retries (standard mode, `attempts` in all) and timeouts.
+
+    No endpoint_url: the standard AWS_ENDPOINT_URL_* variables still point it at a stand-in.
+    """
     import boto3
     from botocore.config import Config
 
     factory: Any = boto3.client  # typed per service name; the name here is a plain str
-    return factory(service, config=Config(**config)) if config else factory(service)
+    return factory(service, config=Config(
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        connect_timeout=connect_timeout_s, read_timeout=read_timeout_s, **config))
 
 
-def make_encoder(config: AwsConfig, read_timeout_s: float = 70.0, client: Any = None) -> Any:
-    """The SageMaker endpoint(s) as an Encoder."""
+def s3_client(attempts: int = 2, connect_timeout_s: float = 3.0, read_timeout_s: float = 10.0) -> Any:
+    """S3 on the regional endpoint with virtual-hosted addressing, signing with SigV4.
+
+    Presigned URLs then name BUCKET.s3.REGION.amazonaws.com in every region. Without these settings
+    botocore presigns on the global host BUCKET.s3.amazonaws.com, which redirects for buckets outside
+    us-east-1 and which newer regions refuse (S3 User Guide, "Virtual hosting of buckets" and
+    "Making requests": use the Region-specific endpoint). For us-east-1 botocore keeps the legacy
+    global endpoint unless the s3 option us_east_1_regional_endpoint is "regional" (botocore.config).
+    """
+    s3: dict[str, str] = {"us_east_1_regional_endpoint": "regional"}
+    if not _endpoint_override("S3"):
+        # A stand-in on a custom host (AWS_ENDPOINT_URL_S3) keeps botocore's choice: path style.
+        s3["addressing_style"] = "virtual"
+    return boto_client("s3", attempts=attempts, connect_timeout_s=connect_timeout_s,
+                       read_timeout_s=read_timeout_s, signature_version="s3v4", s3=s3)
+
+
+def _endpoint_override(service_env: str) -> bool:
+    """Whether the standard endpoint variables send this service to another host (a stand-in)."""
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return False
+    return bool(os.environ.get(f"AWS_ENDPOINT_URL_{service_env}") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+class EndpointRuntime:
+    """sagemaker-runtime's invoke_endpoint, one attempt, with a read timeout that fits the deadline.
+
+    botocore fixes read_timeout per client, so one client is kept per whole second of read timeout
+    (the few most recent). `reserve_s` is kept back for the work after the call (the index).
+    SageMaker gives a container 60 s to answer and advises a 70 s socket timeout (InvokeEndpoint,
+    SageMaker API Reference), so max_read_timeout_s above 70 only waits for SageMaker's own error.
+    """
+
+    def __init__(self, deadline: Deadline, max_read_timeout_s: float, reserve_s: float = 0.0,
+                 connect_timeout_s: float = 3.0, min_read_timeout_s: float = 1.0,
+                 factory: Callable[[float], Any] | None = None) -> None:
+        self.deadline = deadline
+        self.max_read_timeout_s, self.min_read_timeout_s = max_read_timeout_s, min_read_timeout_s
+        self.reserve_s, self.connect_timeout_s = reserve_s, connect_timeout_s
+        self._factory = factory or self._client
+        self._clients: OrderedDict[float, Any] = OrderedDict()
+
+    def read_timeout_s(self, remaining_s: float | None = None) -> float:
+        """The read timeout a call gets with remaining_s left (default: the deadline's)."""
+        if remaining_s is None:
+            remaining_s = self.deadline.remaining_s()
+        # 1 s of the rest goes to reading the answer once its first byte is in.
+        left = remaining_s - self.reserve_s - self.connect_timeout_s - 1.0
+        return float(math.floor(min(self.max_read_timeout_s, left)))
+
+    def prepare(self, remaining_s: float) -> None:
+        """Make now the client a call with remaining_s left would use: the cold start, not the first
+        request, then pays for loading the service model."""
+        self._client_for(max(self.read_timeout_s(remaining_s), self.min_read_timeout_s))
+
+    def invoke_endpoint(self, **kwargs: Any) -> Any:
+        timeout = self.read_timeout_s()
+        if timeout < self.min_read_timeout_s:
+            raise DeadlineExceeded(f"too little time left to call encoder endpoint {kwargs.get('EndpointName')} "
+                                   f"({max(timeout, 0):.0f} s); retry later")
+        return self._client_for(timeout).invoke_endpoint(**kwargs)
+
+    def _client_for(self, read_timeout_s: float) -> Any:
+        client = self._clients.pop(read_timeout_s, None) or self._factory(read_timeout_s)
+        self._clients[read_timeout_s] = client
+        while len(self._clients) > 4:
+            self._clients.popitem(last=False)
+        return client
+
+    def _client(self, read_timeout_s: float) -> Any:
+        return boto_client("sagemaker-runtime", attempts=1, connect_timeout_s=self.connect_timeout_s,
+                           read_timeout_s=read_timeout_s)
+
+
+def make_encoder(config: AwsConfig, runtime: Any) -> Any:
+    """The SageMaker endpoint(s) as an Encoder, called through runtime (an EndpointRuntime)."""
     from clipsearch.encoders import SageMakerEncoder
 
-    client = client or boto_client("sagemaker-runtime", read_timeout=read_timeout_s, connect_timeout=5)
     return SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint,
-                            client=client)
+                            client=runtime)
 
 
-def make_index(config: AwsConfig, **options: Any) -> LazyIndex:
-    """The OpenSearch index, opened (and created with the model's dimension) on first use."""
+def make_index(config: AwsConfig, deadline: Deadline | None = None, call_time_s: float = 0.0,
+               **options: Any) -> LazyIndex:
+    """The OpenSearch index, opened (and created with the model's dimension) on first use.
+
+    options go to OpenSearchIndex (timeout_s, max_retries, backoff_s); call_time_s is the worst case
+    they give one call, refused up front when the deadline leaves less.
+    """
     from clipsearch.index import open_index
 
     def opener() -> VectorIndex:
         return open_index("opensearch", config.index, model=config.model, dim=config.dim,
                           url=config.opensearch_url, auth=config.opensearch_auth, **options)
 
-    return LazyIndex(opener, config.model, config.dim)
+    return LazyIndex(opener, config.model, config.dim, deadline, call_time_s)
 
 
 class LazyIndex:
@@ -154,13 +282,17 @@ class LazyIndex:
     start; model and dim are known up front from the configuration.
     """
 
-    def __init__(self, opener: Callable[[], VectorIndex], model: str, dim: int) -> None:
+    def __init__(self, opener: Callable[[], VectorIndex], model: str, dim: int,
+                 deadline: Deadline | None = None, call_time_s: float = 0.0) -> None:
         self._opener = opener
         self._index: VectorIndex | None = None
         self.model, self.dim = model, dim
+        self._deadline, self._call_time_s = deadline, call_time_s
 
     @property
     def opened(self) -> VectorIndex:
+        if self._deadline is not None and self._deadline.remaining_s() < self._call_time_s:
+            raise DeadlineExceeded("too little time left to call OpenSearch; retry later")
         if self._index is None:
             self._index = self._opener()
         return self._index

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
@@ -21,18 +22,41 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+from clipsearch import aws_config
+from clipsearch.aws_config import AwsConfig, Deadline, DeadlineExceeded
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest, ClipsearchError
 from clipsearch.images import is_image_name
 from clipsearch.index.base import Document, IndexError_, VectorIndex, doc_id
 from clipsearch.ingest import title_from_path
-from model_code.inference import decode_image, downscale
+from model_code.inference import decode_for_model
 
 logger = Logger(service="clipsearch", child=True)
 
 # Bigger objects are not photos worth decoding inside a Lambda; MAX_PIXELS bounds the decode anyway.
 MAX_OBJECT_BYTES = 64 * 1024 * 1024
 CREATED, REMOVED = "created", "removed"
+
+# -- the time budget ------------------------------------------------------------------------------
+# A Lambda timeout fails the whole batch: the partial-batch report is lost and every message in it
+# comes back and burns a receive count ("Handling errors for an SQS event source in Lambda"). So each
+# record starts only when its worst case fits in what is left, and the rest are reported as failures.
+# The worst cases follow from the client settings here, every call with explicit attempts:
+S3_ATTEMPTS, S3_CONNECT_S, S3_READ_S = 2, 3.0, 10.0
+S3_CALL_S = S3_ATTEMPTS * (S3_CONNECT_S + S3_READ_S) + 1.0  # + standard mode's backoff (at most 1 s)
+# OpenSearch: up to 4 attempts 10 s each, backing off 0.5, 1 and 2 s (jittered down) for 429s and restarts.
+INDEX_OPTIONS: dict[str, Any] = {"timeout_s": 10.0, "max_retries": 3, "backoff_s": 0.5}
+# _bulk's own passes over items refused with 429 add their backoffs (those answers take milliseconds).
+INDEX_CALL_S = 4 * 10.0 + 2 * (0.5 + 1.0 + 2.0)
+# InvokeEndpoint: one attempt (SQS redelivers), a read timeout of up to 70 s (SageMaker's advised socket
+# timeout), cut to what the deadline leaves after the index call, but never under ENDPOINT_MIN_READ_S.
+ENDPOINT_CONNECT_S, ENDPOINT_MAX_READ_S, ENDPOINT_MIN_READ_S = 3.0, 70.0, 15.0
+# Decoding and downscaling the largest accepted picture (MAX_PIXELS): 1.7-2.0 s for 100 MP (JPEG or PNG)
+# on the 2-core dev machine; a 1024 MB function has about 0.6 of a vCPU (Lambda: 1,769 MB = 1 vCPU).
+DECODE_S = 8.0
+RECORD_MIN_S = S3_CALL_S + DECODE_S + ENDPOINT_CONNECT_S + ENDPOINT_MIN_READ_S + INDEX_CALL_S
+# Kept back from the function's timeout to return the batch report.
+END_RESERVE_S = 2.0
 
 
 class _Skip(Exception):
@@ -99,10 +123,24 @@ def metadata_text(value: str | None) -> str:
 class Ingestor:
     """Applies S3 changes to the index; `handle_record` is the BatchProcessor record handler."""
 
-    def __init__(self, encoder: Encoder, index: VectorIndex, s3: Any, metrics: Metrics | None = None) -> None:
+    def __init__(self, encoder: Encoder, index: VectorIndex, s3: Any, metrics: Metrics | None = None,
+                 deadline: Deadline | None = None, record_min_s: float = 0.0) -> None:
+        """record_min_s: the worst case of one record; a record starts only with that much time left."""
         self.encoder, self.index, self.s3, self.metrics = encoder, index, s3, metrics
+        self.deadline = deadline or Deadline(reserve_s=END_RESERVE_S)
+        self.record_min_s = record_min_s
 
-    def handle_record(self, record: SQSRecord) -> None:
+    def handle_record(self, record: SQSRecord, lambda_context: Any = None) -> None:
+        """BatchProcessor's record handler: raising fails only this record (SQS redelivers it)."""
+        self.deadline.start(lambda_context)
+        left = self.deadline.remaining_s()
+        if left < self.record_min_s:
+            self._count("RecordsOutOfTime")
+            logger.warning("not started: too little time left in this invocation",
+                           extra={"message_id": record.message_id, "left_s": round(left, 1),
+                                  "needed_s": self.record_min_s})
+            raise DeadlineExceeded(f"{left:.0f} s left, one record may take {self.record_min_s:.0f} s; "
+                                   "SQS redelivers it")
         for event in parse_notification(record.body):
             self.apply(event)
 
@@ -147,11 +185,11 @@ class Ingestor:
             raise _Skip(f"content type {obj.get('ContentType')!r} is not an image")
         data = body.read()
         try:
-            full = decode_image(data)
+            decoded = decode_for_model(data)  # cropped to 2:1, downscaled: fits the endpoint's 4 MB
         except ValueError as e:
             raise _Skip(str(e)) from None
         try:
-            vector = self.encoder.encode_images([downscale(full)])[0]
+            vector = self.encoder.encode_images([decoded.image])[0]
         except BadRequest as e:  # the endpoint refused this image: retrying cannot help
             raise _Skip(str(e)) from None
         meta = {k.lower(): v for k, v in (obj.get("Metadata") or {}).items()}
@@ -163,7 +201,7 @@ class Ingestor:
             key=key, vector=vector, bucket=bucket, title=title,
             content_hash=hashlib.sha256(data).hexdigest(), size=len(data),
             mtime=modified.timestamp() if modified is not None else 0.0,
-            width=full.width, height=full.height,
+            width=decoded.width, height=decoded.height,
         )
 
     def _skip(self, event: ObjectEvent, reason: str) -> None:
@@ -174,3 +212,18 @@ class Ingestor:
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             self.metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+
+
+def build_ingestor(config: AwsConfig, metrics: Metrics | None = None) -> Ingestor:
+    """The ingest record handler for this stack, its clients fitted into the function's timeout."""
+    deadline = Deadline(reserve_s=END_RESERVE_S)
+    runtime = aws_config.EndpointRuntime(deadline, ENDPOINT_MAX_READ_S, reserve_s=INDEX_CALL_S,
+                                         connect_timeout_s=ENDPOINT_CONNECT_S,
+                                         min_read_timeout_s=ENDPOINT_MIN_READ_S)
+    runtime.prepare(math.inf)  # the client of a record with time to spare: the longest read timeout
+    return Ingestor(
+        encoder=aws_config.make_encoder(config, runtime),
+        index=aws_config.make_index(config, deadline, INDEX_CALL_S, **INDEX_OPTIONS),
+        s3=aws_config.s3_client(S3_ATTEMPTS, S3_CONNECT_S, S3_READ_S),
+        metrics=metrics, deadline=deadline, record_min_s=RECORD_MIN_S,
+    )

@@ -26,6 +26,13 @@ from clipsearch.ingest import title_from_path
 SQS_BATCH = 10  # SendMessageBatch's limit
 UPSERT_BATCH = 200
 BATCH_OUTPUT_PREFIX = "_clipsearch-batch/"
+# One image per request, sent whole: a camera original is 6-25 MB. 100 is the API's maximum, and
+# MaxConcurrentTransforms x MaxPayloadInMB must stay within it too (SageMaker API Reference,
+# CreateTransformJob: MaxPayloadInMB). The container must admit as much: TorchServe refuses bodies
+# over its max_request_size (6553500 bytes unless TS_MAX_REQUEST_SIZE says otherwise), so the
+# transform's SageMaker Model sets TS_MAX_REQUEST_SIZE (template.yaml).
+MAX_PAYLOAD_MB = 100
+MAX_CONCURRENT_TRANSFORMS = 1
 
 
 class TransformFailed(ClipsearchError):
@@ -128,8 +135,8 @@ def start_transform(sagemaker: Any, job: str, model_name: str, manifest_url: str
         TransformJobName=job,
         ModelName=model_name,
         BatchStrategy="SingleRecord",
-        MaxConcurrentTransforms=1,
-        MaxPayloadInMB=6,
+        MaxConcurrentTransforms=MAX_CONCURRENT_TRANSFORMS,
+        MaxPayloadInMB=MAX_PAYLOAD_MB,
         TransformInput={
             "DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": manifest_url}},
             "ContentType": "application/x-image",
@@ -224,10 +231,17 @@ def batch_transform(s3: Any, sagemaker: Any, index_for: Callable[[int], VectorIn
                     prefix: str, model_name: str, instance_type: str, output_url: str | None = None,
                     job: str | None = None, poll_s: float = 30.0,
                     on_status: Callable[[str], None] | None = None) -> BackfillSummary:
-    """List the images, run a transform job over exactly them, and bulk-load the vectors."""
-    keys = [obj.key for obj in list_images(s3, bucket, prefix)]
+    """List the images, run a transform job over exactly them, and bulk-load the vectors.
+
+    An object over MaxPayloadInMB would fail the whole job: it is left out and reported as failed.
+    """
+    limit = MAX_PAYLOAD_MB * 1024 * 1024
+    objects = list(list_images(s3, bucket, prefix))
+    keys = [obj.key for obj in objects if obj.size <= limit]
+    too_big = [(obj.key, f"over the batch transform's {MAX_PAYLOAD_MB} MB payload limit")
+               for obj in objects if obj.size > limit]
     if not keys:
-        return BackfillSummary()
+        return BackfillSummary(listed=len(objects), failed=too_big)
     job = job or f"clipsearch-backfill-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     out_bucket, out_prefix = parse_s3_url(output_url or f"s3://{bucket}/{BATCH_OUTPUT_PREFIX}{job}/")
     out_prefix = out_prefix if not out_prefix or out_prefix.endswith("/") else out_prefix + "/"
@@ -236,4 +250,6 @@ def batch_transform(s3: Any, sagemaker: Any, index_for: Callable[[int], VectorIn
     wait_transform(sagemaker, job, poll_s=poll_s, on_status=on_status)
     summary = load_transform_output(s3, index_for, bucket, keys, out_bucket, out_prefix)
     summary.job = job
+    summary.listed = len(objects)
+    summary.failed[:0] = too_big
     return summary

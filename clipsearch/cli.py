@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from clipsearch import errors
 from clipsearch.index import default_home, open_index
@@ -16,7 +19,15 @@ from clipsearch.index.base import VectorIndex
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 USAGE_ERRORS = (errors.BadRequest, errors.NotFound, errors.ModelMismatch, errors.ModelUnavailable,
-                errors.ConfigError, errors.UnsupportedMediaType, errors.PayloadTooLarge)
+                errors.ConfigError, errors.UnsupportedMediaType, errors.PayloadTooLarge,
+                errors.IndexCorrupt, errors.IndexReadOnly)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), as every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_index_options(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -33,21 +44,23 @@ def _add_index_options(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipsearch", description="Text-and-image search with CLIP.")
+    parser = _Parser(prog="clipsearch", description="Text-and-image search with CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("index", help="index images under folders or files")
     p.add_argument("paths", nargs="+", metavar="PATH")
     _add_index_options(p)
-    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--batch-size", type=_positive, default=32,
+                   help="pictures encoded and committed together (default 32)")
     p.add_argument("--workers", type=_positive, default=2, help="decoding threads")
 
     p = sub.add_parser("search", help="search by text or by an image")
     p.add_argument("text", nargs="?")
     p.add_argument("--image", help="an image file to search with")
-    p.add_argument("-k", type=_positive, default=10)
-    p.add_argument("--from", dest="offset", type=_non_negative, default=0)
-    p.add_argument("--min-score", type=float)
+    p.add_argument("-k", type=_positive, default=10, help="how many results (default 10)")
+    p.add_argument("--from", dest="offset", type=_non_negative, default=0,
+                   help="skip this many results first, for paging (default 0)")
+    p.add_argument("--min-score", type=float, help="only results with at least this cosine score (-1 to 1)")
     p.add_argument("--under", help="only results whose path or key starts with this prefix")
     p.add_argument("--json", action="store_true", help="print the REST response object")
     _add_index_options(p)
@@ -58,9 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the REST API and the web page")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (default 8000; 0: any free port)")
     p.add_argument("--max-body-mb", type=_positive, default=10, help="largest request body in MB (default 10)")
     _add_index_options(p)
+
+    p = sub.add_parser("check", help="check the embedded index's integrity; --repair fixes what it can")
+    p.add_argument("--index", help="index folder (default $CLIPSEARCH_HOME or XDG data dir)")
+    p.add_argument("--repair", action="store_true",
+                   help="move a damaged file aside and keep what can be read; drop rows with unusable vectors "
+                   "so the next `clipsearch index` re-embeds them")
+
+    p = sub.add_parser("forget", help="remove the index entries at or below a path (it need not exist any more)")
+    p.add_argument("path", metavar="PATH", help="a file or folder, matched by whole path components")
+    _add_index_options(p, model=False)
 
     p = sub.add_parser("demo", help="generate a demo catalogue, index it and search it (offline)")
     p.add_argument("--dir", help="where to put the demo catalogue and index (default $CLIPSEARCH_HOME/demo)")
@@ -91,6 +114,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -98,8 +131,11 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _open(args: argparse.Namespace, model: str | None = None, dim: int | None = None) -> VectorIndex:
+def _open(args: argparse.Namespace, model: str | None = None, dim: int | None = None,
+          read_only: bool = False) -> VectorIndex:
     options: dict[str, Any] = {}
+    if read_only and args.backend == "embedded":
+        options["read_only"] = True  # search, stats, serve: never create, migrate or write the index
     if args.backend == "opensearch":
         if not args.opensearch_url:
             raise errors.ConfigError("--backend opensearch needs --opensearch-url or "
@@ -113,7 +149,7 @@ def _open(args: argparse.Namespace, model: str | None = None, dim: int | None = 
 
 def _open_for_query(args: argparse.Namespace) -> VectorIndex:
     """Open an existing index; --model, when given, must be the model that built it."""
-    index = _open(args)
+    index = _open(args, read_only=True)
     if args.model is not None:
         from clipsearch import models
         from clipsearch.index.base import check_model
@@ -132,7 +168,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from clipsearch import models
-    from clipsearch.ingest import index_paths
+    from clipsearch.ingest import index_paths, writer_lock
 
     spec = models.canonical_spec(args.model or models.DEMO)
     try:
@@ -152,18 +188,56 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.refresh()
 
     def skipped(path: str, reason: str) -> None:
-        bar.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
+        bar.write(f"warning: skipped {shown(path)}: {reason}", file=sys.stderr)
 
+    def unlisted(folder: str, reason: str) -> None:
+        bar.write(f"warning: cannot list folder {shown(folder)}: {reason}; its indexed pictures are kept",
+                  file=sys.stderr)
+
+    def waiting(message: str) -> None:
+        print(f"clipsearch: {message}", file=sys.stderr, flush=True)
+
+    directory = getattr(index, "directory", None)  # embedded: one indexer at a time per index folder
     try:
-        summary = index_paths(args.paths, encoder, index, batch_size=args.batch_size,
-                              workers=args.workers, on_skip=skipped, on_progress=bar.update,
-                              on_plan=plan)
+        with writer_lock(directory, on_wait=waiting) if directory is not None else contextlib.nullcontext():
+            summary = index_paths(args.paths, encoder, index, batch_size=args.batch_size,
+                                  workers=args.workers, on_skip=skipped, on_progress=bar.update,
+                                  on_plan=plan, on_unlisted=unlisted)
     finally:
         bar.close()
+    ignored = ""
+    if summary.ignored:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.ignored.items(), key=lambda x: -x[1]))
+        ignored = f"; ignored {sum(summary.ignored.values())} ({reasons})"
+    if summary.unlisted:
+        ignored += (f"; {len(summary.unlisted)} folder(s) could not be listed, {summary.kept} of their "
+                    "indexed pictures kept")
     print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, removed {summary.deleted}, "
           f"skipped {len(summary.skipped)} of {summary.seen} images in {summary.seconds:.1f}s "
-          f"({summary.images_per_second:.1f} images/s); index holds {index.count()}")
+          f"({summary.images_per_second:.1f} images/s); index holds {index.count()}{ignored}")
     return EXIT_OK
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def shown(path: str) -> str:
+    """A path printed on one line: as it is, or, if it holds control characters or bytes that are not
+    UTF-8, quoted as the shell's $'...' (a newline as \\n, a Latin-1 byte as \\xe9), so it can be pasted back."""
+    if not _UNPRINTABLE.search(path):
+        return path
+
+    def escape(m: re.Match[str]) -> str:
+        c = m.group()
+        named = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+        if c in named:
+            return named[c]
+        if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode escaped it
+            return f"\\x{ord(c) - 0xDC00:02x}"
+        return f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}"
+
+    body = _UNPRINTABLE.sub(escape, path.replace("\\", "\\\\").replace("'", "\\'"))
+    return f"$'{body}'"
 
 
 def _prefix(args: argparse.Namespace) -> str | None:
@@ -199,16 +273,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     response = service.search(request)
     if args.json:
         print(json.dumps(response, ensure_ascii=False))
+        if not response["hits"] and not index.count():
+            print(f"clipsearch: {_empty_index_note(args)}", file=sys.stderr)
         return EXIT_OK
     if not response["hits"]:
-        print("no results")
+        print("no results" if index.count() else _empty_index_note(args))
     for rank, hit in enumerate(response["hits"], start=args.offset + 1):
-        print(f"{rank:3d}  {hit['score']:+.4f}  {hit['key']}")
+        key = hit["key"]
+        if "\ufffd" in key:  # the response shows undecodable bytes as U+FFFD; print the real name, escaped
+            doc = index.get(hit["id"])
+            key = doc.key if doc is not None else key
+        print(f"{rank:3d}  {hit['score']:+.4f}  {shown(key)}")
     return EXIT_OK
 
 
+def _empty_index_note(args: argparse.Namespace) -> str:
+    where = f" --index {shlex.quote(args.index)}" if args.index else ""
+    if args.backend != "embedded":
+        where += f" --backend {args.backend}"
+    return f"no results: the index is empty; fill it with `clipsearch index PATH{where}`"
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    info = _open(args).info().as_dict()
+    info = _open(args, read_only=True).info().as_dict()
     if args.json:
         print(json.dumps(info))
     else:
@@ -226,12 +313,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from clipsearch.index.embedded import check_index, repair_command
+
+    directory = Path(args.index).expanduser() if args.index else default_home() / "index"
+    report = check_index(directory, repair=args.repair)
+
+    def text(line: str) -> str:  # a file name's bytes that are not UTF-8 shown as \xNN
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+    for line in report.repaired:
+        print(f"repaired: {text(line)}")
+    for line in report.notes:
+        print(f"note: {text(line)}")
+    for line in report.problems:
+        print(f"problem: {text(line)}", file=sys.stderr)
+    if report.problems:
+        if not args.repair:
+            print(f"clipsearch: {report.path}: {len(report.problems)} problem(s); run "
+                  f"`{repair_command(directory)}` to fix them", file=sys.stderr)
+        return EXIT_FAILED
+    rows = "" if report.rows is None else f", {report.rows} rows"
+    print(f"{report.path}: {'repaired' if report.repaired else 'ok'}{rows}")
+    return EXIT_OK
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from clipsearch.ingest import forget, forget_key
+
+    index = _open(args)
+    try:
+        removed = forget(index, args.path)
+        where = " or ".join(shown(k) for k in forget_key(args.path))
+        print(f"forgot {removed} picture(s) at or below {where}; index holds {index.count()}")
+    finally:
+        index.close()
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from clipsearch.demo import write_catalogue, write_query_picture
 
     base = Path(args.dir).expanduser() if args.dir else default_home() / "demo"
     images = base / "images"
-    written = write_catalogue(images, count=args.count)
+    try:
+        written = write_catalogue(images, count=args.count)
+    except OSError as e:
+        raise errors.ConfigError(f"cannot write the demo catalogue in {images}: {e.strerror or e}; give --dir "
+                                 "or set CLIPSEARCH_HOME to a writable folder") from None
     print(f"demo catalogue: {written} shape pictures in {images}")
     index_dir = str(base / "index")
     common = ["--index", index_dir]
@@ -254,7 +383,7 @@ def cmd_package_model(args: argparse.Namespace) -> int:
 
     packaged = package_model(args.model, args.out)
     print(f"wrote {packaged.path} ({packaged.size / 1e6:.1f} MB): {packaged.checkpoint}, code/inference.py, "
-          "code/requirements.txt")
+          "code/lib (clip, ftfy, regex: no pip install at cold start)")
     print(f"template parameters: ModelSpec={packaged.spec} ModelDimension={packaged.dim} "
           f"ModelDataUrl=s3://YOUR-BUCKET/models/{packaged.path.name}")
     return EXIT_OK
@@ -302,7 +431,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "serve": cmd_serve,
+COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "serve": cmd_serve, "check": cmd_check,
+            "forget": cmd_forget,
             "demo": cmd_demo, "package-model": cmd_package_model, "backfill": cmd_backfill}
 
 
@@ -326,7 +456,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        # The first Ctrl-C ends the process now: a decoding thread stuck in a read (a hung network
+        # share) would otherwise keep it alive at exit. Every committed batch is already on disk.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from PIL import Image
 
 from clipsearch import models
 from clipsearch.errors import BadRequest, ModelUnavailable, Unavailable
-from clipsearch.images import to_png
+from clipsearch.images import MAX_TRANSPORT_BYTES, to_transport
 
 
 class Encoder(Protocol):
@@ -82,25 +82,39 @@ class SageMakerEncoder:
 
     def __init__(self, model: str, dim: int, text_endpoint: str, image_endpoint: str | None = None,
                  client: Any = None) -> None:
-        import boto3
-
         self.model, self.dim = model, dim
         self._text_endpoint = text_endpoint
         self._image_endpoint = image_endpoint or text_endpoint
-        self._client = client or boto3.client("sagemaker-runtime")
+        self._client = client or _default_runtime()
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         body = json.dumps({"inputs": texts})
         return self._invoke(self._text_endpoint, body.encode(), "application/json")
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        if len(images) == 1:
-            return self._invoke(self._image_endpoint, to_png(images[0]), "image/png")
-        body = json.dumps({"images": [base64.b64encode(to_png(i)).decode() for i in images]})
-        return self._invoke(self._image_endpoint, body.encode(), "application/json")
+        """As few requests as keep each body within the endpoint's 4 MB; an image alone travels raw."""
+        encoded = [to_transport(img) for img in images]
+        groups: list[list[tuple[bytes, str]]] = []
+        size = 0
+        for body, ctype in encoded:
+            # The JSON form costs base64's 4/3 plus quotes and a separator per image.
+            cost = 4 * ((len(body) + 2) // 3) + 4
+            if not groups or size + cost > MAX_TRANSPORT_BYTES:
+                groups.append([])
+                size = len('{"images": []}')
+            groups[-1].append((body, ctype))
+            size += cost
+        vectors = []
+        for group in groups:
+            if len(group) == 1:
+                vectors.append(self._invoke(self._image_endpoint, *group[0]))
+                continue
+            body = json.dumps({"images": [base64.b64encode(b).decode() for b, _ in group]}).encode()
+            vectors.append(self._invoke(self._image_endpoint, body, "application/json"))
+        return np.vstack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
 
     def _invoke(self, endpoint: str, body: bytes, content_type: str) -> np.ndarray:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
         try:
             response = self._client.invoke_endpoint(
@@ -109,6 +123,10 @@ class SageMakerEncoder:
             payload = response["Body"].read()
         except ClientError as e:
             raise _client_error(endpoint, e.response) from None
+        except (ReadTimeoutError, ConnectTimeoutError):
+            # One attempt: a cold or hung endpoint is the caller's 503 (or SQS's retry), not botocore's.
+            raise Unavailable(f"encoder endpoint {endpoint} did not answer in time (cold start or "
+                              "overloaded); retry later", retry_after=10) from None
         except BotoCoreError as e:
             raise Unavailable(f"encoder endpoint {endpoint} unreachable: {e}") from None
         try:
@@ -121,11 +139,29 @@ class SageMakerEncoder:
         return vectors
 
 
+def _default_runtime() -> Any:
+    """sagemaker-runtime with one attempt and SageMaker's advised 70 s socket timeout (InvokeEndpoint,
+    SageMaker API Reference: a container has 60 s to answer); botocore's default would retry 5 times."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("sagemaker-runtime", config=Config(
+        retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=70))
+
+
 def _client_error(endpoint: str, response: Any) -> Exception:
     """Map an InvokeEndpoint error: the caller's fault (4xx from the model) or retry later."""
     error = response.get("Error", {})
-    code, message = error.get("Code", ""), error.get("Message", "")
+    code = error.get("Code", "")
+    # A ModelError's Message quotes the container's whole answer (a traceback, the log stream's URL
+    # and the account id); OriginalMessage is what the handler said. Keep its first line only.
+    message = str(response.get("OriginalMessage") or error.get("Message", ""))
+    message = (message.strip().splitlines() or [""])[0]
     original = str(response.get("OriginalStatusCode", ""))
     if code == "ModelError" and original.startswith("4"):
         return BadRequest(f"encoder refused the input: {message}")
+    if code == "ValidationError" and "payload" in message.lower():
+        # A body over the serverless 4 MB cap: resending the same body cannot help. Other
+        # ValidationErrors (an endpoint that does not exist) are configuration, so retried.
+        return BadRequest(f"encoder refused the request: {message}")
     return Unavailable(f"encoder endpoint {endpoint} failed ({code or 'error'}): {message}", retry_after=2)

@@ -61,3 +61,21 @@ class ConfigError(ClipsearchError):
     """A required setting is missing or invalid."""
 
     code = "config_error"
+
+
+class IndexUnavailable(Unavailable):
+    """The index's storage failed: disk full, an I/O error, or locked past the busy timeout (exit 1)."""
+
+    code = "index_unavailable"
+
+
+class IndexCorrupt(ClipsearchError):
+    """The index file is damaged or is not an index; the message names `clipsearch check --repair` (exit 2)."""
+
+    code = "index_corrupt"
+
+
+class IndexReadOnly(ClipsearchError):
+    """A write to an index that cannot be written: a read-only mount, folder or file (exit 2)."""
+
+    code = "index_read_only"

@@ -1,7 +1,7 @@
-"""Image loading shared by every host: decode, validate, EXIF-rotate and downscale.
+"""Image loading shared by every host: decode, validate, EXIF-rotate, crop to 2:1 and downscale.
 
 The decoding and pixel limits live in model_code (the SageMaker container needs them too);
-this module adds file handling and the transport encoding used by the AWS ingest path.
+this module adds file handling and the transport encoding used on the way to a SageMaker endpoint.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ from pathlib import Path
 from PIL import Image
 
 from clipsearch.errors import BadImage
-from model_code.inference import MAX_PIXELS, MAX_SIDE, decode_image, downscale
+from model_code.inference import MAX_PIXELS, MAX_SIDE, decode_for_model
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_SIDE", "load_bytes", "load_file", "to_png",
-           "is_image_name", "LoadedImage"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_SIDE", "MAX_TRANSPORT_BYTES", "load_bytes", "load_file",
+           "to_png", "to_transport", "is_image_name", "LoadedImage"]
+
+# "Maximum request payload size: 4 MB" for SageMaker Serverless Inference (SageMaker Developer Guide,
+# "Deploy models with Amazon SageMaker Serverless Inference", feature exclusions); InvokeEndpoint's
+# own limit for real-time endpoints is larger (6 MB), so the serverless one binds.
+MAX_TRANSPORT_BYTES = 4 * 1024 * 1024
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -29,7 +34,7 @@ def is_image_name(name: str) -> bool:
 def load_bytes(data: bytes) -> Image.Image:
     """Decode, rotate upright and downscale; BadImage when it is not an acceptable image."""
     try:
-        return downscale(decode_image(data))
+        return decode_for_model(data).image
     except ValueError as e:
         raise BadImage(str(e)) from None
 
@@ -51,10 +56,10 @@ def load_file(path: str | Path) -> LoadedImage:
     except OSError as e:
         raise BadImage(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        full = decode_image(data)
+        decoded = decode_for_model(data)
     except ValueError as e:
         raise BadImage(str(e)) from None
-    return LoadedImage(downscale(full), data, full.width, full.height)
+    return LoadedImage(decoded.image, data, decoded.width, decoded.height)
 
 
 def to_png(img: Image.Image) -> bytes:
@@ -62,3 +67,17 @@ def to_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def to_transport(img: Image.Image, limit: int = MAX_TRANSPORT_BYTES) -> tuple[bytes, str]:
+    """(body, content type) for an endpoint: PNG, or JPEG (quality 95) when the PNG is over `limit`.
+
+    A downscaled picture (at most 448 x 896) is ~1.2 MB as PNG even when pure noise, so JPEG is the
+    fallback for larger images only; lossless PNG keeps local and endpoint vectors equal otherwise.
+    """
+    png = to_png(img)
+    if len(png) <= limit:
+        return png, "image/png"
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue(), "image/jpeg"

@@ -7,6 +7,7 @@ call it, so every host answers the same way.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ DEFAULT_K = 10
 MAX_FROM = 10_000
 MAX_TEXT_CHARS = 10_000
 QUERY_FIELDS = ("text", "image", "id")
+_SURROGATES = re.compile("[\udc80-\udcff]")  # the undecodable bytes of an OS file name (os.fsdecode)
 OPTION_FIELDS = ("k", "from", "min_score", "filter")
 
 
@@ -187,8 +189,16 @@ class SearchService:
         }
 
     def _hit(self, hit: Hit) -> dict[str, Any]:
-        return {"id": hit.id, "key": hit.key, "score": round(hit.score, 6), "title": hit.title,
-                "url": self.url_for(hit)}
+        return {"id": hit.id, "key": display_text(hit.key), "score": round(hit.score, 6),
+                "title": display_text(hit.title), "url": self.url_for(hit)}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.index.model, "count": self.index.count()}
+
+
+def display_text(text: str) -> str:
+    """A key or title fit for JSON: each byte of a file name that is not valid UTF-8 becomes U+FFFD.
+
+    For display only: the hit id, not the key, is the handle for the file.
+    """
+    return _SURROGATES.sub("\ufffd", text)

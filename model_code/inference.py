@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import os
 import pickle
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +34,13 @@ MAX_PIXELS = 100_000_000
 # Images are downscaled to this shorter side before transport / encoding; well above every CLIP
 # input resolution, and small enough that a PNG stays far below SageMaker's 4 MB payload limit.
 MAX_SIDE = 448
+# CLIP's preprocessing resizes the shorter side and keeps only the centre square, so a long side beyond
+# this ratio never reaches the model: the decode centre-crops it away first. That bounds every image
+# to 448 x 896 after downscale (a noisy PNG of that size is ~1.2 MB, under the 4 MB payload limit),
+# and stops the model's resize from blowing a 1 x 300,000 strip up to gigabytes.
+MAX_ASPECT = 2
+# Shorter sides below this are refused: blown up to CLIP's 224 pixels they show the model nothing.
+MIN_SIDE = 16
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # The frozen image graph takes 5-15 s to build on CPU and saves ~40% of each RN50 forward: build it
 # once this many images have gone through eagerly, so one-off queries never pay for it.
@@ -44,6 +54,50 @@ TEXT, IMAGE = "TEXT", "IMAGE"
 
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded; the message names the fix."""
+
+
+try:
+    from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
+except ImportError:  # clipsearch itself and the Lambdas run without the serving toolkit
+    _ToolkitError = Exception
+
+
+class BadInput(ValueError, _ToolkitError):
+    """A request the model refuses. A ValueError everywhere (CONTRACT §2); inside the SageMaker
+    toolkit also its BaseInferenceToolkitError with status 400, since the toolkit's Transformer
+    answers every other exception with 500 (sagemaker_inference/transformer.py, transform()).
+    """
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)  # str(e) is the message, whichever base is present
+        self.status_code, self.message, self.phrase = 400, message, "Bad Request"
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _refusals_as_bad_input(fn: _Fn) -> _Fn:
+    """Re-raise a serving function's ValueError as BadInput. functools.wraps keeps the signature,
+    which the toolkit inspects to decide whether to pass its context."""
+
+    @functools.wraps(fn)
+    def serving_function(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BadInput:
+            raise
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+
+    return serving_function  # type: ignore[return-value]
+
+
+# `clipsearch package-model` vendors what the serving image lacks (clip-anytorch, ftfy, regex and
+# their pure-Python dependencies) into code/lib beside this file, so that a cold start needs no
+# package index. Ahead of site-packages: the archive's pinned versions win.
+_VENDORED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
+if os.path.isdir(_VENDORED) and _VENDORED not in sys.path:
+    sys.path.insert(0, _VENDORED)
 
 
 @dataclass
@@ -63,28 +117,93 @@ class ClipModel:
 # -- images -------------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode bytes into an upright RGB image; ValueError when it is not an acceptable image."""
+@dataclass(frozen=True)
+class DecodedImage:
+    """A picture ready for the model (downscaled), with the upright size of the original."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+
+# The transpose that undoes each EXIF orientation (ImageOps.exif_transpose's table).
+_UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_ORIENTATION_TAG = 0x0112
+
+
+def decode_for_model(data: bytes, max_side: int = MAX_SIDE) -> DecodedImage:
+    """decode_image then downscale, keeping the original's upright size; ValueError with the reason."""
+    img, size = _decode(data, max_side)
+    return DecodedImage(downscale(img, max_side), *size)
+
+
+def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
+    """Decode bytes into an upright RGB image of what the model can see; ValueError with the reason.
+
+    The long side is centre-cropped to at most MAX_ASPECT times the short side, and a JPEG is decoded
+    at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side stays >= max_side, so the work and
+    the memory follow what downscale() keeps, not the file's pixel count. Sizes are checked from the
+    header, before any pixel is decoded.
+    """
+    return _decode(data, max_side)[0]
+
+
+def _decode(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
     if not data:
         raise ValueError("empty image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img: Image.Image = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_PIXELS:
-                raise ValueError(
-                    f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS:,})"
-                )
+            width, height = img.size
+            _check_size(width, height)
             img.seek(0)  # animated images: the first frame
+            if min(width, height) >= 2 * max_side:
+                # Only the scale matters: the short side asked for, the long side left free (1).
+                img.draft("RGB", (max_side, 1) if width <= height else (1, max_side))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            orientation = img.getexif().get(_ORIENTATION_TAG)
+            # Cropped in stored orientation, before the transpose copies the pixels: a centre crop is
+            # the same whichever way the picture is turned (to the pixel, when the excess is odd).
+            img = centre_crop(img)
+            undo = _UNDO_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+            if undo is not None:
+                img = img.transpose(undo)
+            if orientation in (5, 6, 7, 8):  # turned a quarter: the upright size is the other way round
+                width, height = height, width
+            if img.mode in ("RGBA", "LA"):
+                # Shrunk before compositing on white (resize premultiplies alpha: measured within 3/255
+                # of compositing first): a 100 MP RGBA PNG then peaks at 0.8 GB instead of 1.6 GB.
+                img = downscale(img, max_side)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image too large (decompression bomb): {e}") from None
     except UnidentifiedImageError:
         raise ValueError("not a recognised image format") from None
     except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"corrupt or truncated image: {e}") from None
-    return to_rgb(img)
+    return to_rgb(img), (width, height)
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS:,})")
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(f"image too small: {width}x{height} pixels (the shorter side must be at least "
+                         f"{MIN_SIDE})")
+
+
+def centre_crop(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
+    """The centre of img with the long side cut to at most max_aspect x the short side (CLIP's view)."""
+    width, height = img.size
+    if width > max_aspect * height:
+        left = (width - max_aspect * height) // 2
+        return img.crop((left, 0, left + max_aspect * height, height))
+    if height > max_aspect * width:
+        top = (height - max_aspect * width) // 2
+        return img.crop((0, top, width, top + max_aspect * width))
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -99,11 +218,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # no copy of what is RGB already
 
 
 def downscale(img: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
-    """Shrink so the shorter side is at most max_side (CLIP resizes the shorter side anyway)."""
+    """Centre-crop to at most MAX_ASPECT, then shrink so the shorter side is at most max_side."""
+    img = centre_crop(img)
     short = min(img.size)
     if short <= max_side:
         return img
@@ -306,6 +426,7 @@ def _single_checkpoint(model_dir: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+@_refusals_as_bad_input
 def input_fn(body: bytes | str, content_type: str | None) -> dict[str, Any]:
     """Parse a request into {"kind": "text", "texts": [...]} or {"kind": "image", "images": [...]}."""
     ctype = (content_type or "").split(";")[0].strip().lower()
@@ -354,6 +475,7 @@ def _b64decode(text: str, n: int) -> bytes:
         raise ValueError(f"images[{n}] is not valid base64") from None
 
 
+@_refusals_as_bad_input
 def predict_fn(data: dict[str, Any], model: ClipModel) -> np.ndarray:
     """Encode the parsed input; (n, dim) float32 unit vectors."""
     kind = data.get("kind")
@@ -366,6 +488,7 @@ def predict_fn(data: dict[str, Any], model: ClipModel) -> np.ndarray:
     raise ValueError(f"unknown input kind {kind!r}")
 
 
+@_refusals_as_bad_input
 def output_fn(prediction: np.ndarray, accept: str | None) -> str:
     """JSON list of vectors."""
     ctype = (accept or "application/json").split(";")[0].strip().lower()

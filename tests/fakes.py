@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +53,38 @@ class FakeEncoder:
         return np.stack(out)
 
 
-class LambdaContext:
-    """The fields Powertools reads from a Lambda context."""
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
 
-    def __init__(self, function_name: str = "clipsearch-test") -> None:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class LambdaContext:
+    """The fields Powertools reads from a Lambda context; the remaining time counts down on `clock`.
+
+    timeout_s is the function's Timeout; the default is Lambda's maximum (900 s), a context that
+    never runs short unless a test says so.
+    """
+
+    def __init__(self, function_name: str = "clipsearch-test", timeout_s: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.function_name = function_name
         self.memory_limit_in_mb = 1024
         self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
         self.aws_request_id = "00000000-0000-4000-8000-000000000000"
         self.log_group_name = f"/aws/lambda/{function_name}"
+        self._clock = clock
+        self._deadline = clock() + timeout_s
 
     def get_remaining_time_in_millis(self) -> int:
-        return 60_000
+        return max(0, int((self._deadline - self._clock()) * 1000))
 
 
 def load_function(name: str) -> Any:

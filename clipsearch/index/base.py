@@ -34,8 +34,11 @@ class IndexError_(ClipsearchError):  # noqa: N801 - avoid shadowing the builtin 
 
 
 def doc_id(bucket: str, key: str) -> str:
-    """Deterministic document id: reprocessing the same object never duplicates it."""
-    return hashlib.sha1(f"{bucket}\x00{key}".encode()).hexdigest()
+    """Deterministic document id: reprocessing the same object never duplicates it.
+
+    surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes (valid keys are unchanged).
+    """
+    return hashlib.sha1(f"{bucket}\x00{key}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,29 @@ cache over the matrix: rebuilt from SQLite when missing or stale, persisted besi
 
 from __future__ import annotations
 
+import functools
+import os
+import shlex
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from clipsearch.errors import ConfigError, NotFound
+from clipsearch.errors import (
+    ClipsearchError,
+    ConfigError,
+    IndexCorrupt,
+    IndexReadOnly,
+    IndexUnavailable,
+    NotFound,
+)
 from clipsearch.index import ann as ann_mod
 from clipsearch.index.base import (
     Document,
@@ -56,6 +68,127 @@ SEARCH_MODES = ("exact", "approx")
 # Each write transaction bumps this, so a persisted ANN structure can tell whether it is stale.
 _BUMP_GENERATION = ("INSERT INTO meta (name, value) VALUES ('generation', '1') ON CONFLICT(name) "
                     "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+BUSY_TIMEOUT_S = 10  # how long a writer waits for another writer's lock before giving up
+
+
+# Keys are paths as the OS spells them: a name that is not valid UTF-8 (a Latin-1 `café.png`) is a str
+# with lone surrogates (os.fsdecode), which sqlite3 cannot bind as TEXT. A key is bound as its raw bytes
+# and stored with CAST(? AS TEXT), and every connection reads TEXT back through surrogateescape, so the
+# key names the same file again; a valid UTF-8 key is stored exactly as before.
+def key_param(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
+
+
+def text_from_db(data: bytes) -> str:
+    """The connections' text_factory: invalid UTF-8 in a stored key comes back surrogate-escaped."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+# SQLite's primary result codes (https://www.sqlite.org/rescode.html); extended codes keep them in the low byte.
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def repair_command(directory: Path) -> str:
+    return f"clipsearch check --repair --index {shlex.quote(str(directory))}"
+
+
+def storage_error(e: sqlite3.Error, path: Path) -> ClipsearchError:
+    """One clear line, and the typed error that gives its exit code, for an sqlite3 error on `path`."""
+    code = getattr(e, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    detail = str(e) or type(e).__name__
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return IndexCorrupt(f"the index {path} is damaged ({detail}); run `{repair_command(path.parent)}`")
+    if primary == _SQLITE_FULL or (primary == _SQLITE_IOERR and _disk_full(path.parent)):
+        return IndexUnavailable(f"the disk holding the index {path} is full; free some space and re-run "
+                                "(what was committed is kept)")
+    if primary == _SQLITE_IOERR:
+        return IndexUnavailable(f"I/O error on the index {path} ({detail}); check the disk, then re-run")
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return IndexUnavailable(f"the index {path} is locked by another process (waited {BUSY_TIMEOUT_S} s); "
+                                "re-run when it has finished")
+    if primary in (_SQLITE_READONLY, _SQLITE_PERM):
+        return IndexReadOnly(f"the index {path} is read-only ({detail}); it can be searched, but indexing "
+                             "needs a writable --index folder")
+    if primary == _SQLITE_CANTOPEN:
+        return ConfigError(f"cannot open the index {path} ({detail}); check that its folder exists and "
+                           "can be read")
+    return IndexUnavailable(f"the index {path} failed ({detail})")
+
+
+def _disk_full(directory: Path) -> bool:
+    """Whether the disk is (about) full: SQLite reports a -shm it cannot grow as an I/O error."""
+    try:
+        return shutil.disk_usage(directory).free < 1024 * 1024
+    except OSError:
+        return False
+
+
+def _sqlite_errors(method: _F) -> _F:
+    """Turn any sqlite3 error raised by an EmbeddedIndex method into a typed error with one line."""
+
+    @functools.wraps(method)
+    def wrapper(self: EmbeddedIndex, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise storage_error(e, self.path) from None
+
+    return cast(_F, wrapper)
+
+
+def _writable(directory: Path) -> bool:
+    """Whether SQLite can create and write files here (False on a read-only mount, even for root)."""
+    names = [DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"]
+    return os.access(directory, os.W_OK) and all(
+        os.access(directory / n, os.W_OK) for n in names if (directory / n).exists())
+
+
+def _wal_has_content(db_path: Path) -> bool:
+    try:
+        return os.path.getsize(str(db_path) + "-wal") > 0
+    except OSError:
+        return False
+
+
+def _connect_read_only(db_path: Path) -> sqlite3.Connection:
+    """A connection that never writes: `mode=ro`, or `immutable=1` where the folder cannot be written.
+
+    SQLite's WAL mode needs the -shm file: a `mode=ro` reader creates it when it is missing, which a
+    read-only mount or a full disk refuses. `immutable=1` reads without it, which is safe only when no
+    -wal holds commits that are not yet in the database file (https://www.sqlite.org/uri.html).
+    """
+    uri = "file:" + urllib.parse.quote(os.fsencode(db_path.absolute()))
+    immutable = not _writable(db_path.parent) and not _wal_has_content(db_path)
+    for flag in (["immutable=1"] if immutable else ["mode=ro", "immutable=1"]):
+        db = sqlite3.connect(f"{uri}?{flag}", uri=True, check_same_thread=False, isolation_level=None,
+                             timeout=BUSY_TIMEOUT_S)
+        db.text_factory = text_from_db
+        try:
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL and -shm now
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+            retry = code in (_SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_READONLY)
+            if flag == "immutable=1" or not retry:
+                raise
+            if _wal_has_content(db_path):
+                raise IndexReadOnly(f"the index {db_path} has commits in its -wal file that SQLite can only "
+                                    "read where it may write: open it once from a writable folder") from None
+    raise AssertionError("unreachable")
+
+
+def _read_meta(db: sqlite3.Connection) -> dict[str, str] | None:
+    """The meta record, or None when the file holds no index schema yet (empty or half-created)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not {"meta", "images"} <= tables:
+        return None
+    return {str(k): str(v) for k, v in db.execute("SELECT name, value FROM meta")}
 
 
 class EmbeddedIndex:
@@ -64,11 +197,16 @@ class EmbeddedIndex:
     backend = "embedded"
 
     def __init__(self, directory: str | Path, model: str | None = None, dim: int | None = None,
-                 search_mode: str = "exact", ann: dict[str, Any] | None = None) -> None:
-        """Open or create the index; search_mode="approx" opts into the ANN structure (`ann`: its options)."""
+                 search_mode: str = "exact", ann: dict[str, Any] | None = None, read_only: bool = False) -> None:
+        """Open or create the index; search_mode="approx" opts into the ANN structure (`ann`: its options).
+
+        read_only: open for searching only; nothing is created, migrated or written, so a read-only mount,
+        a shared copy or a full disk can still be searched.
+        """
         if search_mode not in SEARCH_MODES:
             raise ConfigError(f"unknown search mode {search_mode!r}; choose one of {', '.join(SEARCH_MODES)}")
         self.search_mode = search_mode
+        self.read_only = read_only
         self._ann_options = ann_mod.AnnOptions.from_dict(ann)
         self._ann: ann_mod.AnnIndex | None = None
         self._ann_reloads = -1  # the matrix load the ANN structure's row numbers refer to
@@ -76,35 +214,84 @@ class EmbeddedIndex:
         self._replaced: set[int] = set()  # rows updated in place since the last ANN sync
         self._reloads = 0
         self._key_order: tuple[np.ndarray, np.ndarray] | None = None
+        self._unreadable: dict[str, str] = {}  # id -> key of rows whose stored vector is unusable
         self.directory = Path(directory).expanduser()
-        db_path = self.directory / DB_NAME
-        if not db_path.exists():
-            if model is None or dim is None:
+        self.path = self.directory / DB_NAME
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(f"the index {self.directory} is a file; --index takes a folder")
+        if not self.path.exists():
+            if read_only or model is None or dim is None:
                 raise NotFound(f"no index at {self.directory}; run `clipsearch index PATH` first")
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise IndexReadOnly(f"cannot create the index folder {self.directory}: "
+                                    f"{e.strerror or e}") from None
+        elif not read_only and not _writable(self.directory):
+            raise IndexReadOnly(f"the index {self.directory} is on a read-only folder or mount; it can be "
+                                "searched, but indexing needs a writable --index folder")
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        with self._tx():
-            for stmt in _SCHEMA.strip().split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
-            meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
-            if not meta:
-                assert model is not None and dim is not None
-                self._db.executemany(
-                    "INSERT INTO meta (name, value) VALUES (?, ?)",
+        self._db, meta, self._identity = self._open(model, dim)
+        self.model = meta["model"]
+        self.dim = int(meta["dim"])
+        try:
+            check_model(self.model, self.dim, model, dim)
+            self._data_version = -1
+            self._load_matrix()
+        except BaseException as e:
+            self._db.close()
+            if isinstance(e, sqlite3.Error):
+                raise storage_error(e, self.path) from None
+            raise
+
+    def _open(self, model: str | None, dim: int | None
+              ) -> tuple[sqlite3.Connection, dict[str, str], tuple[int, int]]:
+        """Connect and read (or, writable and given a model, create) the meta record; and the file's identity."""
+        db: sqlite3.Connection | None = None
+        try:
+            if self.read_only:
+                db = _connect_read_only(self.path)
+            else:
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                     timeout=BUSY_TIMEOUT_S)
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            db.text_factory = text_from_db
+            st = os.stat(self.path)
+            identity = (st.st_dev, st.st_ino)
+            meta = _read_meta(db)
+            if meta is not None and {"model", "dim"} <= meta.keys():
+                return db, meta, identity
+            # An empty or half-created file (a crash while creating it) is treated as a new index.
+            if self.read_only or model is None or dim is None:
+                raise NotFound(f"the index at {self.directory} is empty (a run stopped while creating it); "
+                               "run `clipsearch index PATH` to build it")
+            with _Transaction(db, self._lock):
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if "images" in tables and db.execute("SELECT COUNT(*) FROM images").fetchone()[0]:
+                    raise IndexCorrupt(f"the index {self.path} has pictures but no model record; run "
+                                       f"`{repair_command(self.directory)}`")
+                db.execute("DROP TABLE IF EXISTS images")  # whatever a crash left of the schema
+                db.execute("DROP TABLE IF EXISTS meta")
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
                     [("schema_version", str(SCHEMA_VERSION)), ("model", model), ("dim", str(dim)),
                      ("created_at", str(time.time()))],
                 )
-                meta = {"model": model, "dim": str(dim)}
-        self.model = meta["model"]
-        self.dim = int(meta["dim"])
-        check_model(self.model, self.dim, model, dim)
-        self._data_version = -1
-        self._load_matrix()
+            return db, {"model": model, "dim": str(dim)}, identity
+        except BaseException as e:
+            if db is not None:
+                db.close()
+            if isinstance(e, sqlite3.Error):
+                raise storage_error(e, self.path) from None
+            if isinstance(e, OSError):
+                raise IndexUnavailable(f"cannot read the index {self.path}: {e.strerror or e}") from None
+            raise
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -123,7 +310,9 @@ class EmbeddedIndex:
                 self._buffer = np.empty((max(n, 1024), self.dim), dtype=np.float32)
                 cursor = self._db.execute("SELECT id, key, vector FROM images ORDER BY rowid")
                 # In chunks: a million 4 KB blobs fetched at once would double the peak memory.
+                unreadable: dict[str, str] = {}
                 while rows := cursor.fetchmany(8192):
+                    rows = _usable_rows(rows, self.dim, unreadable)
                     start = len(ids)
                     ids.extend(r[0] for r in rows)
                     keys.extend(r[1] for r in rows)
@@ -133,6 +322,7 @@ class EmbeddedIndex:
             finally:
                 self._db.execute("COMMIT")
             self._ids = ids
+            self._unreadable = unreadable
             self._keys = np.array(keys, dtype=object)
             self._matrix = self._buffer[: len(ids)]
             self._row = {id_: i for i, id_ in enumerate(self._ids)}
@@ -149,11 +339,37 @@ class EmbeddedIndex:
 
     def _refresh_if_changed(self) -> None:
         # data_version changes when another connection (another process) commits.
-        if self._current_version() != self._data_version:
+        if self._follow_replacement() or self._current_version() != self._data_version:
             self._load_matrix()
+
+    def _follow_replacement(self) -> bool:
+        """Reopen when the index file was replaced (deleted and re-created, moved aside by a repair).
+
+        A long-lived reader (`serve`) would otherwise keep answering from the old file, which its open
+        connection keeps alive. The new file must hold an index of the same model and dimension.
+        """
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False  # deleted and not re-created (yet): keep answering from what is open
+        if (st.st_dev, st.st_ino) == self._identity:
+            return False
+        try:
+            db, meta, identity = self._open(None, None)
+        except NotFound:
+            return False  # still being created: keep the old one until it has its model record
+        if (meta["model"], int(meta["dim"])) != (self.model, self.dim):
+            db.close()
+            raise IndexUnavailable(f"the index {self.directory} was replaced by one built with model "
+                                   f"{meta['model']!r} (dim {meta['dim']}); this server encodes with "
+                                   f"{self.model!r}: restart it")
+        old, self._db, self._identity = self._db, db, identity
+        old.close()
+        return True
 
     # -- writes -------------------------------------------------------------------------------
 
+    @_sqlite_errors
     def upsert(self, docs: Sequence[Document]) -> UpsertResult:
         result = UpsertResult()
         rows = []
@@ -163,14 +379,17 @@ class EmbeddedIndex:
             if vec.shape[0] != self.dim:
                 result.failed[d.id] = f"vector has dimension {vec.shape[0]}, index has {self.dim}"
                 continue
+            if not np.isfinite(vec).all():
+                result.failed[d.id] = "vector has non-finite values (NaN or infinity); not stored"
+                continue
             rows.append((d.id, d.key, d.bucket, d.title, d.content_hash, d.size, d.mtime, d.width,
                          d.height, d.indexed_at or now, vec.tobytes()))
         if rows:
             with self._tx():
                 self._db.executemany(
                     f"INSERT OR REPLACE INTO images ({_COLUMNS}, vector) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
+                    "VALUES (?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(r[0], key_param(r[1]), *r[2:]) for r in rows],
                 )
                 self._db.execute(_BUMP_GENERATION)
                 generation = self._read_generation()
@@ -186,6 +405,7 @@ class EmbeddedIndex:
             new_vecs: list[np.ndarray] = []
             for r in rows:
                 vec = np.frombuffer(r[-1], dtype=np.float32)
+                self._unreadable.pop(r[0], None)
                 i = self._row.get(r[0])
                 if i is not None:
                     self._matrix[i] = vec
@@ -210,6 +430,7 @@ class EmbeddedIndex:
                 self._key_order = None
             self._data_version = self._current_version()
 
+    @_sqlite_errors
     def delete(self, ids: Sequence[str]) -> int:
         if not ids:
             return 0
@@ -225,6 +446,7 @@ class EmbeddedIndex:
 
     # -- reads --------------------------------------------------------------------------------
 
+    @_sqlite_errors
     def get(self, id: str) -> Document | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_COLUMNS}, vector FROM images WHERE id = ?", (id,)).fetchone()
@@ -236,6 +458,7 @@ class EmbeddedIndex:
             vector=np.frombuffer(row[10], dtype=np.float32).copy(),
         )
 
+    @_sqlite_errors
     def search(
         self,
         vector: np.ndarray,
@@ -356,17 +579,25 @@ class EmbeddedIndex:
                                 bucket=r[3], width=r[4], height=r[5]))
         return hits
 
+    @_sqlite_errors
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, size, mtime FROM images WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+                "SELECT key, size, mtime FROM images WHERE substr(CAST(key AS BLOB), 1, ?) = ?",
+                (len(key_param(prefix)), key_param(prefix)),
             ).fetchall()
-        return {r[0]: (int(r[1]), float(r[2])) for r in rows}
+        # Rows whose stored vector is unusable are left out, so the next `index` re-embeds their files.
+        bad = set(self._unreadable.values())
+        return {r[0]: (int(r[1]), float(r[2])) for r in rows if r[0] not in bad}
 
+    @_sqlite_errors
     def count(self) -> int:
         with self._lock:
+            if self._follow_replacement():
+                self._load_matrix()
             return int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
 
+    @_sqlite_errors
     def info(self) -> IndexInfo:
         n = self.count()
         extra: dict[str, Any] = {"bytes_per_vector": self.dim * 4, "path": str(self.directory / DB_NAME),
@@ -374,9 +605,12 @@ class EmbeddedIndex:
         with self._lock:
             if self._ann is not None:
                 extra.update(self._ann.info())
+            if self._unreadable:
+                extra["unreadable_rows"] = len(self._unreadable)
         return IndexInfo(backend=self.backend, name=str(self.directory), model=self.model, dim=self.dim,
                          count=n, extra=extra)
 
+    @_sqlite_errors
     def close(self) -> None:
         with self._lock:
             if self._ann is not None and self._ann_options.persist and self._ann_saved != self._generation:
@@ -422,6 +656,233 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type:
+                self._db.execute("ROLLBACK")
+                return
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                if self._db.in_transaction:  # a failed COMMIT (disk full) leaves it open
+                    self._db.execute("ROLLBACK")
+                raise
         finally:
             self._lock.release()
+
+
+def _usable_rows(rows: list[tuple], dim: int, unreadable: dict[str, str]) -> list[tuple]:
+    """Rows (id, key, vector bytes) whose vector has the index's size and only finite values.
+
+    The others are recorded in `unreadable` (id -> key) and left out of the matrix: a NaN would
+    otherwise rank first in every query. `clipsearch check` reports them; `index` re-embeds them.
+    """
+    size = dim * 4
+    sized = [r for r in rows if isinstance(r[2], bytes) and len(r[2]) == size]
+    if len(sized) < len(rows):
+        unreadable.update((r[0], r[1]) for r in rows if not (isinstance(r[2], bytes) and len(r[2]) == size))
+    if not sized:
+        return sized
+    block = np.frombuffer(b"".join(r[2] for r in sized), dtype=np.float32).reshape(-1, dim)
+    bad = {int(i) for i in np.flatnonzero(~np.isfinite(block).all(axis=1))}
+    if not bad:
+        return sized
+    unreadable.update((sized[i][0], sized[i][1]) for i in sorted(bad))
+    return [r for i, r in enumerate(sized) if i not in bad]
+
+
+# -- clipsearch check -------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckReport:
+    """What `clipsearch check` found and, with --repair, what it did; `healthy`: nothing remains to fix."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    rows: int | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def check_index(directory: str | Path, repair: bool = False) -> CheckReport:
+    """Run the integrity checks on an embedded index; with repair, fix what can be fixed.
+
+    Checks: SQLite's integrity_check, the schema and model record, every vector's size and
+    finiteness, and (a note only) entries whose local files are gone. Repairs: a damaged file is moved
+    aside and the rows that can still be read are copied into a fresh one; rows with unusable vectors
+    are dropped, so the next `clipsearch index` of their folders re-embeds them; an empty or
+    half-created file is removed (the next `index` creates the index anew).
+    """
+    directory = Path(directory).expanduser()
+    path = directory / DB_NAME
+    report = CheckReport(path=str(path))
+    if not path.exists():
+        raise NotFound(f"no index at {directory}; nothing to check")
+    if repair and not _writable(directory):
+        raise IndexReadOnly(f"the index {directory} is on a read-only folder or mount; copy it somewhere "
+                            "writable to repair it")
+    damage = _damage(path)
+    if damage is not None:
+        report.problems.append(f"the file is damaged: {damage}")
+        if repair:
+            _repair_damaged(directory, report)
+        return report
+    try:
+        db = _connect_read_only(path)
+    except sqlite3.Error as e:
+        raise storage_error(e, path) from None
+    try:
+        meta = _read_meta(db)
+        if meta is None or not {"model", "dim"} <= meta.keys():
+            rows = 0 if meta is None else int(db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+            report.problems.append("the file holds no index (empty or half-created: a run stopped while "
+                                   "creating it)" if not rows else f"{rows} rows but no model record")
+            db.close()
+            if repair and not rows:
+                _remove_index_files(path)
+                report.repaired.append("removed it; the next `clipsearch index` creates the index anew")
+                report.problems.clear()
+            return report
+        unreadable, gone, report.rows = _scan_rows(db, int(meta["dim"]))
+    except sqlite3.Error as e:
+        raise storage_error(e, path) from None
+    finally:
+        db.close()
+    if unreadable:
+        report.problems.append(f"{len(unreadable)} rows have an unusable vector (wrong size, NaN or "
+                               f"infinity), e.g. {sorted(unreadable.values())[0]}")
+        if repair:
+            _drop_rows(directory, list(unreadable))
+            report.rows -= len(unreadable)
+            report.problems.pop()
+            report.repaired.append(f"dropped {len(unreadable)} rows with an unusable vector; the next "
+                                   "`clipsearch index` of their folders re-embeds them")
+    if gone:
+        report.notes.append(f"{gone} entries name local files that are gone (a moved folder, an unmounted "
+                            "share?); `clipsearch index` of their folder removes them")
+    return report
+
+
+def _damage(path: Path) -> str | None:
+    """SQLite's own verdict on the file: None when integrity_check says ok."""
+    try:
+        db = _connect_read_only(path)
+        try:
+            lines = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return str(e)
+        raise storage_error(e, path) from None
+    return None if lines == ["ok"] else "; ".join(lines[:3])
+
+
+def _scan_rows(db: sqlite3.Connection, dim: int) -> tuple[dict[str, str], int, int]:
+    """Rows with unusable vectors (id -> key), how many local files are gone, and the row count."""
+    unreadable: dict[str, str] = {}
+    gone = total = 0
+    cursor = db.execute("SELECT id, key, vector, bucket FROM images ORDER BY rowid")
+    while rows := cursor.fetchmany(8192):
+        total += len(rows)
+        _usable_rows(rows, dim, unreadable)
+        gone += sum(1 for r in rows if not r[3] and os.path.isabs(r[1]) and not os.path.lexists(r[1]))
+    return unreadable, gone, total
+
+
+def _drop_rows(directory: Path, ids: list[str]) -> None:
+    db = sqlite3.connect(directory / DB_NAME, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        with _Transaction(db, threading.RLock()):
+            db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+            db.execute(_BUMP_GENERATION)
+    except sqlite3.Error as e:
+        raise storage_error(e, directory / DB_NAME) from None
+    finally:
+        db.close()
+
+
+def _remove_index_files(path: Path) -> None:
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        (path.parent / name).unlink(missing_ok=True)
+
+
+def _repair_damaged(directory: Path, report: CheckReport) -> None:
+    """Copy every readable row of a damaged file into a fresh index; keep the damaged file beside it."""
+    path = directory / DB_NAME
+    src = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    src.text_factory = text_from_db
+    try:
+        try:
+            meta = {str(k): str(v) for k, v in src.execute("SELECT name, value FROM meta")}
+        except sqlite3.Error:
+            meta = {}
+        if not {"model", "dim"} <= meta.keys():
+            src.close()
+            aside = _move_aside(path)
+            report.problems.append(f"its model record cannot be read, so nothing can be copied: moved it to "
+                                   f"{aside}; run `clipsearch index` on your folders to build the index again")
+            return
+        work = directory / ".repair"
+        if work.exists():
+            _remove_index_files(work / DB_NAME)
+        fresh = EmbeddedIndex(work, model=meta["model"], dim=int(meta["dim"]))
+        try:
+            saved = 0
+            keys: list[str] = []
+            for batch in _readable_rows(src):
+                docs = [Document(key=r[1], bucket=r[2], title=r[3], content_hash=r[4], size=r[5], mtime=r[6],
+                                 width=r[7], height=r[8], indexed_at=r[9],
+                                 vector=np.frombuffer(r[10], dtype=np.float32))
+                        for r in batch if isinstance(r[10], bytes) and len(r[10]) == 4 * fresh.dim]
+                saved += fresh.upsert(docs).written
+                keys.extend(d.key for d in docs if not d.bucket and os.path.isabs(d.key))
+        finally:
+            fresh.close()
+    finally:
+        src.close()
+    aside = _move_aside(path)
+    (work / DB_NAME).replace(path)
+    _remove_index_files(work / DB_NAME)
+    work.rmdir()
+    report.problems.clear()
+    report.rows = saved
+    again = ""
+    if keys:
+        again = f" `clipsearch index {shlex.quote(os.path.commonpath(keys))} --index {shlex.quote(str(directory))}`"
+    report.repaired.append(f"copied the {saved} readable rows into a fresh index and moved the damaged file "
+                           f"to {aside}; re-run{again or ' `clipsearch index` on your folders'} to re-embed "
+                           "the pictures whose rows were lost")
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged index file out of the way (kept for forensics); its -wal and -shm go."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    path.replace(aside)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    return aside
+
+
+def _readable_rows(db: sqlite3.Connection, batch: int = 256) -> Iterator[list[tuple]]:
+    """Rows of a damaged images table, in batches, stepping over the rowids whose pages cannot be read."""
+    after, step, misses, limit = 0, 1, 0, batch
+    query = f"SELECT rowid, {_COLUMNS}, vector FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?"
+    while misses < 64:
+        try:
+            rows = db.execute(query, (after, limit)).fetchall()
+        except sqlite3.DatabaseError:
+            if limit > 1:
+                limit = 1  # read one row at a time up to the damaged page
+            else:
+                after, step, misses = after + step, step * 2, misses + 1
+            continue
+        if not rows:
+            return
+        step, misses, limit = 1, 0, batch
+        after = int(rows[-1][0])
+        yield [r[1:] for r in rows]

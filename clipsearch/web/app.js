@@ -4,6 +4,12 @@
 (() => {
   const DEBOUNCE_MS = 250;
   const SENT_AS_IS = ["image/jpeg", "image/png", "image/webp"];
+  // CLIP sees a few hundred pixels: the server keeps at most 2:1 around the centre and 448 px on the
+  // shorter side. Shrinking to that here keeps a camera original far under API Gateway's 6 MB event
+  // limit (base64 included, so ~4.4 MB of picture) and makes the upload small on every path.
+  const MAX_SIDE = 448;
+  const MAX_ASPECT = 2;
+  const JPEG_QUALITY = 0.92;
 
   const $ = (id) => document.getElementById(id);
   const form = $("search-form");
@@ -190,15 +196,40 @@
   // -- image ----------------------------------------------------------------------------------
 
   async function asUploadable(file) {
-    if (SENT_AS_IS.includes(file.type)) return file;
-    // Other formats (GIF, BMP, HEIC where the browser decodes it) travel as PNG.
-    const bitmap = await createImageBitmap(file);
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file); // upright: EXIF orientation applied
+    } catch (err) {
+      // A format the server reads travels as it is, so a broken file gets the server's reason.
+      if (SENT_AS_IS.includes(file.type)) return file;
+      throw err;
+    }
+    const { width, height } = bitmap;
+    const short = Math.min(width, height);
+    const small = short <= MAX_SIDE && Math.max(width, height) <= MAX_ASPECT * short;
+    if (small && SENT_AS_IS.includes(file.type)) {
+      bitmap.close();
+      return file;
+    }
+    // The centre at most 2:1, shorter side at most MAX_SIDE: what the server would keep anyway.
+    const cropWidth = Math.min(width, MAX_ASPECT * height);
+    const cropHeight = Math.min(height, MAX_ASPECT * width);
+    const scale = Math.min(1, MAX_SIDE / Math.min(cropWidth, cropHeight));
     const canvas = document.createElement("canvas");
-    canvas.width = bitmap.width;
-    canvas.height = bitmap.height;
-    canvas.getContext("2d").drawImage(bitmap, 0, 0);
+    canvas.width = Math.max(1, Math.round(cropWidth * scale));
+    canvas.height = Math.max(1, Math.round(cropHeight * scale));
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#fff"; // transparency on white, as the server composites it
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    context.imageSmoothingQuality = "high";
+    context.drawImage(bitmap, (width - cropWidth) / 2, (height - cropHeight) / 2, cropWidth, cropHeight,
+      0, 0, canvas.width, canvas.height);
+    bitmap.close();
+    // Small pictures in other formats (GIF, BMP, HEIC where the browser decodes it) stay lossless.
+    const type = small ? "image/png" : "image/jpeg";
     return new Promise((resolve, reject) =>
-      canvas.toBlob((blob) => (blob ? resolve(blob) : reject(new Error("cannot read that picture"))), "image/png"));
+      canvas.toBlob((blob) => (blob ? resolve(blob) : reject(new Error("cannot read that picture"))),
+        type, JPEG_QUALITY));
   }
 
   async function imageQuery(file) {

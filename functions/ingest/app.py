@@ -10,7 +10,7 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from clipsearch import aws_config
-from clipsearch.aws_ingest import Ingestor
+from clipsearch.aws_ingest import build_ingestor
 
 logger = Logger()
 tracer = Tracer()
@@ -18,13 +18,8 @@ metrics = Metrics()
 # A batch whose records all fail still answers with batchItemFailures rather than an error.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
-config = aws_config.from_env("ingest")
-ingestor = Ingestor(
-    encoder=aws_config.make_encoder(config),
-    index=aws_config.make_index(config),
-    s3=aws_config.boto_client("s3"),
-    metrics=metrics,
-)
+# Each record starts only if its worst case fits in the time left; the rest fail as items, not as a timeout.
+ingestor = build_ingestor(aws_config.from_env("ingest"), metrics)
 
 
 @logger.inject_lambda_context

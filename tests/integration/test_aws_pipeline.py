@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +24,13 @@ import boto3
 import numpy as np
 import pytest
 from fakes import LambdaContext, load_function
-from moto.server import ThreadedMotoServer
+from support.sagemaker_endpoint import InvokeEndpointServer
 
-from clipsearch import shapes
+from clipsearch import aws_ingest, aws_search, shapes
 from clipsearch.errors import NotFound
 from clipsearch.images import load_file
 from clipsearch.index.base import doc_id
 from clipsearch.index.opensearch import OpenSearchIndex
-from clipsearch.packaging import package_model
 
 pytestmark = pytest.mark.opensearch
 
@@ -41,95 +38,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "clipsearch-images-e2e"
 ENDPOINT = "clipsearch-demo"
 MAX_RECEIVE_COUNT = 2
-
-
-# -- the local SageMaker runtime -------------------------------------------------------------------
-
-
-class InvokeEndpointServer(ThreadingHTTPServer):
-    """POST /endpoints/NAME/invocations -> model_code's input_fn/predict_fn/output_fn, as in the container."""
-
-    def __init__(self, model_dir: Path) -> None:
-        from model_code import inference
-
-        self.inference = inference
-        self.model = inference.model_fn(str(model_dir))
-        self.throttle_next = 0
-        self.calls: list[tuple[str, str]] = []
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _InvokeHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _InvokeHandler(BaseHTTPRequestHandler):
-    server: InvokeEndpointServer
-
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        parts = self.path.strip("/").split("/")
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if len(parts) != 3 or parts[0] != "endpoints" or parts[2] != "invocations":
-            return self._send(404, {"message": "no such route"}, "UnknownOperationException")
-        ctype = self.headers.get("Content-Type", "")
-        with self.server.lock:
-            self.server.calls.append((parts[1], ctype))
-            if self.server.throttle_next > 0:
-                self.server.throttle_next -= 1
-                return self._send(400, {"message": "Rate exceeded"}, "ThrottlingException")
-            inference = self.server.inference
-            try:
-                data = inference.input_fn(body, ctype)
-                answer = inference.output_fn(inference.predict_fn(data, self.server.model),
-                                             self.headers.get("Accept"))
-            except ValueError as e:
-                return self._send(424, {"message": "Received client error (400) from model",
-                                        "OriginalStatusCode": 400, "OriginalMessage": str(e),
-                                        "ErrorCode": "CLIENT_ERROR_FROM_MODEL"}, "ModelError")
-        payload = answer.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("x-Amzn-Invoked-Production-Variant", "AllTraffic")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _send(self, status: int, body: dict[str, Any], error_type: str) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("x-amzn-ErrorType", error_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InvokeEndpointServer]:
-    work = tmp_path_factory.mktemp("endpoint")
-    packaged = package_model("demo", work / "model.tar.gz")
-    model_dir = work / "model"
-    with tarfile.open(packaged.path) as tar:
-        tar.extractall(model_dir, filter="data")
-    server = InvokeEndpointServer(model_dir)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 # -- the stack -------------------------------------------------------------------------------------
@@ -152,7 +60,7 @@ class Stack:
         index.refresh()
         return index
 
-    def deliver(self) -> tuple[list[str], list[str]]:
+    def deliver(self, context: LambdaContext | None = None) -> tuple[list[str], list[str]]:
         """One SQS poll handed to the ingest function, as Lambda's event source mapping does it.
 
         Successful messages are deleted; failed ones become visible again at once (the visibility
@@ -167,7 +75,7 @@ class Stack:
             "attributes": m.get("Attributes", {}), "messageAttributes": {}, "md5OfBody": m["MD5OfBody"],
             "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
             "awsRegion": "us-east-1"} for m in messages]}
-        response = self.ingest.handler(event, LambdaContext("clipsearch-e2e"))
+        response = self.ingest.handler(event, context or LambdaContext("clipsearch-e2e"))
         failed = [f["itemIdentifier"] for f in response["batchItemFailures"]]
         for m in messages:
             if m["MessageId"] in failed:
@@ -187,11 +95,12 @@ class Stack:
                 return failures
         raise AssertionError("the queue did not drain")
 
-    def api(self, event_file: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    def api(self, event_file: str, body: dict[str, Any] | None = None,
+            context: LambdaContext | None = None) -> tuple[int, dict[str, Any]]:
         event = json.loads((ROOT / "events" / "api" / event_file).read_text())
         if body is not None:
             event["body"] = json.dumps(body)
-        response = self.search.handler(event, LambdaContext("clipsearch-e2e"))
+        response = self.search.handler(event, context or LambdaContext("clipsearch-e2e"))
         return response["statusCode"], json.loads(response["body"])
 
 
@@ -363,3 +272,55 @@ def test_given_demo_package_when_served_then_endpoint_answers_text_like_the_loca
                                     ContentType="application/json", Accept="application/json")
     remote = np.asarray(json.loads(answer["Body"].read()), dtype=np.float32)
     assert float(np.max(np.abs(remote - demo_encoder.encode_texts(["a red circle"])))) <= 1e-4
+
+
+# -- the time budget, against an endpoint that sleeps -----------------------------------------------
+
+
+def wait_for_calls(endpoint: InvokeEndpointServer, count: int, timeout_s: float) -> None:
+    """The stand-in records a call once its delay is over: wait for that, or for timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while len(endpoint.calls) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_given_endpoint_slower_than_the_time_left_when_searched_then_json_503_with_retry_after_in_one_attempt(
+        stack: Stack, endpoint: InvokeEndpointServer) -> None:
+    # Leaves the endpoint a 2 s read timeout after the response reserve, its connect, its answer and
+    # one index call; the endpoint answers only after 5 s (a cold start). botocore's legacy default
+    # would retry the read timeout 4 times (boto3 guide, "Retries").
+    seconds = (aws_search.RESPONSE_RESERVE_S + aws_search.ENDPOINT_CONNECT_TIMEOUT_S + 1.0
+               + aws_search.INDEX_CALL_S + 2.5)
+    before = len(endpoint.calls)
+    endpoint.delay_s = 5.0
+    try:
+        status, body = stack.api("search-text.json", context=LambdaContext("clipsearch-e2e", timeout_s=seconds))
+        event = json.loads((ROOT / "events" / "api" / "search-text.json").read_text())
+        raw = stack.search.handler(event, LambdaContext("clipsearch-e2e", timeout_s=seconds))
+        wait_for_calls(endpoint, before + 2, timeout_s=10.0)
+    finally:
+        endpoint.delay_s = 0.0
+
+    assert status == 503 and body["error"]["code"] == "unavailable"
+    assert raw["statusCode"] == 503 and int(raw["multiValueHeaders"]["Retry-After"][0]) > 0
+    assert len(endpoint.calls) - before == 2  # one attempt per request
+
+
+def test_given_slow_endpoint_when_a_batch_outlasts_the_time_left_then_the_rest_fail_as_items_and_are_redelivered(
+        stack: Stack, endpoint: InvokeEndpointServer) -> None:
+    keys = [f"budget/{n}.png" for n in range(3)]
+    for n, key in enumerate(keys):
+        stack.s3.put_object(Bucket=BUCKET, Key=key, Body=picture("red", "square", seed=90 + n))
+    # Time for exactly one record's worst case (plus 1.5 s), and each record takes 3 s at the endpoint.
+    context = LambdaContext("clipsearch-e2e", timeout_s=aws_ingest.RECORD_MIN_S + aws_ingest.END_RESERVE_S + 1.5)
+    endpoint.delay_s = 3.0
+    try:
+        seen, failed = stack.deliver(context)
+    finally:
+        endpoint.delay_s = 0.0
+
+    assert len(seen) == 3 and len(failed) == 2 and context.get_remaining_time_in_millis() > 0
+    assert stack.index().count() == 1
+    assert stack.deliver_all() == []  # redelivered with a fresh invocation's time
+    index = stack.index()
+    assert all(index.get(doc_id(BUCKET, key)) is not None for key in keys)

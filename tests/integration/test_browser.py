@@ -8,6 +8,8 @@ is written when it is missing or CLIPSEARCH_UPDATE_SCREENSHOT=1.
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -35,6 +38,9 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
                   "--no-first-run", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 30_000
+# A Lambda behind API Gateway gets at most 6 MB per synchronous event, and a binary body travels in it as
+# base64 ("Invocation payload (request and response): 6 MB each for synchronous", Lambda quotas).
+LAMBDA_EVENT_BYTES = 6 * 1024 * 1024
 
 
 def _required() -> bool:
@@ -201,3 +207,37 @@ def test_given_a_broken_picture_when_uploaded_then_the_servers_message_shows(pag
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#error")).to_contain_text("Search failed: not a recognised image")
     expect(page.locator("#results .hit")).to_have_count(0)
+
+
+def camera_original() -> bytes:
+    """A 4000x3000 phone-style JPEG over 6 MB: a blue star with sensor-like noise, quality 95."""
+    rng = np.random.default_rng(7)
+    star = render("blue", "star", "large", rng=rng, image_size=3000)
+    scene = Image.new("RGB", (4000, 3000), star.getpixel((0, 0)))
+    scene.paste(star, (500, 0))
+    noise = rng.normal(0, 14, (3000, 4000, 1))
+    noisy = np.clip(np.asarray(scene, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_given_a_camera_original_over_6_mb_when_uploaded_then_the_page_sends_a_small_jpeg_and_results_come_back(
+    page, tmp_path
+):
+    query = tmp_path / "camera-blue-star.jpg"
+    query.write_bytes(camera_original())
+    assert query.stat().st_size > LAMBDA_EVENT_BYTES
+
+    with page.expect_response(lambda r: r.request.method == "POST" and "/search" in r.url) as answer:
+        page.set_input_files("#file", str(query))
+
+    # The query thumbnail shows the very blob that was sent: 4000x3000 shrunk to a 448 px shorter side.
+    thumb = page.locator("#query-thumb")
+    expect(thumb).to_have_js_property("complete", True)
+    assert thumb.evaluate("(img) => [img.naturalWidth, img.naturalHeight]") == [597, 448]
+    assert answer.value.request.headers["content-type"] == "image/jpeg"
+    received = answer.value.json()["query"]["bytes"]  # the body's size, as the server read it
+    assert 4 * math.ceil(received / 3) < LAMBDA_EVENT_BYTES // 10, received  # base64 in the event: far under
+    titles = wait_for_results(page, "camera-blue-star.jpg")
+    assert "blue star" in titles[0], titles

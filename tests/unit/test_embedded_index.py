@@ -7,10 +7,18 @@ import sqlite3
 import numpy as np
 import pytest
 
-from clipsearch.errors import BadRequest, ModelMismatch, NotFound
+from clipsearch.errors import (
+    BadRequest,
+    IndexCorrupt,
+    IndexReadOnly,
+    IndexUnavailable,
+    ModelMismatch,
+    NotFound,
+    Unavailable,
+)
 from clipsearch.index import open_index
 from clipsearch.index.base import Document, doc_id
-from clipsearch.index.embedded import DB_NAME
+from clipsearch.index.embedded import DB_NAME, check_index, storage_error
 
 DIM = 8
 
@@ -142,3 +150,179 @@ def test_given_index_then_sqlite_holds_exactly_one_row_per_key(index, tmp_path):
     db = sqlite3.connect(tmp_path / "idx" / DB_NAME)
     total, distinct = db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM images").fetchone()
     assert total == distinct == 50
+
+
+# -- the SQLite layer under faults (issue 15) -----------------------------------------------------
+
+
+def test_given_a_read_only_open_then_nothing_is_created_or_migrated(tmp_path):
+    with pytest.raises(NotFound, match="clipsearch index"):
+        open_index("embedded", str(tmp_path / "nothing"), read_only=True)
+    assert not (tmp_path / "nothing").exists()
+    path = tmp_path / "idx"
+    open_index("embedded", str(path), model="fake", dim=DIM).close()
+    db = sqlite3.connect(path / DB_NAME)
+    db.execute("DROP INDEX images_key")  # an older schema: a writable open would add it back
+    db.close()
+    reader = open_index("embedded", str(path), read_only=True)
+    assert reader.count() == 0
+    with pytest.raises(IndexReadOnly):
+        reader.upsert(corpus(1))
+    reader.close()
+    db = sqlite3.connect(path / DB_NAME)
+    assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'images_key'").fetchall()
+    db.close()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_given_a_non_finite_vector_when_upserting_then_refused_with_one_line(index, bad):
+    vec = unit(np.ones(DIM))
+    vec[3] = bad
+    result = index.upsert([Document(key="nan.jpg", vector=vec)])
+    assert result.written == 0 and "non-finite" in result.failed[doc_id("", "nan.jpg")]
+    assert index.count() == 50 and index.get(doc_id("", "nan.jpg")) is None
+
+
+def test_given_a_stored_non_finite_or_short_vector_then_skipped_on_load_and_re_embedded(tmp_path):
+    path = tmp_path / "idx"
+    open_index("embedded", str(path), model="fake", dim=DIM).upsert(corpus())
+    docs = corpus()
+    db = sqlite3.connect(path / DB_NAME)
+    db.execute("UPDATE images SET vector = ? WHERE id = ?", (np.full(DIM, np.nan, np.float32).tobytes(), docs[0].id))
+    db.execute("UPDATE images SET vector = ? WHERE id = ?", (b"\0" * 5, docs[1].id))
+    db.commit()
+    db.close()
+    idx = open_index("embedded", str(path))
+    for q in np.eye(DIM, dtype=np.float32):
+        ids = [h.id for h in idx.search(q, k=50)]
+        assert docs[0].id not in ids and docs[1].id not in ids and len(ids) == 48
+    fps = idx.fingerprints()
+    assert docs[0].key not in fps and docs[1].key not in fps and len(fps) == 48  # so `index` re-embeds them
+    assert idx.info().extra["unreadable_rows"] == 2
+    idx.upsert(docs[:2])
+    assert docs[0].id in [h.id for h in idx.search(docs[0].vector, k=1)]
+    assert len(idx.fingerprints()) == 50
+
+
+@pytest.mark.parametrize("kind", ["zero bytes", "header only"])
+def test_given_an_empty_or_half_created_file_then_treated_as_new(tmp_path, kind):
+    path = tmp_path / "idx"
+    path.mkdir()
+    if kind == "zero bytes":
+        (path / DB_NAME).touch()
+    else:
+        sqlite3.connect(path / DB_NAME).execute("PRAGMA journal_mode=WAL").fetchall()
+    for read_only in (False, True):
+        with pytest.raises(NotFound, match="is empty"):
+            open_index("embedded", str(path), read_only=read_only)
+    idx = open_index("embedded", str(path), model="fake", dim=DIM)
+    idx.upsert(corpus(5))
+    assert (idx.model, idx.dim, idx.count()) == ("fake", DIM, 5)
+
+
+def test_given_the_index_file_replaced_underneath_then_a_reader_follows_it(tmp_path):
+    path = tmp_path / "idx"
+    writer = open_index("embedded", str(path), model="fake", dim=DIM)
+    writer.upsert(corpus(10))
+    writer.close()
+    reader = open_index("embedded", str(path), read_only=True)
+    q = np.eye(DIM, dtype=np.float32)[0]
+    assert len(reader.search(q, k=50)) == 10
+    other = tmp_path / "other"
+    replacement = open_index("embedded", str(other), model="fake", dim=DIM)
+    replacement.upsert([Document(key="only.jpg", vector=q)])
+    replacement.close()
+    (other / DB_NAME).replace(path / DB_NAME)
+    assert [h.key for h in reader.search(q, k=50)] == ["only.jpg"]
+    assert reader.count() == 1
+
+
+def test_given_the_index_replaced_by_another_model_then_a_reader_refuses_with_one_line(tmp_path):
+    path = tmp_path / "idx"
+    writer = open_index("embedded", str(path), model="fake", dim=DIM)
+    writer.upsert(corpus(10))
+    writer.close()
+    reader = open_index("embedded", str(path), read_only=True)
+    other = tmp_path / "other"
+    open_index("embedded", str(other), model="RN50", dim=DIM).close()
+    (other / DB_NAME).replace(path / DB_NAME)
+    with pytest.raises(Unavailable, match="replaced by one built with model 'RN50'.*restart"):
+        reader.search(np.eye(DIM, dtype=np.float32)[0], k=5)
+
+
+@pytest.mark.parametrize(("message", "code", "error", "words"), [
+    ("database or disk is full", 13, IndexUnavailable, "full"),
+    ("disk I/O error", 10 | (3 << 8), IndexUnavailable, "I/O error"),
+    ("database is locked", 5, IndexUnavailable, "locked by another process"),
+    ("database disk image is malformed", 11, IndexCorrupt, "clipsearch check --repair --index"),
+    ("file is not a database", 26, IndexCorrupt, "clipsearch check --repair --index"),
+    ("attempt to write a readonly database", 8, IndexReadOnly, "read-only"),
+])
+def test_given_an_sqlite_error_then_it_becomes_a_typed_error_with_one_line(tmp_path, message, code, error, words):
+    e = sqlite3.OperationalError(message)
+    e.sqlite_errorcode = code  # type: ignore[attr-defined]
+    typed = storage_error(e, tmp_path / DB_NAME)
+    assert type(typed) is error and words in str(typed) and "\n" not in str(typed)
+
+
+def test_given_check_then_healthy_index_is_ok_and_nan_rows_are_dropped_by_repair(tmp_path):
+    path = tmp_path / "idx"
+    idx = open_index("embedded", str(path), model="fake", dim=DIM)
+    idx.upsert(corpus())
+    idx.close()
+    assert check_index(path).healthy
+    db = sqlite3.connect(path / DB_NAME)
+    db.execute("UPDATE images SET vector = ? WHERE id = ?", (np.full(DIM, np.inf, np.float32).tobytes(),
+                                                              corpus()[7].id))
+    db.commit()
+    db.close()
+    report = check_index(path)
+    assert not report.healthy and "1 rows have an unusable vector" in report.problems[0]
+    repaired = check_index(path, repair=True)
+    assert repaired.healthy and repaired.repaired
+    assert check_index(path).healthy and open_index("embedded", str(path)).count() == 49
+
+
+def test_given_a_page_damaged_in_a_large_index_then_repair_keeps_every_readable_row_and_the_file(tmp_path):
+    path = tmp_path / "idx"
+    idx = open_index("embedded", str(path), model="fake", dim=DIM)
+    docs = corpus(3000)
+    idx.upsert(docs)
+    idx.close()
+    db = sqlite3.connect(path / DB_NAME)
+    before = {r[0]: r[1] for r in db.execute("SELECT id, vector FROM images")}
+    db.close()
+    # Damage the table page that holds a row in the middle (found by its vector's bytes).
+    page = (path / DB_NAME).read_bytes().index(before[docs[1500].id]) // 4096
+    with open(path / DB_NAME, "r+b") as f:
+        f.seek(page * 4096)
+        f.write(b"\xa5" * 4096)
+    with pytest.raises(IndexCorrupt, match="check --repair"):
+        open_index("embedded", str(path))
+    report = check_index(path, repair=True)
+    assert report.healthy and "moved the damaged file" in report.repaired[0]
+    assert list(path.glob(f"{DB_NAME}.damaged-*"))
+    repaired = open_index("embedded", str(path))
+    db = sqlite3.connect(path / DB_NAME)
+    after = {r[0]: r[1] for r in db.execute("SELECT id, vector FROM images")}
+    db.close()
+    assert after.items() <= before.items() and len(after) >= len(before) - 200
+    assert repaired.count() == len(after) and check_index(path).healthy
+
+
+def test_given_a_key_that_is_not_utf8_then_check_and_repair_read_it(tmp_path):
+    path = tmp_path / "idx"
+    idx = open_index("embedded", str(path), model="fake", dim=DIM)
+    key = "/photos/caf\udce9.png"  # os.fsdecode(b"/photos/caf\xe9.png")
+    idx.upsert([*corpus(5), Document(key=key, vector=np.full(DIM, np.nan, np.float32))])
+    idx.upsert([Document(key=key, vector=unit(np.ones(DIM)))])
+    idx.close()
+    report = check_index(path)
+    assert report.healthy and report.rows == 6
+    db = sqlite3.connect(path / DB_NAME)
+    db.execute("UPDATE images SET vector = ? WHERE id = ?", (b"\0" * 3, doc_id("", key)))
+    db.commit()
+    db.close()
+    report = check_index(path)
+    assert not report.healthy and key in report.problems[0]
+    assert check_index(path, repair=True).healthy and open_index("embedded", str(path)).count() == 5

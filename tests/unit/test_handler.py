@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -76,24 +78,79 @@ def test_given_vectors_then_float32_unit_length(model):
     assert abs(float(np.linalg.norm(vectors[0])) - 1.0) < 1e-5
 
 
-@pytest.mark.parametrize(
-    "body,ctype,message",
-    [
-        ("hello", "text/plain", "unsupported content type"),
-        ("{not json", "application/json", "not valid JSON"),
-        (json.dumps([1, 2]), "application/json", "must be an object"),
-        (json.dumps({"inputs": []}), "application/json", "empty"),
-        (json.dumps({"images": []}), "application/json", "empty"),
-        (json.dumps({}), "application/json", "exactly one"),
-        (json.dumps({"inputs": ["a"], "images": ["b"]}), "application/json", "exactly one"),
-        (json.dumps({"inputs": [1, 2]}), "application/json", "list of strings"),
-        (json.dumps({"images": ["***not base64***"]}), "application/json", "not valid base64"),
-        (b"", "image/png", "empty image"),
-    ],
-)
+BAD_REQUESTS = [
+    ("hello", "text/plain", "unsupported content type"),
+    ("{not json", "application/json", "not valid JSON"),
+    (json.dumps([1, 2]), "application/json", "must be an object"),
+    (json.dumps({"inputs": []}), "application/json", "empty"),
+    (json.dumps({"images": []}), "application/json", "empty"),
+    (json.dumps({}), "application/json", "exactly one"),
+    (json.dumps({"inputs": ["a"], "images": ["b"]}), "application/json", "exactly one"),
+    (json.dumps({"inputs": [1, 2]}), "application/json", "list of strings"),
+    (json.dumps({"images": ["***not base64***"]}), "application/json", "not valid base64"),
+    (b"", "image/png", "empty image"),
+]
+
+
+@pytest.mark.parametrize("body,ctype,message", BAD_REQUESTS)
 def test_given_bad_request_when_parsed_then_value_error_with_clear_message(body, ctype, message):
     with pytest.raises(ValueError, match=message):
         inference.input_fn(body, ctype)
+
+
+@pytest.mark.parametrize("body,ctype,message", BAD_REQUESTS)
+def test_given_bad_request_when_parsed_then_the_toolkit_sees_a_400_that_is_still_a_value_error(body, ctype, message):
+    from sagemaker_inference.errors import BaseInferenceToolkitError
+
+    with pytest.raises(inference.BadInput, match=message) as info:
+        inference.input_fn(body, ctype)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, BaseInferenceToolkitError)
+    assert (info.value.status_code, info.value.message) == (400, str(info.value))
+
+
+def test_given_kind_or_accept_the_endpoint_refuses_when_served_then_bad_input_with_status_400(monkeypatch):
+    monkeypatch.setenv("MODEL_NAME", "demo")
+    monkeypatch.setenv("ENCODE_TYPE", "TEXT")
+    text_only = inference.model_fn(str(models.DATA_DIR))
+
+    with pytest.raises(inference.BadInput, match="encodes text only") as refused_kind:
+        inference.predict_fn(inference.input_fn(picture(), "image/png"), text_only)
+    with pytest.raises(inference.BadInput, match="accept") as refused_accept:
+        inference.output_fn(np.zeros((1, 4), np.float32), "text/csv")
+    assert refused_kind.value.status_code == refused_accept.value.status_code == 400
+
+
+# Outside the serving container (clipsearch itself, the Lambdas) the toolkit is absent.
+WITHOUT_TOOLKIT = r"""
+import json, sys
+
+
+class NoToolkit:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("sagemaker_inference", "sagemaker_pytorch_serving_container"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, NoToolkit())
+from model_code import inference
+
+try:
+    inference.input_fn(b"", "image/png")
+except ValueError as e:
+    print(json.dumps({"type": type(e).__name__, "message": str(e),
+                      "bases": [c.__name__ for c in type(e).__mro__]}))
+"""
+
+
+def test_given_no_toolkit_when_model_code_refuses_an_input_then_bad_input_is_a_plain_value_error():
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TOOLKIT], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = json.loads(done.stdout)
+    assert refused["type"] == "BadInput" and refused["message"] == "empty image"
+    assert "BaseInferenceToolkitError" not in refused["bases"] and "ValueError" in refused["bases"]
 
 
 @pytest.mark.parametrize("name", sorted(bad_files()))

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
-from fakes import FakeEncoder, LambdaContext, load_function
+from fakes import FakeClock, FakeEncoder, LambdaContext, load_function
 from PIL import Image, ImageDraw
 
-from clipsearch import aws_config, backfill
+from clipsearch import aws_config, aws_ingest, backfill
+from clipsearch.aws_config import Deadline
 from clipsearch.aws_ingest import Ingestor, parse_notification
 from clipsearch.errors import ConfigError, Unavailable
 from clipsearch.index.base import Document, UpsertResult, doc_id
@@ -290,6 +291,68 @@ def test_given_key_without_extension_but_image_content_type_when_ingested_then_i
     assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == []
 
     assert index.get(doc_id(BUCKET, "scans/0001")) is not None and index.count() == 1
+
+
+# -- the time budget ------------------------------------------------------------------------------
+
+
+class SlowEncoder(FakeEncoder):
+    """An endpoint that takes `seconds` per call, on the test's clock."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        self.clock.advance(self.seconds)
+        return super().encode_images(images)
+
+
+def put_batch(s3: Any, keys: list[str]) -> dict[str, Any]:
+    """One SQS batch of ObjectCreated notifications, message id = key."""
+    template = load_event("put.json")["Records"][0]
+    for key in keys:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=picture())
+    return {"Records": [{**template, "messageId": key,
+                         "body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, 10)))}
+                        for key in keys]}
+
+
+def test_given_slow_endpoint_when_time_runs_short_then_remaining_records_fail_as_items_not_as_a_timeout(
+        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    clock = FakeClock()
+    ingestor = Ingestor(SlowEncoder(clock, seconds=30.0), index, s3, metrics,
+                        deadline=Deadline(clock=clock), record_min_s=50.0)
+    keys = [f"slow/{n}.jpg" for n in range(4)]
+    context = LambdaContext(timeout_s=100.0, clock=clock)
+
+    result = process_partial_response(event=put_batch(s3, keys), record_handler=ingestor.handle_record,
+                                      processor=BatchProcessor(event_type=EventType.SQS,
+                                                               raise_on_entire_batch_failure=False),
+                                      context=context)
+
+    # 100 s: two records of 30 s start with 100 and 70 s left; at 40 s left the rest are not started.
+    assert [f["itemIdentifier"] for f in result["batchItemFailures"]] == keys[2:]
+    assert sorted(index.fingerprints()) == keys[:2]
+    assert counted(metrics, "RecordsOutOfTime") == 2 and context.get_remaining_time_in_millis() > 0
+
+
+@pytest.mark.parametrize(("spare_s", "failed"), [(-1.0, 2), (1.0, 0)])
+def test_given_ingest_module_when_less_than_one_records_worst_case_is_left_then_no_record_starts(
+        s3: Any, index: EmbeddedIndex, monkeypatch: pytest.MonkeyPatch, spare_s: float, failed: int) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    module = load_function("ingest")
+    # The deployed budget (S3, decode, the endpoint's shortest read, OpenSearch); local stand-ins.
+    module.ingestor.encoder, module.ingestor.index = FakeEncoder(), index
+    keys = ["late/a.jpg", "late/b.jpg"]
+    context = LambdaContext(timeout_s=aws_ingest.RECORD_MIN_S + aws_ingest.END_RESERVE_S + spare_s,
+                            clock=FakeClock())
+
+    response = module.handler(put_batch(s3, keys), context)
+
+    assert [f["itemIdentifier"] for f in response["batchItemFailures"]] == keys[:failed]
+    assert index.count() == len(keys) - failed
 
 
 # -- the handler module and its configuration -------------------------------------------------------

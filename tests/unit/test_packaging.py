@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -15,7 +18,7 @@ from PIL import Image, ImageDraw
 from clipsearch.cli import EXIT_OK, EXIT_USAGE, main
 from clipsearch.errors import BadRequest
 from clipsearch.images import load_file
-from clipsearch.packaging import MANIFEST, package_model
+from clipsearch.packaging import MANIFEST, VENDOR_DIR, package_model, vendor_pins, wheel_cache
 from model_code import inference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,11 +60,13 @@ def test_given_checkpoint_path_when_packaged_then_archive_has_the_sagemaker_layo
     with tarfile.open(packaged.path) as tar:
         names = sorted(tar.getnames())
         code = tar.extractfile("code/inference.py").read()  # type: ignore[union-attr]
-        requirements = tar.extractfile("code/requirements.txt").read()  # type: ignore[union-attr]
         manifest = json.load(tar.extractfile(MANIFEST))  # type: ignore[arg-type]
-    assert names == sorted([MANIFEST, "code/inference.py", "code/requirements.txt", "tiny-clip.pt"])
+    # No code/requirements.txt: the toolkit would pip-install it at every cold start.
+    assert [n for n in names if not n.startswith(VENDOR_DIR)] == sorted([MANIFEST, "code/inference.py",
+                                                                         "tiny-clip.pt"])
+    vendored = {n[len(VENDOR_DIR):].split("/")[0] for n in names if n.startswith(VENDOR_DIR)}
+    assert {"clip", "ftfy", "regex", "wcwidth"} <= vendored
     assert code == (ROOT / "model_code" / "inference.py").read_bytes()
-    assert requirements == (ROOT / "model_code" / "requirements.txt").read_bytes()
     assert manifest == {"spec": str(checkpoint), "dim": 32, "checkpoint": "tiny-clip.pt"}
     assert (packaged.dim, packaged.checkpoint) == (32, "tiny-clip.pt")
 
@@ -137,3 +142,91 @@ def test_given_uncached_clip_name_offline_when_packaged_then_one_line_names_the_
 def test_given_a_folder_as_out_when_packaged_then_bad_request(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="is a folder"):
         package_model(str(checkpoint), tmp_path)
+
+
+# The SageMaker PyTorch image has no clip, ftfy or regex: this interpreter refuses any copy of the
+# archive's vendored packages that is not under code/lib, then serves through the real toolkit's
+# HandlerService with SAGEMAKER_PROGRAM=inference.py and code/ on the path, as the container does.
+COLD_START = r"""
+import importlib.machinery, json, sys
+from pathlib import Path
+
+model_dir, vendored, photo = Path(sys.argv[1]), set(json.loads(sys.argv[2])), Path(sys.argv[3])
+lib = str(model_dir / "code" / "lib") + "/"
+
+
+class OnlyFromTheArchive:
+    def find_spec(self, name, path=None, target=None):
+        if path is not None or name not in vendored:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, sys.path)
+        if spec is None or not (spec.origin or "").startswith(lib):
+            raise ModuleNotFoundError(f"{name} is not in the serving image: {spec and spec.origin}")
+        return spec
+
+
+sys.meta_path.insert(0, OnlyFromTheArchive())
+sys.path.insert(0, str(model_dir / "code"))  # the toolkit's PYTHONPATH (torchserve.py, _set_python_path)
+from support.sagemaker_endpoint import ServingContainer
+
+container = ServingContainer(model_dir, {}, program="inference.py")
+answers = {}
+for name, body, ctype in [("text", json.dumps({"inputs": ["a red circle"]}).encode(), "application/json"),
+                          ("image", photo.read_bytes(), "image/jpeg"),
+                          ("refused", b"not an image", "image/png")]:
+    status, payload, _ = container.invoke(body, {"Content-Type": ctype, "Accept": "application/json"})
+    answers[name] = [status, payload.decode()]
+loaded = {n: sys.modules[n].__file__ for n in sorted(vendored) if n in sys.modules}
+print(json.dumps({"answers": answers, "loaded": loaded, "inference": sys.modules["inference"].__file__}))
+"""
+
+
+def test_given_packaged_model_when_cold_started_without_clip_ftfy_regex_then_it_loads_them_from_the_archive(
+        checkpoint: Path, tmp_path: Path) -> None:
+    packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
+    model_dir = tmp_path / "opt-ml-model"
+    with tarfile.open(packaged.path) as tar:
+        tar.extractall(model_dir, filter="data")
+    vendored = sorted(p.name for p in (model_dir / VENDOR_DIR).iterdir() if not p.name.endswith(".dist-info"))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(jpeg())
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT / "tests")
+
+    done = subprocess.run([sys.executable, "-c", COLD_START, str(model_dir), json.dumps(vendored), str(photo)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["inference"] == str(model_dir / "code" / "inference.py")
+    assert {"clip", "ftfy", "regex"} <= set(result["loaded"])
+    assert all(path.startswith(str(model_dir / VENDOR_DIR)) for path in result["loaded"].values())
+    local = inference.load_model(checkpoint.name, str(checkpoint.parent))
+    status, text = result["answers"]["text"]
+    assert status == 200
+    assert np.allclose(json.loads(text), inference.encode_texts(local, ["a red circle"]), atol=1e-5)
+    status, image = result["answers"]["image"]
+    assert status == 200
+    assert np.allclose(json.loads(image), inference.encode_images(local, [load_file(photo).image]), atol=1e-5)
+    status, refused = result["answers"]["refused"]
+    with pytest.raises(ValueError) as local_refusal:
+        inference.input_fn(b"not an image", "image/png")
+    assert status == 400 and refused.splitlines()[0] == str(local_refusal.value)
+
+
+def test_given_no_package_index_and_no_cached_wheels_when_packaged_then_one_line_names_the_fix(
+        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CLIPSEARCH_WHEEL_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there: offline, at once
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    (tmp_path / "no-links").mkdir()
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-links"))
+    out = tmp_path / "model.tar.gz"
+
+    status = main(["package-model", "--model", str(checkpoint), "--out", str(out)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status != EXIT_OK and len(err) == 1
+    assert "package index" in err[0] and str(wheel_cache()) in err[0] and "Traceback" not in err[0]
+    assert all(f"{name}=={version}" in err[0] for name, version in vendor_pins())
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from botocore.exceptions import ClientError
-from fakes import FakeEncoder, LambdaContext, load_function
+from fakes import FakeClock, FakeEncoder, LambdaContext, load_function
 from PIL import Image, ImageDraw
 
-from clipsearch import aws_config
+from clipsearch import aws_config, aws_search
 from clipsearch.aws_config import LazyIndex
 from clipsearch.aws_search import build_search_app
-from clipsearch.encoders import SageMakerEncoder
-from clipsearch.errors import ConfigError, Unavailable
+from clipsearch.encoders import SageMakerEncoder, _client_error
+from clipsearch.errors import BadRequest, ConfigError, Unavailable
 from clipsearch.index.base import Document, VectorIndex, doc_id
 from clipsearch.index.embedded import EmbeddedIndex
 from model_code.inference import decode_image
@@ -77,7 +77,7 @@ def shape(colour: tuple[int, int, int], box: bool = False) -> Image.Image:
 @pytest.fixture
 def s3(aws: None) -> Any:
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    return aws_config.boto_client("s3", signature_version="s3v4")  # as build_service makes it
+    return aws_config.s3_client()  # as build_service makes it
 
 
 @pytest.fixture
@@ -241,3 +241,133 @@ def test_given_image_vectors_when_compared_then_fake_runtime_matches_fake_encode
     img = shape((220, 30, 30))
     encoder = SageMakerEncoder("fake", 16, "clip-text", "clip-image", client=FakeRuntime())
     assert np.allclose(encoder.encode_images([img]), FakeEncoder().encode_images([img]), atol=1e-6)
+
+
+# -- presigned URLs on the regional host ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1", "eu-north-1"])
+def test_given_region_when_hits_are_presigned_then_urls_name_the_bucket_on_the_regional_host(
+        index: EmbeddedIndex, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch, region: str) -> None:
+    # The global host (BUCKET.s3.amazonaws.com) redirects for buckets outside us-east-1 and newer
+    # regions refuse it: S3 User Guide, "Virtual hosting of buckets". Presigning needs no network.
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_S3_US_EAST_1_REGIONAL_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")  # pragma: allowlist secret
+    monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+    config = aws_config.from_env("search", ENV)
+    encoder = SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint,
+                               client=runtime)
+    app = build_search_app(config, encoder=encoder, index=index)  # the S3 client build_service makes
+
+    status, _, body = call(app, "search-text.json")
+
+    assert status == 200 and body["hits"]
+    for hit in body["hits"]:
+        url = urlsplit(hit["url"])
+        assert (url.scheme, url.netloc) == ("https", f"{BUCKET}.s3.{region}.amazonaws.com")
+        assert unquote(url.path) == "/" + hit["key"]
+        assert parse_qs(url.query)["X-Amz-Credential"][0].split("/")[2] == region
+
+
+def test_given_s3_endpoint_override_when_presigned_then_the_stand_in_host_is_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")  # pragma: allowlist secret
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://localhost:4566")
+
+    url = urlsplit(aws_config.s3_client().generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": "a b.png"}, ExpiresIn=60))
+
+    assert (url.scheme, url.netloc, unquote(url.path)) == ("http", "localhost:4566", f"/{BUCKET}/a b.png")
+
+
+# -- the time budget --------------------------------------------------------------------------------
+
+
+class TimedRuntimes:
+    """Makes the sagemaker-runtime client for a read timeout; records the read timeout of each call."""
+
+    def __init__(self, runtime: FakeRuntime) -> None:
+        self.runtime = runtime
+        self.read_timeouts: list[float] = []
+
+    def __call__(self, read_timeout_s: float) -> Any:
+        runtimes = self
+
+        class Client:
+            def invoke_endpoint(self, **kwargs: Any) -> dict[str, Any]:
+                runtimes.read_timeouts.append(read_timeout_s)
+                return runtimes.runtime.invoke_endpoint(**kwargs)
+
+        return Client()
+
+
+def timed_app(index: VectorIndex, s3: Any, runtimes: TimedRuntimes, clock: FakeClock) -> APIGatewayRestResolver:
+    return build_search_app(aws_config.from_env("search", ENV), deadline=aws_search.search_deadline(clock),
+                            index=index, s3=s3, runtime=runtimes)
+
+
+@pytest.mark.parametrize("function_timeout_s", [29.0, 60.0, 900.0])
+def test_given_function_timeout_when_text_is_searched_then_endpoint_and_index_fit_inside_api_gateways_29_s(
+        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime, function_timeout_s: float) -> None:
+    clock = FakeClock()
+    runtimes = TimedRuntimes(runtime)
+    app = timed_app(index, s3, runtimes, clock)
+
+    event = json.loads((EVENTS / "search-text.json").read_text())
+    response = app.resolve(event, LambdaContext(timeout_s=function_timeout_s, clock=clock))
+
+    assert response["statusCode"] == 200 and runtime.calls == [("clip-text", "application/json")]
+    # The endpoint's whole time (connect, read, the answer) and then one index call's worst case.
+    (read_timeout,) = runtimes.read_timeouts
+    worst = aws_search.ENDPOINT_CONNECT_TIMEOUT_S + read_timeout + 1.0 + aws_search.INDEX_CALL_S
+    assert read_timeout >= 1.0 and worst < aws_search.API_GATEWAY_TIMEOUT_S
+
+
+def test_given_cold_start_init_when_first_request_arrives_then_init_time_counts_against_api_gateway(
+        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime) -> None:
+    clock = FakeClock()
+    runtimes = TimedRuntimes(runtime)
+    app = timed_app(index, s3, runtimes, clock)
+    clock.advance(6.0)  # module init: inside API Gateway's 29 s, outside the function's timeout
+
+    for _ in range(2):
+        event = json.loads((EVENTS / "search-text.json").read_text())
+        assert app.resolve(event, LambdaContext(timeout_s=29.0, clock=clock))["statusCode"] == 200
+
+    cold, warm = runtimes.read_timeouts
+    assert warm - cold >= 5.0
+
+
+@pytest.mark.parametrize("seconds_left", [0.5, 5.0, aws_search.INDEX_CALL_S + 2.0])
+def test_given_too_little_time_left_when_text_is_searched_then_503_with_retry_after_and_no_endpoint_call(
+        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime, seconds_left: float) -> None:
+    clock = FakeClock()
+    app = timed_app(index, s3, TimedRuntimes(runtime), clock)
+    event = json.loads((EVENTS / "search-text.json").read_text())
+
+    response = app.resolve(event, LambdaContext(timeout_s=seconds_left, clock=clock))
+
+    body = json.loads(response["body"])
+    headers = {k.lower(): v for k, v in (response.get("multiValueHeaders") or {}).items()}
+    assert response["statusCode"] == 503 and body["error"]["code"] == "unavailable"
+    assert int(headers["retry-after"][0]) > 0 and headers["content-type"] == ["application/json"]
+    assert runtime.calls == []
+
+
+@pytest.mark.parametrize(("code", "message", "expected"), [
+    ("ValidationError", "Request payload size 5000000 exceeds the serverless limit", BadRequest),
+    ("ValidationError", "Endpoint clipsearch of account 123456789012 not found.", Unavailable),
+    ("ThrottlingException", "Rate exceeded", Unavailable),
+])
+def test_given_an_invoke_endpoint_refusal_when_mapped_then_only_an_oversized_body_is_the_callers_fault(
+        code: str, message: str, expected: type[Exception]) -> None:
+    response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": 400}}
+
+    error = _client_error("clipsearch", response)
+
+    assert type(error) is expected
+    assert message.splitlines()[0] in str(error)

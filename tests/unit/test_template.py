@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,10 @@ GUARDED_SERVICES = ("s3:", "es:", "sagemaker:")
 ALLOWED_MANAGED_POLICIES = {"AWSLambdaBasicExecutionRole", "AWSXrayWriteOnlyAccess",
                             "AWSLambdaVPCAccessExecutionRole"}
 MAX_ARTIFACT_ZIP_BYTES = 30 * 1024 * 1024
+MAKEFILE = ROOT / "functions" / "Makefile"
+# "Lambda runtimes", deprecation table: python3.11 is deprecated on 2027-06-30 and blocks function
+# creation from 2027-07-31; python3.12 is deprecated on 2028-10-31.
+DEPRECATED_BY_2028 = {"python3.9", "python3.10", "python3.11"}
 
 
 def tool_env() -> dict[str, str]:
@@ -110,6 +115,17 @@ class Deployed:
             return [self.resolve(v) for v in node if self.resolve(v) != {"Ref": "AWS::NoValue"}]
         return node
 
+    def value(self, node: Any) -> Any:
+        """A property as CloudFormation resolves it: Ref to a parameter and Fn::Select on one."""
+        if isinstance(node, dict) and set(node) == {"Ref"} and node["Ref"] in self.params:
+            return parameter_value(self.template, self.params, node["Ref"])
+        if isinstance(node, dict) and set(node) == {"Fn::Select"}:
+            index, items = node["Fn::Select"]
+            return self.value(items)[int(index)]
+        if isinstance(node, list):
+            return [self.value(v) for v in node]
+        return node
+
     def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
         return {n: r for n, r in self.resources.items() if r["Type"] == kind}
 
@@ -122,6 +138,51 @@ class Deployed:
         for name, res in self.of_type("AWS::IAM::Policy").items():
             for st in res["Properties"]["PolicyDocument"]["Statement"]:
                 yield name, st
+
+
+def parameter_value(template: dict[str, Any], params: dict[str, str], name: str) -> str | list[str]:
+    """A parameter as CloudFormation passes it: a string, or a list for list types."""
+    kind = template["Parameters"][name]["Type"]
+    value = params[name]
+    return value.split(",") if kind == "CommaDelimitedList" or kind.startswith("List<") else value
+
+
+def rule_value(template: dict[str, Any], params: dict[str, str], node: Any) -> Any:
+    """The rule-specific intrinsics ("Rules syntax" in the CloudFormation User Guide) on strings."""
+    if isinstance(node, list):
+        return [rule_value(template, params, v) for v in node]
+    if not isinstance(node, dict):
+        return str(node)
+    (fn, arg), = node.items()
+    if fn == "Ref":
+        return parameter_value(template, params, arg)
+    args = [rule_value(template, params, a) for a in arg]
+    if fn == "Fn::Equals":
+        return args[0] == args[1]
+    if fn == "Fn::Not":
+        return not args[0]
+    if fn == "Fn::And":
+        return all(args)
+    if fn == "Fn::Or":
+        return any(args)
+    if fn == "Fn::Contains":
+        return args[1] in args[0]
+    if fn == "Fn::EachMemberEquals":
+        return all(member == args[1] for member in args[0])
+    raise AssertionError(f"{fn} is not evaluated here: extend rule_value")
+
+
+def broken_rules(template: dict[str, Any], **overrides: str) -> list[str]:
+    """The template's Rules that refuse these parameter values (the others at their defaults)."""
+    params = {name: str(p.get("Default", "")) for name, p in template["Parameters"].items()}
+    params.update(overrides)
+    broken = []
+    for name, rule in template.get("Rules", {}).items():
+        if "RuleCondition" in rule and not rule_value(template, params, rule["RuleCondition"]):
+            continue
+        if not all(rule_value(template, params, a["Assert"]) for a in rule["Assertions"]):
+            broken.append(name)
+    return broken
 
 
 def as_list(value: Any) -> list[Any]:
@@ -140,7 +201,8 @@ def default() -> Deployed:
 LAYOUTS = [
     {},
     {"EndpointLayout": "split", "ApiAuth": "AWS_IAM"},
-    {"VpcSubnetIds": "subnet-1,subnet-2", "VpcSecurityGroupIds": "sg-1", "NotificationSuffix": ".jpg"},
+    {"VpcSubnetIds": "subnet-1,subnet-2", "DomainSubnetIds": "subnet-a,subnet-b", "VpcSecurityGroupIds": "sg-1",
+     "OpenSearchAvailabilityZones": "2", "OpenSearchInstanceCount": "2", "NotificationSuffix": ".jpg"},
 ]
 
 
@@ -264,6 +326,19 @@ def test_given_api_when_transformed_then_binary_images_cors_and_stage_throttling
     assert env_of(default, "SearchFunction")["CLIPSEARCH_CORS_ORIGIN"] == {"Ref": "CorsAllowOrigin"}
 
 
+@pytest.mark.parametrize("parameters", LAYOUTS)
+def test_given_any_layout_when_transformed_then_the_api_has_exactly_one_stage_the_throttled_one(
+        parameters: dict[str, str]) -> None:
+    # A Deployment with a StageName creates that stage too: SAM's "Stage", unless OpenApiVersion is set
+    # ("AWS::Serverless::Api", OpenApiVersion). It would carry neither the throttling nor the usage plan.
+    deployed = Deployed(**parameters)
+    stages = [res["Properties"]["StageName"] for res in deployed.of_type("AWS::ApiGateway::Stage").values()]
+    stages += [res["Properties"]["StageName"] for res in deployed.of_type("AWS::ApiGateway::Deployment").values()
+               if "StageName" in res["Properties"]]
+    assert stages == ["v1"]
+    assert deployed.template["Outputs"]["ApiUrl"]["Value"]["Fn::Sub"].endswith("/v1")
+
+
 def test_given_bucket_when_transformed_then_private_encrypted_and_notifying_the_queue(default: Deployed) -> None:
     props = default.resources["ImagesBucket"]["Properties"]
     assert set(props["PublicAccessBlockConfiguration"].values()) == {True}
@@ -298,6 +373,15 @@ def test_given_queue_when_transformed_then_dead_letter_queue_and_visibility_six_
     assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
 
 
+def test_given_event_source_when_transformed_then_it_waits_for_the_ingest_log_group(default: Deployed) -> None:
+    # A message already queued would otherwise invoke the function first; Lambda creates the log group
+    # itself and CloudFormation's IngestLogGroup then fails with "already exists".
+    (mapping,) = default.of_type("AWS::Lambda::EventSourceMapping").values()
+    assert "IngestLogGroup" in as_list(mapping.get("DependsOn", []))
+    group = default.resources["IngestLogGroup"]["Properties"]["LogGroupName"]
+    assert group == {"Fn::Sub": "/aws/lambda/${IngestFunction}"}
+
+
 def test_given_domain_when_transformed_then_encrypted_https_tls12_and_open_only_to_the_two_roles(
         default: Deployed) -> None:
     props = default.resources["OpenSearchDomain"]["Properties"]
@@ -308,7 +392,8 @@ def test_given_domain_when_transformed_then_encrypted_https_tls12_and_open_only_
     assert props["DomainEndpointOptions"]["EnforceHTTPS"] is True
     assert "TLS-1-2" in props["DomainEndpointOptions"]["TLSSecurityPolicy"]
     assert props["ClusterConfig"] == {"InstanceType": {"Ref": "OpenSearchInstanceType"},
-                                      "InstanceCount": {"Ref": "OpenSearchInstanceCount"}}
+                                      "InstanceCount": {"Ref": "OpenSearchInstanceCount"},
+                                      "ZoneAwarenessEnabled": False}
     assert "VPCOptions" not in props
     (st,) = props["AccessPolicies"]["Statement"]
     assert st["Principal"] == {"AWS": [{"Fn::GetAtt": ["IngestFunctionRole", "Arn"]},
@@ -316,11 +401,56 @@ def test_given_domain_when_transformed_then_encrypted_https_tls12_and_open_only_
     assert st["Resource"] != "*" and "/*" in json.dumps(st["Resource"])
 
 
-def test_given_vpc_subnets_when_transformed_then_domain_and_functions_join_the_vpc() -> None:
-    deployed = Deployed(VpcSubnetIds="subnet-1,subnet-2", VpcSecurityGroupIds="sg-1")
-    assert "VPCOptions" in deployed.resources["OpenSearchDomain"]["Properties"]
+def test_given_domain_when_transformed_then_an_engine_version_change_upgrades_in_place(default: Deployed) -> None:
+    # Without EnableVersionUpgrade, a new EngineVersion replaces the domain and the index it holds.
+    domain = default.resources["OpenSearchDomain"]
+    assert domain["UpdatePolicy"] == {"EnableVersionUpgrade": True}
+    assert domain["Properties"]["EngineVersion"] == {"Ref": "OpenSearchEngineVersion"}
+
+
+@pytest.mark.parametrize("zones", [1, 2, 3])
+def test_given_vpc_layout_when_transformed_then_the_domain_takes_one_subnet_per_zone_and_the_functions_theirs(
+        zones: int) -> None:
+    # "AWS::OpenSearchService::Domain VPCOptions": one subnet per Availability Zone the domain uses; more
+    # than one without zone awareness fails with "You must specify exactly one subnet". With zone awareness,
+    # AvailabilityZoneCount must equal the number of subnets (OpenSearch API Reference, ZoneAwarenessConfig).
+    deployed = Deployed(VpcSubnetIds="subnet-f1,subnet-f2", VpcSecurityGroupIds="sg-1",
+                        DomainSubnetIds="subnet-a,subnet-b,subnet-c",
+                        OpenSearchAvailabilityZones=str(zones), OpenSearchInstanceCount=str(2 * zones))
+    props = deployed.resources["OpenSearchDomain"]["Properties"]
+    subnets = deployed.value(props["VPCOptions"]["SubnetIds"])
+    assert subnets == ["subnet-a", "subnet-b", "subnet-c"][:zones]
+    assert deployed.value(props["VPCOptions"]["SecurityGroupIds"]) == ["sg-1"]
+    cluster = props["ClusterConfig"]
+    assert cluster["ZoneAwarenessEnabled"] is (zones > 1)
+    if zones > 1:
+        assert int(deployed.value(cluster["ZoneAwarenessConfig"]["AvailabilityZoneCount"])) == len(subnets)
+    else:
+        assert "ZoneAwarenessConfig" not in cluster
     for fn in ("IngestFunction", "SearchFunction"):
-        assert deployed.resources[fn]["Properties"]["VpcConfig"]["SubnetIds"] == {"Ref": "VpcSubnetIds"}
+        vpc = deployed.resources[fn]["Properties"]["VpcConfig"]
+        assert deployed.value(vpc["SubnetIds"]) == ["subnet-f1", "subnet-f2"]
+    assert not broken_rules(deployed.template, **deployed.params)
+
+
+def test_given_zone_count_when_rules_checked_then_the_data_node_count_must_be_a_multiple_of_it() -> None:
+    # Two zones: "You must choose an even number of data nodes for a two Availability Zone deployment".
+    # Three: a multiple of three, so that each zone holds a third of the index.
+    template = transform()
+    count = template["Parameters"]["OpenSearchInstanceCount"]
+    for zones in (1, 2, 3):
+        for nodes in range(count["MinValue"], count["MaxValue"] + 1):
+            broken = broken_rules(template, OpenSearchAvailabilityZones=str(zones), OpenSearchInstanceCount=str(nodes))
+            assert (not broken) == (nodes % zones == 0), (zones, nodes, broken)
+
+
+@pytest.mark.parametrize(("functions", "domain", "refused"), [
+    ("", "", False), ("subnet-f1", "subnet-a", False), ("subnet-f1", "", True), ("", "subnet-a", True)])
+def test_given_subnets_for_only_one_side_when_rules_checked_then_refused(functions: str, domain: str,
+                                                                         refused: bool) -> None:
+    # Functions outside the VPC cannot reach a VPC domain; functions inside it would need a NAT for a public one.
+    broken = broken_rules(transform(), VpcSubnetIds=functions, DomainSubnetIds=domain)
+    assert (broken == ["VpcForBothOrNeither"]) is refused and (not broken) is (not refused)
 
 
 def test_given_endpoint_config_when_transformed_then_serverless_with_memory_and_concurrency_parameters(
@@ -338,6 +468,48 @@ def test_given_endpoint_config_when_transformed_then_serverless_with_memory_and_
     assert "ENCODE_TYPE" not in container["Environment"]
 
 
+def test_given_default_parameters_when_checked_then_ingest_leaves_slots_of_the_shared_endpoint_to_search(
+        default: Deployed) -> None:
+    # Ingest handles a batch one record at a time, so it holds at most IngestMaxConcurrency endpoint slots.
+    grants = {owner: st["Resource"] for owner, st in default.statements()
+              if "sagemaker:InvokeEndpoint" in as_list(st["Action"])}
+    assert grants["IngestFunctionRole"] in as_list(grants["SearchFunctionRole"])  # one endpoint, shared
+    (mapping,) = default.of_type("AWS::Lambda::EventSourceMapping").values()
+    assert mapping["Properties"]["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "IngestMaxConcurrency"}}
+    (config,) = default.of_type("AWS::SageMaker::EndpointConfig").values()
+    (variant,) = config["Properties"]["ProductionVariants"]
+    assert variant["ServerlessConfig"]["MaxConcurrency"] == {"Ref": "EndpointMaxConcurrency"}
+    ingest, endpoint = int(default.params["IngestMaxConcurrency"]), int(default.params["EndpointMaxConcurrency"])
+    assert ingest < endpoint, "ingest would take every slot of the endpoint that search needs"
+
+
+def test_given_provisioned_concurrency_when_rules_checked_then_it_never_exceeds_max_concurrency() -> None:
+    # SageMaker: ProvisionedConcurrency "should be less than or equal to MaxConcurrency", both 1-200
+    # ("ProductionVariantServerlessConfig", SageMaker API Reference). Every allowed pair is checked.
+    template = transform()
+    provisioned = template["Parameters"]["EndpointProvisionedConcurrency"]
+    maximum = template["Parameters"]["EndpointMaxConcurrency"]
+    assert (maximum["MinValue"], maximum["MaxValue"]) == (1, 200)
+    assert int(provisioned["Default"]) <= int(maximum["Default"])
+    assert broken_rules(template) == []
+    for p in provisioned["AllowedValues"]:
+        assert 0 <= int(p) <= 200
+        for m in range(maximum["MinValue"], maximum["MaxValue"] + 1):
+            broken = broken_rules(template, EndpointProvisionedConcurrency=str(p), EndpointMaxConcurrency=str(m))
+            assert (not broken) == (int(p) <= m), (p, m, broken)
+
+
+@pytest.mark.parametrize("layout", ["single", "split"])
+def test_given_provisioned_concurrency_when_transformed_then_the_text_endpoint_keeps_that_many_warm(
+        layout: str) -> None:
+    deployed = Deployed(EndpointLayout=layout, EndpointProvisionedConcurrency="2")
+    config = deployed.resources["ClipEndpointConfig"]["Properties"]["ProductionVariants"][0]["ServerlessConfig"]
+    assert config["ProvisionedConcurrency"] == {"Ref": "EndpointProvisionedConcurrency"}
+    assert config["MaxConcurrency"] == {"Ref": "EndpointMaxConcurrency"}
+    text_endpoint = "CLIPSEARCH_TEXT_ENDPOINT_NAME" if layout == "split" else "CLIPSEARCH_ENDPOINT_NAME"
+    assert env_of(deployed, "SearchFunction")[text_endpoint] == {"Fn::GetAtt": ["ClipEndpoint", "EndpointName"]}
+
+
 def test_given_functions_when_transformed_then_environment_follows_the_contract(default: Deployed) -> None:
     for fn in ("IngestFunction", "SearchFunction"):
         props = default.resources[fn]["Properties"]
@@ -345,14 +517,50 @@ def test_given_functions_when_transformed_then_environment_follows_the_contract(
         assert CONTRACT_ENV | {"CLIPSEARCH_ENDPOINT_NAME", "CLIPSEARCH_DIM"} <= set(env), fn
         assert env["CLIPSEARCH_OPENSEARCH_AUTH"] == "sigv4"
         assert props["Handler"] == "app.handler"
-        assert props["Runtime"] == f"python{sys.version_info.major}.{sys.version_info.minor}"
         assert props["TracingConfig"] == {"Mode": "Active"}
     assert env_of(default, "SearchFunction")["CLIPSEARCH_BUCKET"] == {"Ref": "ImagesBucket"}
 
 
+def lambda_runtime(deployed: Deployed) -> str:
+    runtimes = {deployed.resources[fn]["Properties"]["Runtime"] for fn in ("IngestFunction", "SearchFunction")}
+    assert len(runtimes) == 1, runtimes
+    return runtimes.pop()
+
+
+def runtime_interpreter(runtime: str) -> Path | None:
+    """This machine's interpreter for a Lambda runtime (python3.12 -> a working python3.12), if any.
+
+    A pyenv shim is on PATH for every installed version but fails unless that version is selected,
+    so each candidate is run once.
+    """
+    version = runtime.removeprefix("python")
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    on_path = shutil.which(runtime)
+    candidates = [Path(on_path)] if on_path else []
+    candidates += sorted(pyenv_root.glob(f"versions/{version}.*/bin/{runtime}"), reverse=True)
+    for candidate in candidates:
+        probe = subprocess.run([str(candidate), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def test_given_runtime_when_checked_then_supported_past_2028_and_the_layer_is_built_for_it(
+        default: Deployed) -> None:
+    runtime = lambda_runtime(default)
+    assert runtime not in DEPRECATED_BY_2028, f"{runtime} is deprecated before 2028 (Lambda runtimes)"
+    (layer,) = default.of_type("AWS::Lambda::LayerVersion").values()  # SAM suffixes its logical id
+    assert layer["Properties"]["CompatibleRuntimes"] == [runtime]
+    wheels = re.search(r"--python-version\s+(\S+)", MAKEFILE.read_text())
+    assert wheels and f"python{wheels.group(1)}" == runtime, "functions/Makefile builds the layer for another Python"
+
+
 def test_given_runtime_when_checked_then_this_machine_has_its_interpreter(default: Deployed) -> None:
-    runtime = default.resources["IngestFunction"]["Properties"]["Runtime"]
-    assert shutil.which(runtime), f"{runtime} is not on this machine: sam build needs it without Docker"
+    runtime = lambda_runtime(default)
+    assert runtime_interpreter(runtime), (
+        f"no working {runtime} on this machine: the built functions are imported under it below "
+        f"(install it, for example `pyenv install {runtime.removeprefix('python')}`)")
 
 
 def test_given_outputs_when_read_then_each_has_a_description() -> None:
@@ -422,7 +630,25 @@ def test_given_built_function_when_imported_like_lambda_then_it_starts_without_t
            "POWERTOOLS_SERVICE_NAME": "clipsearch", "POWERTOOLS_METRICS_NAMESPACE": "clipsearch",
            "CLIPSEARCH_ENDPOINT_NAME": "clip", "CLIPSEARCH_OPENSEARCH_URL": "https://search-x.es.amazonaws.com",
            "CLIPSEARCH_INDEX": "images", "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_BUCKET": "b"}
-    python = shutil.which("python3.11") or sys.executable
-    result = subprocess.run([python, "-S", "-c", code], capture_output=True, text=True, env=env,
+    runtime = lambda_runtime(Deployed())
+    python = runtime_interpreter(runtime)
+    assert python, f"no working {runtime} on this machine: the layer's wheels are built for it"
+    result = subprocess.run([str(python), "-S", "-c", code], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "started" in result.stdout, result.stdout + result.stderr
+
+
+def test_given_ingest_function_when_transformed_then_its_timeout_fits_one_records_worst_case(
+        default: Deployed) -> None:
+    # The ingest handler starts a record only when its worst case fits the time left (aws_ingest);
+    # a function timeout below that would fail every record into the dead-letter queue.
+    from clipsearch.aws_ingest import END_RESERVE_S, RECORD_MIN_S
+
+    timeout = default.resources["IngestFunction"]["Properties"]["Timeout"]
+    assert timeout >= RECORD_MIN_S + END_RESERVE_S
+
+
+def test_given_split_layout_when_transformed_then_only_the_text_endpoint_is_provisioned() -> None:
+    deployed = Deployed(EndpointLayout="split", EndpointProvisionedConcurrency="2")
+    image = deployed.resources["ImageEndpointConfig"]["Properties"]["ProductionVariants"][0]["ServerlessConfig"]
+    assert "ProvisionedConcurrency" not in image
