@@ -6,6 +6,11 @@ it was), "after" uses model_code as it serves now. The bare forward of each uses
 
     python bench/pipeline.py [--models RN50,ViT-B/32,demo] [--images 128] [--batch-size 32]
                              [--jpeg-size 0]   # >0: photo-sized JPEGs (longer side), decode-heavy
+    python bench/pipeline.py --draft --models RN50 --images 48 --jpeg-size 4000
+
+--draft compares, in the same run, the shared decode with JPEG draft (DCT-domain) scaling switched
+off ("full decode", the code before) and on, on photo-like JPEGs (textures, gradients and sensor
+noise, not flat shapes), and reports the cosine between each picture's two vectors.
 """
 
 from __future__ import annotations
@@ -22,6 +27,84 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import load_model as load  # noqa: E402
 from common import machine, table
+
+
+def photo_like(size: tuple[int, int], seed: int):  # type: ignore[no-untyped-def]
+    """A camera-like picture: smooth light, a textured scene, fine detail and sensor noise."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 256, (h // 64 + 2, w // 64 + 2, 3), dtype=np.uint8)
+    scene = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)  # gradients and blobs
+    texture = Image.fromarray(rng.integers(0, 256, (h // 4, w // 4), dtype=np.uint8)).resize(
+        (w, h), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))  # foliage-like texture
+    arr = np.asarray(scene, dtype=np.float32) * 0.8 + np.asarray(texture, dtype=np.float32)[..., None] * 0.2
+    arr += rng.normal(0, 4, (h, w, 1))  # sensor noise
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def write_photos(folder: Path, count: int, long_side: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo_like((long_side, long_side * 3 // 4), seed=i).save(folder / f"IMG_{i:04d}.jpg", quality=90)
+
+
+def full_decode(enabled: bool) -> None:
+    """Switch JPEG draft scaling off (the decode as it was) or back on, for this process."""
+    from PIL import JpegImagePlugin
+
+    original = getattr(full_decode, "original", None) or JpegImagePlugin.JpegImageFile.draft
+    full_decode.original = original  # type: ignore[attr-defined]
+    JpegImagePlugin.JpegImageFile.draft = (lambda self, mode, size: None) if enabled else original  # type: ignore[method-assign,assignment]
+
+
+def agreement(loaded, folder: Path) -> list[float]:  # type: ignore[no-untyped-def]
+    """Per picture, the cosine between its vectors from the full decode and from the draft decode."""
+    import numpy as np
+
+    from clipsearch.images import load_file
+    from model_code import inference
+
+    paths = sorted(folder.iterdir())
+    full_decode(True)
+    full = inference.encode_images(loaded, [load_file(p).image for p in paths])
+    full_decode(False)
+    draft = inference.encode_images(loaded, [load_file(p).image for p in paths])
+    return [float(c) for c in np.sum(full * draft, axis=1)]
+
+
+def draft_run(args: argparse.Namespace, tmp: Path) -> None:
+    import numpy as np
+
+    from model_code import inference
+
+    folder = tmp / "photos"
+    write_photos(folder, args.images, args.jpeg_size or 4000)
+    rows = []
+    # Randomly initialised towers map most inputs to nearly one direction, so agreement is measured
+    # with the trained demo model as well as with each named one.
+    for name in dict.fromkeys(["demo", *args.models.split(",")]):
+        loaded = load(name)
+        inference.prepare_graphs(loaded)
+        cosines = agreement(loaded, folder)
+        print(f"{name}: cosine full vs draft over {len(cosines)} photos: min {min(cosines):.6f}, "
+              f"mean {float(np.mean(cosines)):.6f}")
+        if name not in args.models.split(","):
+            continue
+        for label, off in (("full decode (before)", True), ("draft decode (after)", False)):
+            full_decode(off)
+            bare = bare_forward(loaded, folder, args.batch_size)
+            piped = pipeline(name, loaded, folder, tmp, args.batch_size, args.workers)
+            rows.append([name, label, bare, piped, piped / bare])
+            print(f"  done {name} {label}", file=sys.stderr, flush=True)
+        full_decode(False)
+    side = args.jpeg_size or 4000
+    print(f"\n{args.images} photo-like JPEGs {side}x{side * 3 // 4} ({side * side * 3 // 4 / 1e6:.1f} MP), "
+          f"quality 90, {args.workers} decode workers, batch {args.batch_size}\n")
+    print(table(["model", "decode", "bare forward img/s", "pipeline img/s", "ratio"], rows))
+    print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
 
 
 def write_pictures(folder: Path, count: int, jpeg_size: int) -> None:
@@ -74,6 +157,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--jpeg-size", type=int, default=0)
     ap.add_argument("--skip-before", action="store_true")
+    ap.add_argument("--draft", action="store_true", help="compare full and draft JPEG decoding")
     args = ap.parse_args()
     import torch
 
@@ -85,6 +169,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        if args.draft:
+            draft_run(args, tmp)
+            return
         folder = tmp / "pics"
         write_pictures(folder, args.images, args.jpeg_size)
         for name in args.models.split(","):

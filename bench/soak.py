@@ -272,8 +272,9 @@ def kill_trial(n: int, catalogue: Path, index_dir: Path, expected: int, rng: ran
     catalogue or more still to go.
     """
     target = rng.randint(1, max(1, expected // 2))
-    proc = subprocess.Popen([*CLI, "index", str(catalogue), "--index", str(index_dir), "--batch-size",
-                             str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir),
+                             "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env())
     started = time.monotonic()
     from clipsearch.index.embedded import DB_NAME
 
@@ -295,8 +296,8 @@ def kill_trial(n: int, catalogue: Path, index_dir: Path, expected: int, rng: ran
     killed_after = time.monotonic() - started
     rows, _ = index_rows(index_dir)
     check = integrity(index_dir)
-    rerun = subprocess.run([*CLI, "index", str(catalogue), "--index", str(index_dir)], capture_output=True,
-                           text=True, env=_env(), timeout=600)
+    rerun = subprocess.run([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)],
+                           capture_output=True, text=True, env=_env(), timeout=600)
     if rerun.returncode != 0:
         raise RuntimeError(f"re-run failed: {rerun.stderr}")
     unchanged = int(rerun.stdout.split("unchanged ", 1)[1].split(",", 1)[0])
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         catalogue = make_catalogue(work / "catalogue", args.count)
         index_dir = work / "index"
-        subprocess.run([*CLI, "index", str(catalogue), "--index", str(index_dir)], check=True,
+        subprocess.run([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)], check=True,
                        capture_output=True, env=_env())
 
         result = soak(index_dir, work, args.clients, args.seconds)

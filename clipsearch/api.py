@@ -20,7 +20,7 @@ from clipsearch.search import SearchService, image_request, parse_json, parse_pa
 logger = Logger(service="clipsearch", child=True)
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
-IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp")
+IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/heic", "image/heif", "image/avif")
 
 STATUS = {
     errors.BadRequest: 400,

@@ -18,7 +18,7 @@ import numpy as np
 from aws_lambda_powertools import Logger
 
 from clipsearch.errors import ConfigError, Unavailable
-from clipsearch.index.base import Document, Hit, IndexInfo, UpsertResult, VectorIndex
+from clipsearch.index.base import DateRange, Document, Hit, IndexInfo, UpsertResult, VectorIndex
 from clipsearch.models import KNOWN_DIMS
 
 logger = Logger(service="clipsearch", child=True)
@@ -307,8 +307,8 @@ class LazyIndex:
         return self.opened.get(id)
 
     def search(self, vector: np.ndarray, k: int = 10, offset: int = 0, min_score: float | None = None,
-               prefix: str | None = None) -> list[Hit]:
-        return self.opened.search(vector, k=k, offset=offset, min_score=min_score, prefix=prefix)
+               prefix: str | None = None, taken: DateRange | None = None) -> list[Hit]:
+        return self.opened.search(vector, k=k, offset=offset, min_score=min_score, prefix=prefix, taken=taken)
 
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
         return self.opened.fingerprints(prefix)

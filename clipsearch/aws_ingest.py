@@ -27,7 +27,7 @@ from clipsearch.aws_config import AwsConfig, Deadline, DeadlineExceeded
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest, ClipsearchError
 from clipsearch.images import is_image_name
-from clipsearch.index.base import Document, IndexError_, VectorIndex, doc_id
+from clipsearch.index.base import Document, IndexError_, VectorIndex, doc_id, wall_clock
 from clipsearch.ingest import title_from_path
 from model_code.inference import decode_for_model
 
@@ -185,7 +185,9 @@ class Ingestor:
             raise _Skip(f"content type {obj.get('ContentType')!r} is not an image")
         data = body.read()
         try:
-            decoded = decode_for_model(data)  # cropped to 2:1, downscaled: fits the endpoint's 4 MB
+            # Cropped to 2:1, downscaled and sent as PNG/JPEG (the endpoint's Pillow reads no HEIC or AVIF);
+            # the key's extension tells a camera RAW file (rawpy is not in the layer: skipped with the reason).
+            decoded = decode_for_model(data, name=key)
         except ValueError as e:
             raise _Skip(str(e)) from None
         try:
@@ -197,11 +199,13 @@ class Ingestor:
         title = (metadata_text(meta.get("title")) or metadata_text(meta.get("description"))
                  or title_from_path(Path(PurePosixPath(key).name)))
         modified = obj.get("LastModified")
+        # Capture time (CONTRACT §7): EXIF DateTimeOriginal, else the object's LastModified as wall-clock time.
+        taken_at = decoded.taken_at or (wall_clock(modified) if modified is not None else None)
         return Document(
             key=key, vector=vector, bucket=bucket, title=title,
             content_hash=hashlib.sha256(data).hexdigest(), size=len(data),
             mtime=modified.timestamp() if modified is not None else 0.0,
-            width=decoded.width, height=decoded.height,
+            width=decoded.width, height=decoded.height, taken_at=taken_at, taken_offset=decoded.taken_offset,
         )
 
     def _skip(self, event: ObjectEvent, reason: str) -> None:

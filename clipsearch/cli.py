@@ -40,7 +40,8 @@ def _add_index_options(p: argparse.ArgumentParser, model: bool = True) -> None:
                    default=os.environ.get("CLIPSEARCH_SEARCH_MODE", "exact"),
                    help="embedded backend: exact cosine (default) or the opt-in approximate index")
     if model:
-        p.add_argument("--model", help="demo, a CLIP name such as RN50, or a checkpoint path")
+        p.add_argument("--model", help="ViT-B/32 (a new index's default; an existing index keeps its own), "
+                       "another CLIP name such as RN50, demo, or a checkpoint path; see `clipsearch models`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip this many results first, for paging (default 0)")
     p.add_argument("--min-score", type=float, help="only results with at least this cosine score (-1 to 1)")
     p.add_argument("--under", help="only results whose path or key starts with this prefix")
+    p.add_argument("--after", metavar="DATE",
+                   help="only pictures taken on or after DATE (inclusive): YYYY, YYYY-MM, YYYY-MM-DD or "
+                   "YYYY-MM-DDTHH:MM[:SS], as the camera's clock read (no time zone)")
+    p.add_argument("--before", metavar="DATE",
+                   help="only pictures taken before DATE (exclusive: --before 2020 ends on 2019-12-31)")
     p.add_argument("--json", action="store_true", help="print the REST response object")
     _add_index_options(p)
 
@@ -104,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="s3:// URL for the transform output (default s3://BUCKET/_clipsearch-batch/JOB/)")
     _add_index_options(p)
     p.set_defaults(backend="opensearch")
+
+    p = sub.add_parser("models", help="list the models --model takes, their dimensions and which are cached")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
 
 
@@ -161,7 +170,30 @@ def _open_for_query(args: argparse.Namespace) -> VectorIndex:
 def _encoder(spec: str) -> Any:
     from clipsearch.encoders import LocalEncoder
 
-    return LocalEncoder(spec)
+    return LocalEncoder(spec, progress=_DownloadBar())
+
+
+class _DownloadBar:
+    """A model's first download on stderr: one line always, and a tqdm bar when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def note(self, line: str) -> None:
+        print(f"clipsearch: {line}", file=sys.stderr, flush=True)
+
+    def advance(self, done: int, total: int | None) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="downloading",
+                             file=sys.stderr, dynamic_ncols=True, disable=None)
+        self._bar.update(done - self._bar.n)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -170,7 +202,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from clipsearch import models
     from clipsearch.ingest import index_paths, writer_lock
 
-    spec = models.canonical_spec(args.model or models.DEMO)
+    spec = models.canonical_spec(args.model or models.DEFAULT)  # a new index; an existing one keeps its own
     try:
         existing = _open(args)
         if args.model is None:
@@ -209,6 +241,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if summary.ignored:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.ignored.items(), key=lambda x: -x[1]))
         ignored = f"; ignored {sum(summary.ignored.values())} ({reasons})"
+    if summary.dated:
+        ignored += f"; read the capture dates of {summary.dated} unchanged pictures indexed without them"
     if summary.unlisted:
         ignored += (f"; {len(summary.unlisted)} folder(s) could not be listed, {summary.kept} of their "
                     "indexed pictures kept")
@@ -250,7 +284,7 @@ def _prefix(args: argparse.Namespace) -> str | None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from clipsearch.search import SearchRequest, SearchService
+    from clipsearch.search import SearchRequest, SearchService, date_range
 
     if (args.text is None) == (args.image is None):
         raise errors.BadRequest("give a search TEXT or --image FILE (one of them)")
@@ -258,7 +292,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.min_score is not None and not -1.0 <= args.min_score <= 1.0:
         raise errors.BadRequest("--min-score must be a cosine between -1 and 1")
     options: dict[str, Any] = {"k": args.k, "offset": args.offset, "min_score": args.min_score,
-                               "prefix": _prefix(args)}
+                               "prefix": _prefix(args), "taken": date_range(args.after, args.before, prefix="--")}
     if args.image is not None:
         try:
             data = Path(args.image).read_bytes()
@@ -431,9 +465,27 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from clipsearch import models
+
+    rows = models.listing()
+    if args.json:
+        print(json.dumps(rows))
+        return EXIT_OK
+    for row in rows:
+        where = f"cached: {row['path']}" if row["cached"] else "not cached (downloaded on first use)"
+        note = "  (default for a new index)" if row["default"] else ""
+        if row["spec"] == models.DEMO:
+            where, note = "bundled", "  (generated shapes only; `--model demo`)"
+        print(f"{row['spec']:<16} {row['dim']:>5}  {where}{note}")
+    print(f"cache folder: {models.cache_dir()} (${models.CACHE_ENV}); or --model /path/to/checkpoint.pt")
+    return EXIT_OK
+
+
 COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "serve": cmd_serve, "check": cmd_check,
             "forget": cmd_forget,
-            "demo": cmd_demo, "package-model": cmd_package_model, "backfill": cmd_backfill}
+            "demo": cmd_demo, "package-model": cmd_package_model, "backfill": cmd_backfill,
+            "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

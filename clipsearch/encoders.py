@@ -34,13 +34,16 @@ class Encoder(Protocol):
 class LocalEncoder:
     """The model_code handler, in this process."""
 
-    def __init__(self, spec: str = models.DEMO, loaded: Any = None) -> None:
-        """Load the model for spec, or wrap `loaded` (a model_code ClipModel already in memory)."""
+    def __init__(self, spec: str, loaded: Any = None, progress: models.DownloadProgress | None = None) -> None:
+        """Load the model for spec, or wrap `loaded` (a model_code ClipModel already in memory).
+
+        A CLIP name not cached yet is downloaded once (reported to `progress`); offline, ModelUnavailable.
+        """
         from model_code import inference
 
         self._inference = inference
         if loaded is None:
-            source = models.resolve(spec)
+            source = models.ensure(spec, progress)
             try:
                 loaded = inference.load_model(source.name, source.model_dir)
             except inference.ModelLoadError as e:

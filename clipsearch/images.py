@@ -13,17 +13,20 @@ from pathlib import Path
 from PIL import Image
 
 from clipsearch.errors import BadImage
-from model_code.inference import MAX_PIXELS, MAX_SIDE, decode_for_model
+from model_code.inference import MAX_PIXELS, MAX_SIDE, RAW_EXTENSIONS, decode_for_model
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_SIDE", "MAX_TRANSPORT_BYTES", "load_bytes", "load_file",
-           "to_png", "to_transport", "is_image_name", "LoadedImage"]
+__all__ = ["IMAGE_EXTENSIONS", "RAW_EXTENSIONS", "MAX_PIXELS", "MAX_SIDE", "MAX_TRANSPORT_BYTES", "load_bytes",
+           "load_file", "to_png", "to_transport", "is_image_name", "LoadedImage"]
 
 # "Maximum request payload size: 4 MB" for SageMaker Serverless Inference (SageMaker Developer Guide,
 # "Deploy models with Amazon SageMaker Serverless Inference", feature exclusions); InvokeEndpoint's
 # own limit for real-time endpoints is larger (6 MB), so the serverless one binds.
 MAX_TRANSPORT_BYTES = 4 * 1024 * 1024
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+# HEIC/HEIF through pillow-heif, AVIF through Pillow (11.3 on), camera RAW through its embedded preview
+# (rawpy, the `local` extra): without those libraries such files are skipped with the reason, not ignored.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif",
+                              ".avif"}) | RAW_EXTENSIONS
 
 
 def is_image_name(name: str) -> bool:
@@ -31,10 +34,13 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_bytes(data: bytes) -> Image.Image:
-    """Decode, rotate upright and downscale; BadImage when it is not an acceptable image."""
+def load_bytes(data: bytes, name: str = "") -> Image.Image:
+    """Decode, rotate upright and downscale; BadImage when it is not an acceptable image.
+
+    `name`, where there is one, tells a camera RAW file by its extension (see decode_for_model).
+    """
     try:
-        return decode_for_model(data).image
+        return decode_for_model(data, name=name).image
     except ValueError as e:
         raise BadImage(str(e)) from None
 
@@ -56,7 +62,7 @@ def load_file(path: str | Path) -> LoadedImage:
     except OSError as e:
         raise BadImage(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        decoded = decode_for_model(data)
+        decoded = decode_for_model(data, name=str(path))
     except ValueError as e:
         raise BadImage(str(e)) from None
     return LoadedImage(decoded.image, data, decoded.width, decoded.height)

@@ -32,20 +32,23 @@ from PIL import Image
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadImage, BadRequest, ConfigError
 from clipsearch.images import is_image_name
-from clipsearch.index.base import Document, VectorIndex, doc_id
-from model_code.inference import decode_for_model
+from clipsearch.index.base import Document, Redatable, VectorIndex, doc_id, wall_clock
+from model_code.inference import decode_for_model, read_capture_time
 
 # The largest file read whole. An uncompressed 100 MP picture (the pixel limit) in 8-bit RGBA is
 # 400 MB; nothing larger can be a picture the decoder accepts, and reading it costs its size in memory.
 MAX_FILE_BYTES = 512 * 1024 * 1024
 # How a file starts when it is one of the formats the decoder reads; anything else is not read further.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
-               b"II+\x00", b"MM\x00+")
+               b"II+\x00", b"MM\x00+",
+               # Camera RAW that is not TIFF inside (DNG, CR2, NEF, ARW... are): Olympus ORF, Panasonic RW2,
+               # Fujifilm RAF, Sigma X3F, Minolta MRW.
+               b"IIRO", b"IIRS", b"MMOR", b"IIU\x00", b"FUJIFILM", b"FOVb", b"\x00MRM")
 # ISO base media (HEIF, AVIF) brands: pictures, unlike the video brands of an .mp4 renamed .jpg.
-_PICTURE_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+_PICTURE_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis",
+                   b"crx "}  # crx: Canon CR3
 # Picture formats the decoder does not read: passed over in a walk, and counted by format.
-_OTHER_PICTURE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".svg", ".jxl", ".psd", ".ico", ".jp2",
-                                       ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"})
+_OTHER_PICTURE_EXTENSIONS = frozenset({".svg", ".jxl", ".psd", ".ico", ".jp2"})
 LOCK_NAME = "indexer.lock"
 _SURROGATES = re.compile("[\udc80-\udcff]")
 
@@ -68,6 +71,7 @@ class IngestSummary:
     unlisted: list[tuple[str, str]] = field(default_factory=list)
     kept: int = 0
     seconds: float = 0.0
+    dated: int = 0  # unchanged pictures given the capture time they were indexed without
 
     @property
     def images_per_second(self) -> float:
@@ -84,6 +88,8 @@ class _Loaded:
     size: int = 0
     mtime: float = 0.0
     error: str = ""
+    taken_at: str | None = None
+    taken_offset: str = ""
 
 
 @dataclass
@@ -123,7 +129,7 @@ def _name_reason(name: str) -> str:
 def walk(roots: Iterable[Path]) -> Walk:
     """Candidate pictures under the given folders (recursively, in a stable order) and every file named.
 
-    A file named on its own is always tried, so one that is not an image (an SVG, a HEIC) is reported
+    A file named on its own is always tried, so one that is not an image (an SVG, a PSD) is reported
     as skipped with its reason instead of being passed over in silence. Roots are absolute paths.
     """
     found = Walk()
@@ -288,13 +294,43 @@ def _load(path: Path) -> _Loaded:
     try:
         data, st = read_picture_file(path)
         try:
-            decoded = decode_for_model(data)
+            decoded = decode_for_model(data, name=path.name)  # the name tells a camera RAW file
         except ValueError as e:
             raise BadImage(str(e)) from None
     except BadImage as e:
         return _Loaded(path, None, error=str(e))
+    # Capture time (CONTRACT §7): EXIF DateTimeOriginal, else the file's mtime as local wall-clock time.
     return _Loaded(path, decoded.image, hashlib.sha256(data).hexdigest(), decoded.width, decoded.height,
-                   st.st_size, st.st_mtime)
+                   st.st_size, st.st_mtime, taken_at=decoded.taken_at or wall_clock(st.st_mtime),
+                   taken_offset=decoded.taken_offset)
+
+
+def capture_time_of(path: Path) -> tuple[str, str] | None:
+    """(taken_at, taken_offset) of a file from its EXIF header (no pixel decoded), else its mtime; None:
+    unreadable. For rows indexed before capture times were kept, whose vectors need no re-encoding."""
+    try:
+        data, st = read_picture_file(path)
+    except BadImage:
+        return None
+    taken_at, offset = read_capture_time(data)
+    return (taken_at, offset) if taken_at else (wall_clock(st.st_mtime), "")
+
+
+def _fill_capture_times(index: VectorIndex, roots: list[Path], unchanged: list[Path],
+                        pool: ThreadPoolExecutor) -> int:
+    """Give unchanged files indexed without a capture time (an index migrated from schema 1) theirs."""
+    if not unchanged or not isinstance(index, Redatable):
+        return 0
+    undated: set[str] = set()
+    for root in roots:
+        undated |= index.undated(str(root).rstrip(os.sep) + os.sep if os.path.isdir(root) else str(root))
+    todo = [p for p in unchanged if str(p) in undated]
+    filled = 0
+    for start in range(0, len(todo), 256):
+        batch = todo[start:start + 256]
+        taken = {str(p): t for p, t in zip(batch, pool.map(capture_time_of, batch), strict=True) if t}
+        filled += index.set_taken(taken)
+    return filled
 
 
 def _under(key: str, folder: str) -> bool:
@@ -348,6 +384,7 @@ def index_paths(
         else:  # a prefix match would also take in `a.jpg.png` beside `a.jpg`
             known.update((k, v) for k, v in index.fingerprints(str(root)).items() if k == str(root))
     todo: list[Path] = []
+    unchanged: list[Path] = []
     for path in files:
         fp = known.get(str(path))
         try:
@@ -357,6 +394,7 @@ def index_paths(
             continue
         if fp is not None and fp[0] == st.st_size and fp[1] == st.st_mtime:
             summary.unchanged += 1
+            unchanged.append(path)
         else:
             todo.append(path)
     # Skipped files and whatever lies below an unlisted folder still exist: only what is gone is dropped.
@@ -376,6 +414,7 @@ def index_paths(
 
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
+        summary.dated = _fill_capture_times(index, roots, unchanged, pool)
         _encode_all(todo, pool, encoder, index, batch_size, summary, skip, on_progress)
     except BaseException:
         # Ctrl-C: stop now. Waiting for the workers would hang on one stuck in a read (a network share).
@@ -413,7 +452,8 @@ def _encode_all(todo: list[Path], pool: ThreadPoolExecutor, encoder: Encoder, in
             docs = [
                 Document(key=str(item.path), vector=vec, title=title_from_path(item.path),
                          content_hash=item.data_hash, size=item.size, mtime=item.mtime,
-                         width=item.width, height=item.height)
+                         width=item.width, height=item.height, taken_at=item.taken_at,
+                         taken_offset=item.taken_offset)
                 for item, vec in zip(good, vectors, strict=True)
             ]
             result = index.upsert(docs)

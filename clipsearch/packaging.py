@@ -51,7 +51,7 @@ def checkpoint_for(spec: str) -> tuple[Path, int]:
     """The checkpoint file behind a spec and its dimension; downloads a CLIP name once when online."""
     from model_code import inference
 
-    source = models.resolve(spec)
+    source = models.ensure(spec)  # a CLIP name: downloaded once under a lock, SHA-256 checked
     try:
         loaded = inference.load_model(source.name, source.model_dir)
     except inference.ModelLoadError as e:

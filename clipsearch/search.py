@@ -6,6 +6,7 @@ call it, so every host answers the same way.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import time
@@ -16,7 +17,7 @@ from typing import Any
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest, NotFound
 from clipsearch.images import load_bytes
-from clipsearch.index.base import Hit, VectorIndex
+from clipsearch.index.base import DateRange, Hit, VectorIndex
 
 MAX_K = 100
 DEFAULT_K = 10
@@ -25,6 +26,12 @@ MAX_TEXT_CHARS = 10_000
 QUERY_FIELDS = ("text", "image", "id")
 _SURROGATES = re.compile("[\udc80-\udcff]")  # the undecodable bytes of an OS file name (os.fsdecode)
 OPTION_FIELDS = ("k", "from", "min_score", "filter")
+FILTER_FIELDS = ("prefix", "taken_after", "taken_before")
+# The query-string names of the filters of GET /search and of a raw image POST.
+PARAM_FILTERS = {"prefix": "prefix", "after": "taken_after", "before": "taken_before"}
+# ISO 8601 as people write it: a year, a month, a day, or a day and a time to the minute or second.
+_ISO_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?)?)?")
+_ZONE = re.compile(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -39,13 +46,60 @@ class SearchRequest:
     offset: int = 0
     min_score: float | None = None
     prefix: str | None = None
+    taken: DateRange = DateRange()  # taken_after (inclusive) and taken_before (exclusive), wall-clock
 
     def describe(self) -> dict[str, Any]:
         if self.kind == "text":
-            return {"type": "text", "text": self.text}
-        if self.kind == "id":
-            return {"type": "id", "id": self.id}
-        return {"type": "image", "bytes": len(self.image or b"")}
+            described: dict[str, Any] = {"type": "text", "text": self.text}
+        elif self.kind == "id":
+            described = {"type": "id", "id": self.id}
+        else:
+            described = {"type": "image", "bytes": len(self.image or b"")}
+        if self.taken:
+            described["filter"] = {name: _shown_time(value) for name, value in
+                                   (("taken_after", self.taken.after), ("taken_before", self.taken.before))
+                                   if value is not None}
+        return described
+
+
+def parse_time(name: str, value: Any) -> str:
+    """An ISO date or date-time filter bound as wall-clock "YYYY-MM-DDTHH:MM:SS"; BadRequest if it is not one.
+
+    "2019", "2019-07", "2019-07-14", "2019-07-14T15:02" and "2019-07-14T15:02:11" each stand for the first
+    second they name. A time zone is refused: capture times are compared as the wall clock read (CONTRACT §7).
+    """
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be an ISO date or date-time string such as \"2019-07-14\"")
+    text = value.strip()
+    if _ZONE.search(text) and len(text) > 10:
+        raise BadRequest(f"{name} {value!r} has a time zone; capture times are compared as wall-clock times, "
+                         "so give it without one (\"2019-07-14T15:02:11\")")
+    match = _ISO_DATE.fullmatch(text)
+    if not match:
+        raise BadRequest(f"{name} {value!r} is not an ISO date or date-time: use YYYY, YYYY-MM, YYYY-MM-DD "
+                         "or YYYY-MM-DDTHH:MM[:SS]")
+    parts = [int(p) if p is not None else d for p, d in zip(match.groups(), (0, 1, 1, 0, 0, 0), strict=True)]
+    try:
+        when = datetime.datetime(parts[0], parts[1], parts[2]) + datetime.timedelta(hours=parts[3], minutes=parts[4],
+                                                                    seconds=parts[5])
+        if (parts[3], parts[4], parts[5]) >= (24, 0, 0) or parts[4] > 59 or parts[5] > 59 or parts[0] < 1:
+            raise ValueError("time out of range")
+    except (ValueError, OverflowError):
+        raise BadRequest(f"{name} {value!r} is not a valid date or time") from None
+    return when.isoformat(timespec="seconds")
+
+
+def date_range(after: Any = None, before: Any = None, prefix: str = "taken_") -> DateRange:
+    """The capture-time filter of after (inclusive) and before (exclusive); BadRequest when it is empty."""
+    lo = parse_time(f"{prefix}after", after) if after is not None else None
+    hi = parse_time(f"{prefix}before", before) if before is not None else None
+    if lo is not None and hi is not None and lo >= hi:
+        raise BadRequest(f"{prefix}after ({lo}) must be earlier than {prefix}before ({hi}), which is exclusive")
+    return DateRange(lo, hi)
+
+
+def _shown_time(value: str) -> str:
+    return value[:10] if value.endswith("T00:00:00") else value
 
 
 def _int_field(name: str, value: Any, low: int, high: int) -> int:
@@ -83,13 +137,20 @@ def _options(payload: Mapping[str, Any], max_k: int) -> dict[str, Any]:
         opts["min_score"] = _score_field(payload["min_score"])
     flt = payload.get("filter")
     if flt is not None:
-        if not isinstance(flt, dict) or set(flt) - {"prefix"}:
-            raise BadRequest('filter must be an object like {"prefix": "family/2019/"}')
+        if not isinstance(flt, dict) or set(flt) - set(FILTER_FIELDS):
+            raise BadRequest('filter must be an object like {"prefix": "family/2019/", "taken_after": '
+                             '"2019-06-01", "taken_before": "2019-09-01"}')
         prefix = flt.get("prefix")
         if prefix is not None and not isinstance(prefix, str):
             raise BadRequest("filter.prefix must be a string")
         opts["prefix"] = prefix or None
+        opts["taken"] = date_range(flt.get("taken_after"), flt.get("taken_before"), prefix="filter.taken_")
     return opts
+
+
+def _param_filter(params: Mapping[str, str]) -> dict[str, Any]:
+    """The filter object of GET /search's (or a raw image POST's) prefix, after and before parameters."""
+    return {field: params[name] for name, field in PARAM_FILTERS.items() if params.get(name)}
 
 
 def _text(value: Any) -> str:
@@ -133,14 +194,14 @@ def parse_json(payload: Any, max_k: int = MAX_K) -> SearchRequest:
 
 def parse_params(params: Mapping[str, str], max_k: int = MAX_K) -> SearchRequest:
     """Parse GET /search?q=TEXT&k=10&from=0&min_score=0.2&prefix=a/."""
-    unknown = set(params) - {"q", "k", "from", "min_score", "prefix"}
+    unknown = set(params) - {"q", "k", "from", "min_score"} - set(PARAM_FILTERS)
     if unknown:
         raise BadRequest(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     if "q" not in params:
         raise BadRequest("missing q")
     payload: dict[str, Any] = {k: v for k, v in params.items() if k in ("k", "from", "min_score")}
-    if params.get("prefix"):
-        payload["filter"] = {"prefix": params["prefix"]}
+    if flt := _param_filter(params):
+        payload["filter"] = flt
     return SearchRequest("text", text=_text(params["q"]), **_options(payload, max_k))
 
 
@@ -148,8 +209,8 @@ def image_request(data: bytes, params: Mapping[str, str] | None = None, max_k: i
     """A raw image body, with options from the query string."""
     params = dict(params or {})
     payload: dict[str, Any] = {k: v for k, v in params.items() if k in ("k", "from", "min_score")}
-    if params.get("prefix"):
-        payload["filter"] = {"prefix": params["prefix"]}
+    if flt := _param_filter(params):
+        payload["filter"] = flt
     return SearchRequest("image", image=data, **_options(payload, max_k))
 
 
@@ -177,7 +238,8 @@ class SearchService:
                 raise NotFound(f"no indexed image with id {req.id!r}")
             vector, exclude = doc.vector, doc.id
         k = req.k + (1 if exclude else 0)
-        hits = self.index.search(vector, k=k, offset=req.offset, min_score=req.min_score, prefix=req.prefix)
+        hits = self.index.search(vector, k=k, offset=req.offset, min_score=req.min_score, prefix=req.prefix,
+                                 taken=req.taken or None)
         hits = [h for h in hits if h.id != exclude][: req.k]
         return {
             "query": req.describe(),
@@ -189,8 +251,10 @@ class SearchService:
         }
 
     def _hit(self, hit: Hit) -> dict[str, Any]:
+        # taken_at: wall-clock, with the EXIF offset appended when known (CONTRACT §7); null: not known yet.
+        taken = hit.taken_at + hit.taken_offset if hit.taken_at else None
         return {"id": hit.id, "key": display_text(hit.key), "score": round(hit.score, 6),
-                "title": display_text(hit.title), "url": self.url_for(hit)}
+                "title": display_text(hit.title), "url": self.url_for(hit), "taken_at": taken}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.index.model, "count": self.index.count()}

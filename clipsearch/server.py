@@ -50,6 +50,7 @@ ASSETS: dict[str, tuple[str, str]] = {
 IMAGE_TYPES = {
     ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
     ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
+    ".avif": "image/avif", ".heic": "image/heic", ".heif": "image/heif",  # HEIC: shown by Safari only
 }
 
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "

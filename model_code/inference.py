@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import functools
 import io
 import json
 import os
 import pickle
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -47,7 +49,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 GRAPH_AFTER_IMAGES = 256
 
 JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp")
+IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp", "image/heic", "image/heif",
+               "image/avif")
 DEFAULT_MODEL = "demo"
 TEXT, IMAGE = "TEXT", "IMAGE"
 
@@ -119,11 +122,17 @@ class ClipModel:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A picture ready for the model (downscaled), with the upright size of the original."""
+    """A picture ready for the model (downscaled), with the upright size of the original.
+
+    taken_at: EXIF DateTimeOriginal as wall-clock "YYYY-MM-DDTHH:MM:SS" (None: the picture has none);
+    taken_offset: OffsetTimeOriginal ("+02:00") when given, else "".
+    """
 
     image: Image.Image
     width: int
     height: int
+    taken_at: str | None = None
+    taken_offset: str = ""
 
 
 # The transpose that undoes each EXIF orientation (ImageOps.exif_transpose's table).
@@ -131,12 +140,128 @@ _UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTA
                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                      6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 _ORIENTATION_TAG = 0x0112
+# EXIF 2.32: the Exif IFD pointer in IFD0, and in it DateTimeOriginal ("YYYY:MM:DD HH:MM:SS") and
+# OffsetTimeOriginal ("+HH:MM"), the capture time's offset from UTC.
+_EXIF_IFD, _DATETIME_ORIGINAL, _OFFSET_TIME_ORIGINAL = 0x8769, 0x9003, 0x9011
+_EXIF_DATETIME = re.compile(r"(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
+_EXIF_OFFSET = re.compile(r"[+-](?:0\d|1[0-4]):[0-5]\d")
 
 
-def decode_for_model(data: bytes, max_side: int = MAX_SIDE) -> DecodedImage:
-    """decode_image then downscale, keeping the original's upright size; ValueError with the reason."""
-    img, size = _decode(data, max_side)
-    return DecodedImage(downscale(img, max_side), *size)
+def capture_time(exif: Image.Exif) -> tuple[str | None, str]:
+    """(taken_at, taken_offset) from EXIF: a wall-clock "YYYY-MM-DDTHH:MM:SS" or None, and "+02:00" or "".
+
+    Cameras with no clock set write blanks or zeros; those, and any impossible date, count as none.
+    """
+    try:
+        ifd = exif.get_ifd(_EXIF_IFD)
+    except (KeyError, ValueError, TypeError, OSError, SyntaxError):
+        return None, ""
+    raw = ifd.get(_DATETIME_ORIGINAL)
+    text = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")).strip("\x00 ")
+    match = _EXIF_DATETIME.fullmatch(text)
+    if not match:
+        return None, ""
+    try:
+        year, month, day, hour, minute, second = map(int, match.groups())
+        taken = datetime.datetime(year, month, day, hour, minute, second)
+    except ValueError:
+        return None, ""
+    offset = str(ifd.get(_OFFSET_TIME_ORIGINAL) or "").strip("\x00 ")
+    return taken.isoformat(timespec="seconds"), offset if _EXIF_OFFSET.fullmatch(offset) else ""
+
+
+def read_capture_time(data: bytes) -> tuple[str | None, str]:
+    """capture_time() of a picture's bytes from its header alone: no pixel is decoded (a cheap re-read)."""
+    if _is_heif(data) and _heif_opener() is not None:
+        return None, ""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return capture_time(img.getexif())
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError):
+        return None, ""
+
+
+# ISO base media brands (the ftyp box at offset 4) of HEIF stills, which Pillow reads through pillow-heif.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+# Camera RAW files, known by name: most are TIFF inside, where Pillow would read a tiny thumbnail or
+# nothing. What is indexed is the camera's embedded JPEG preview, taken out with rawpy (LibRaw).
+RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf",
+                            ".rw2", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".rwl", ".erf", ".kdc", ".mrw",
+                            ".raw"})
+# LibRaw's `flip` (its sizes.flip) as the EXIF orientation that means the same turn.
+_FLIP_TO_ORIENTATION = {3: 3, 5: 8, 6: 6}
+
+
+@functools.cache
+def _heif_opener() -> str | None:
+    """Register pillow-heif's HEIF opener (once, on the first HEIF seen: no import cost otherwise);
+    None when it is there, else why not. Its AVIF opener too where this Pillow has no AVIF of its own
+    (the SageMaker image's Pillow predates 11.3, and pillow-heif before 1.0 still carries one)."""
+    try:
+        import pillow_heif  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return "HEIC/HEIF needs pillow-heif (pip install pillow-heif)"
+    pillow_heif.register_heif_opener()
+    from PIL import features
+
+    register_avif = getattr(pillow_heif, "register_avif_opener", None)
+    if register_avif is not None and not features.check("avif"):
+        register_avif()
+    return None
+
+
+@functools.cache
+def _avif_ready() -> bool:
+    from PIL import features
+
+    if features.check("avif"):
+        return True
+    if _heif_opener() is not None:  # this also registers pillow-heif's AVIF opener where it has one
+        return False
+    import pillow_heif
+
+    return hasattr(pillow_heif, "register_avif_opener")
+
+
+def _is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+
+
+def is_raw_name(name: str) -> bool:
+    """Whether a file or key name is a camera RAW one, whatever its case."""
+    return os.path.splitext(name)[1].lower() in RAW_EXTENSIONS
+
+
+def raw_preview(data: bytes) -> tuple[bytes, int]:
+    """The embedded preview of a camera RAW file as (JPEG or PNG bytes, EXIF orientation to apply);
+    ValueError with the reason when rawpy is absent, the file unreadable or without a preview."""
+    try:
+        import rawpy  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        raise ValueError("RAW needs rawpy (pip install 'clipsearch[local]' or pip install rawpy)") from None
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            flip = int(raw.sizes.flip)
+            try:
+                thumb = raw.extract_thumb()
+            except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+                raise ValueError("RAW file without an embedded JPEG preview") from None
+    except rawpy.LibRawError:
+        raise ValueError("not a camera RAW file rawpy can read (unsupported or corrupt)") from None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        return bytes(thumb.data), _FLIP_TO_ORIENTATION.get(flip, 1)
+    buf = io.BytesIO()  # a bitmap preview (some older cameras): lossless PNG for the same decode
+    Image.fromarray(np.asarray(thumb.data, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), _FLIP_TO_ORIENTATION.get(flip, 1)
+
+
+def decode_for_model(data: bytes, max_side: int = MAX_SIDE, name: str = "") -> DecodedImage:
+    """decode_image then downscale, keeping the original's upright size; ValueError with the reason.
+
+    `name` (a file name or S3 key) says when the bytes are a camera RAW file (by its extension).
+    """
+    img, size, taken = _decode(data, max_side, name)
+    return DecodedImage(downscale(img, max_side), *size, *taken)
 
 
 def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
@@ -150,9 +275,19 @@ def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
     return _decode(data, max_side)[0]
 
 
-def _decode(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(data: bytes, max_side: int, name: str = ""
+            ) -> tuple[Image.Image, tuple[int, int], tuple[str | None, str]]:
     if not data:
         raise ValueError("empty image")
+    turn = 1
+    if name and is_raw_name(name):
+        data, turn = raw_preview(data)
+    elif _is_heif(data):
+        missing = _heif_opener()
+        if missing:
+            raise ValueError(missing)
+    elif data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis") and not _avif_ready():
+        raise ValueError("AVIF needs Pillow 11.3 or later (or pillow-heif before 1.0)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -164,7 +299,9 @@ def _decode(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
                 # Only the scale matters: the short side asked for, the long side left free (1).
                 img.draft("RGB", (max_side, 1) if width <= height else (1, max_side))
             img.load()
-            orientation = img.getexif().get(_ORIENTATION_TAG)
+            exif = img.getexif()
+            orientation = exif.get(_ORIENTATION_TAG) or turn
+            taken = capture_time(exif)
             # Cropped in stored orientation, before the transpose copies the pixels: a centre crop is
             # the same whichever way the picture is turned (to the pixel, when the excess is odd).
             img = centre_crop(img)
@@ -183,7 +320,7 @@ def _decode(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
         raise ValueError("not a recognised image format") from None
     except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"corrupt or truncated image: {e}") from None
-    return to_rgb(img), (width, height)
+    return to_rgb(img), (width, height), taken
 
 
 def _check_size(width: int, height: int) -> None:

@@ -5,14 +5,15 @@ Scores leave every backend as cosine similarity in [-1, 1].
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from clipsearch.errors import BadRequest, ClipsearchError, ModelMismatch
+from clipsearch.errors import BadRequest, ClipsearchError, ConfigError, ModelMismatch
 
 __all__ = [
     "Document",
@@ -24,6 +25,11 @@ __all__ = [
     "doc_id",
     "check_model",
     "check_query",
+    "DateRange",
+    "SchemaTooNew",
+    "check_schema",
+    "Redatable",
+    "wall_clock",
 ]
 
 
@@ -31,6 +37,46 @@ class IndexError_(ClipsearchError):  # noqa: N801 - avoid shadowing the builtin 
     """The index backend failed in a way that is not the caller's fault."""
 
     code = "index_error"
+
+
+class SchemaTooNew(ConfigError):
+    """The index was written by a newer clipsearch (a higher schema version); it is never touched (exit 2)."""
+
+    code = "schema_too_new"
+
+
+def check_schema(found: int, supported: int, where: str) -> None:
+    """Refuse an index whose schema is newer than this code writes; an older one is migrated by a write."""
+    if found > supported:
+        raise SchemaTooNew(f"{where} has schema version {found}, newer than this clipsearch supports "
+                           f"({supported}); upgrade clipsearch to use it")
+
+
+def wall_clock(when: float | datetime.datetime) -> str:
+    """A time as this machine's local wall-clock "YYYY-MM-DDTHH:MM:SS" (a file's mtime, an S3 LastModified).
+
+    An aware datetime (boto3 gives LastModified in UTC) is converted to the local zone first; a Lambda's
+    local zone is UTC unless TZ says otherwise.
+    """
+    if isinstance(when, datetime.datetime):
+        local = when.astimezone() if when.tzinfo is not None else when
+    else:
+        local = datetime.datetime.fromtimestamp(when)
+    return local.replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class DateRange:
+    """A taken_at filter on wall-clock times "YYYY-MM-DDTHH:MM:SS": after inclusive, before exclusive.
+
+    Wall-clock: compared as written, never shifted by a time zone (CONTRACT §7).
+    """
+
+    after: str | None = None
+    before: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.after is not None or self.before is not None
 
 
 def doc_id(bucket: str, key: str) -> str:
@@ -55,6 +101,10 @@ class Document:
     width: int = 0
     height: int = 0
     indexed_at: float = 0.0
+    # Capture time as wall-clock "YYYY-MM-DDTHH:MM:SS" (EXIF DateTimeOriginal, else the file's mtime in local
+    # time or the object's LastModified); None: not known (an index written before schema 2).
+    taken_at: str | None = None
+    taken_offset: str = ""  # EXIF OffsetTimeOriginal ("+02:00") when given: shown, never used to filter
 
     @property
     def id(self) -> str:
@@ -72,6 +122,8 @@ class Hit:
     bucket: str = ""
     width: int = 0
     height: int = 0
+    taken_at: str | None = None
+    taken_offset: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +167,7 @@ class VectorIndex(Protocol):
         offset: int = 0,
         min_score: float | None = None,
         prefix: str | None = None,
+        taken: DateRange | None = None,
     ) -> list[Hit]: ...
 
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
@@ -126,6 +179,19 @@ class VectorIndex(Protocol):
     def info(self) -> IndexInfo: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Redatable(Protocol):
+    """A backend that can list documents without a capture time and fill it in without re-encoding."""
+
+    def undated(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose taken_at is not known (written before schema 2)."""
+        ...
+
+    def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
+        """key -> (taken_at, taken_offset) for documents of this index (bucket ""); returns how many."""
+        ...
 
 
 def check_model(recorded_model: str, recorded_dim: int, model: str | None, dim: int | None) -> None:

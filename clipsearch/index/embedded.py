@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from clipsearch.errors import (
+    BadRequest,
     ClipsearchError,
     ConfigError,
     IndexCorrupt,
@@ -34,15 +35,21 @@ from clipsearch.errors import (
 )
 from clipsearch.index import ann as ann_mod
 from clipsearch.index.base import (
+    DateRange,
     Document,
     Hit,
     IndexInfo,
     UpsertResult,
     check_model,
     check_query,
+    check_schema,
+    doc_id,
 )
 
-SCHEMA_VERSION = 1
+# 1: the first release. 2: images.taken_at (wall-clock "YYYY-MM-DDTHH:MM:SS", NULL: not read yet) and
+# images.taken_offset. An older file is migrated when it is opened for writing (`index`, `forget`,
+# `check --repair`), never by a read-only open (`search`, `stats`, `serve`); a newer one is refused.
+SCHEMA_VERSION = 2
 DB_NAME = "index.sqlite"
 
 _SCHEMA = """
@@ -58,12 +65,19 @@ CREATE TABLE IF NOT EXISTS images (
     width INTEGER NOT NULL DEFAULT 0,
     height INTEGER NOT NULL DEFAULT 0,
     indexed_at REAL NOT NULL DEFAULT 0,
-    vector BLOB NOT NULL
+    vector BLOB NOT NULL,
+    taken_at TEXT,
+    taken_offset TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS images_key ON images (key);
 """
 
 _COLUMNS = "id, key, bucket, title, content_hash, size, mtime, width, height, indexed_at"
+_DATE_COLUMNS = "taken_at, taken_offset"  # schema 2
+_MIGRATIONS = {  # version -> the statements that bring a file of that version to the next one
+    1: ["ALTER TABLE images ADD COLUMN taken_at TEXT",
+        "ALTER TABLE images ADD COLUMN taken_offset TEXT NOT NULL DEFAULT ''"],
+}
 SEARCH_MODES = ("exact", "approx")
 # Each write transaction bumps this, so a persisted ANN structure can tell whether it is stale.
 _BUMP_GENERATION = ("INSERT INTO meta (name, value) VALUES ('generation', '1') ON CONFLICT(name) "
@@ -191,6 +205,31 @@ def _read_meta(db: sqlite3.Connection) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in db.execute("SELECT name, value FROM meta")}
 
 
+def _schema_version(meta: dict[str, str]) -> int:
+    try:
+        return int(meta.get("schema_version", "1"))
+    except ValueError:
+        return SCHEMA_VERSION + 1  # not a number this code wrote: treat it as from a newer release
+
+
+def _migrate(db: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION inside the caller's write transaction; returns the old version.
+
+    ADD COLUMN only edits the table definition (https://www.sqlite.org/lang_altertable.html), so this is
+    instant whatever the index's size; the new columns read as NULL until `index` fills them.
+    """
+    meta = _read_meta(db) or {}
+    found = _schema_version(meta)
+    version = found
+    while version < SCHEMA_VERSION:
+        for stmt in _MIGRATIONS[version]:
+            db.execute(stmt)
+        version += 1
+    if found < SCHEMA_VERSION:
+        db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)", (str(version),))
+    return found
+
+
 class EmbeddedIndex:
     """A VectorIndex in a directory: `index.sqlite` plus an in-memory float32 matrix."""
 
@@ -263,6 +302,11 @@ class EmbeddedIndex:
             identity = (st.st_dev, st.st_ino)
             meta = _read_meta(db)
             if meta is not None and {"model", "dim"} <= meta.keys():
+                check_schema(_schema_version(meta), SCHEMA_VERSION, f"the index {self.directory}")
+                if not self.read_only and _schema_version(meta) < SCHEMA_VERSION:
+                    with _Transaction(db, self._lock):
+                        _migrate(db)  # re-reads the version under the write lock: another writer may be first
+                    meta = _read_meta(db) or meta
                 return db, meta, identity
             # An empty or half-created file (a crash while creating it) is treated as a new index.
             if self.read_only or model is None or dim is None:
@@ -283,7 +327,7 @@ class EmbeddedIndex:
                     [("schema_version", str(SCHEMA_VERSION)), ("model", model), ("dim", str(dim)),
                      ("created_at", str(time.time()))],
                 )
-            return db, {"model": model, "dim": str(dim)}, identity
+            return db, {"model": model, "dim": str(dim), "schema_version": str(SCHEMA_VERSION)}, identity
         except BaseException as e:
             if db is not None:
                 db.close()
@@ -305,10 +349,13 @@ class EmbeddedIndex:
             try:
                 n = int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
                 self._generation = self._read_generation()
+                schema = _schema_version(_read_meta(self._db) or {})
                 ids: list[str] = []
                 keys: list[str] = []
+                taken: list[str | None] = []
                 self._buffer = np.empty((max(n, 1024), self.dim), dtype=np.float32)
-                cursor = self._db.execute("SELECT id, key, vector FROM images ORDER BY rowid")
+                dated = ", taken_at" if schema >= 2 else ""
+                cursor = self._db.execute(f"SELECT id, key, vector{dated} FROM images ORDER BY rowid")
                 # In chunks: a million 4 KB blobs fetched at once would double the peak memory.
                 unreadable: dict[str, str] = {}
                 while rows := cursor.fetchmany(8192):
@@ -316,6 +363,8 @@ class EmbeddedIndex:
                     start = len(ids)
                     ids.extend(r[0] for r in rows)
                     keys.extend(r[1] for r in rows)
+                    if dated:
+                        taken.extend(r[3] for r in rows)
                     block = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
                     self._buffer[start:start + len(rows)] = block.reshape(len(rows), self.dim)
                 self._data_version = self._current_version()
@@ -324,6 +373,9 @@ class EmbeddedIndex:
             self._ids = ids
             self._unreadable = unreadable
             self._keys = np.array(keys, dtype=object)
+            self._schema = schema
+            # Capture times as numbers for the date filter's mask; NaT (never in range): not known yet.
+            self._taken = np.array(taken if dated else [None] * len(ids), dtype="datetime64[s]")
             self._matrix = self._buffer[: len(ids)]
             self._row = {id_: i for i, id_ in enumerate(self._ids)}
             self._reloads += 1
@@ -383,12 +435,13 @@ class EmbeddedIndex:
                 result.failed[d.id] = "vector has non-finite values (NaN or infinity); not stored"
                 continue
             rows.append((d.id, d.key, d.bucket, d.title, d.content_hash, d.size, d.mtime, d.width,
-                         d.height, d.indexed_at or now, vec.tobytes()))
+                         d.height, d.indexed_at or now, d.taken_at, d.taken_offset, vec.tobytes()))
         if rows:
+            self._check_writable_schema()
             with self._tx():
                 self._db.executemany(
-                    f"INSERT OR REPLACE INTO images ({_COLUMNS}, vector) "
-                    "VALUES (?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR REPLACE INTO images ({_COLUMNS}, {_DATE_COLUMNS}, vector) "
+                    "VALUES (?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(r[0], key_param(r[1]), *r[2:]) for r in rows],
                 )
                 self._db.execute(_BUMP_GENERATION)
@@ -402,6 +455,7 @@ class EmbeddedIndex:
             self._generation = generation
             new_ids: list[str] = []
             new_keys: list[str] = []
+            new_taken: list[str | None] = []
             new_vecs: list[np.ndarray] = []
             for r in rows:
                 vec = np.frombuffer(r[-1], dtype=np.float32)
@@ -410,11 +464,13 @@ class EmbeddedIndex:
                 if i is not None:
                     self._matrix[i] = vec
                     self._keys[i] = r[1]
+                    self._taken[i] = np.datetime64(r[10], "s") if r[10] else np.datetime64("NaT")
                     self._replaced.add(i)
                 else:
                     self._row[r[0]] = len(self._ids) + len(new_ids)
                     new_ids.append(r[0])
                     new_keys.append(r[1])
+                    new_taken.append(r[10])
                     new_vecs.append(vec)
             if new_ids:
                 n, extra = len(self._ids), len(new_ids)
@@ -426,6 +482,7 @@ class EmbeddedIndex:
                 self._buffer[n:n + extra] = np.stack(new_vecs)
                 self._ids = self._ids + new_ids
                 self._keys = np.concatenate([self._keys, np.array(new_keys, dtype=object)])
+                self._taken = np.concatenate([self._taken, np.array(new_taken, dtype="datetime64[s]")])
                 self._matrix = self._buffer[: n + extra]
                 self._key_order = None
             self._data_version = self._current_version()
@@ -449,13 +506,15 @@ class EmbeddedIndex:
     @_sqlite_errors
     def get(self, id: str) -> Document | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS}, vector FROM images WHERE id = ?", (id,)).fetchone()
+            dates = _DATE_COLUMNS if self._schema >= 2 else "NULL, ''"
+            row = self._db.execute(f"SELECT {_COLUMNS}, vector, {dates} FROM images WHERE id = ?",
+                                   (id,)).fetchone()
         if row is None:
             return None
         return Document(
             key=row[1], bucket=row[2], title=row[3], content_hash=row[4], size=row[5], mtime=row[6],
             width=row[7], height=row[8], indexed_at=row[9],
-            vector=np.frombuffer(row[10], dtype=np.float32).copy(),
+            vector=np.frombuffer(row[10], dtype=np.float32).copy(), taken_at=row[11], taken_offset=row[12],
         )
 
     @_sqlite_errors
@@ -466,7 +525,9 @@ class EmbeddedIndex:
         offset: int = 0,
         min_score: float | None = None,
         prefix: str | None = None,
+        taken: DateRange | None = None,
     ) -> list[Hit]:
+        """The k best after offset by cosine; prefix and taken (a capture-time range) filter before the scan."""
         q = check_query(vector, self.dim, k, offset)
         want = offset + k
         found: tuple[np.ndarray, np.ndarray] | None = None
@@ -474,6 +535,9 @@ class EmbeddedIndex:
             self._refresh_if_changed()
             matrix, ids = self._matrix, self._ids
             allowed = self._prefix_rows(prefix) if prefix else None
+            if taken:
+                dated = self._taken_rows(taken)
+                allowed = dated if allowed is None else np.intersect1d(allowed, dated, assume_unique=True)
             if self.search_mode == "approx" and self._approx_pays(len(ids), allowed):
                 # Under the lock: syncing mutates the structure. None: it cannot beat a scan here.
                 found = self._ann_search(q, want, matrix, allowed)
@@ -488,6 +552,18 @@ class EmbeddedIndex:
             kept = [(r, s) for r, s in zip(rows, hit_scores, strict=True) if s >= min_score]
             rows, hit_scores = [r for r, _ in kept], [s for _, s in kept]
         return self._hits(rows, hit_scores, ids)
+
+    def _taken_rows(self, taken: DateRange) -> np.ndarray:
+        """Rows whose capture time is on or after taken.after and before taken.before, ascending."""
+        if self._schema < 2:
+            raise BadRequest(f"the index {self.directory} has no capture dates yet (it was written by an older "
+                             "clipsearch): run `clipsearch index` on its folders once to add them")
+        mask = ~np.isnat(self._taken)
+        if taken.after is not None:
+            mask &= self._taken >= np.datetime64(taken.after, "s")
+        if taken.before is not None:
+            mask &= self._taken < np.datetime64(taken.before, "s")
+        return np.flatnonzero(mask)
 
     def _prefix_rows(self, prefix: str) -> np.ndarray:
         """Rows whose key starts with prefix, ascending: two binary searches in the sorted keys."""
@@ -565,10 +641,12 @@ class EmbeddedIndex:
         wanted = [ids[r] for r in rows]
         marks = ",".join("?" * len(wanted))
         with self._lock:
+            dates = _DATE_COLUMNS if self._schema >= 2 else "NULL, ''"
             found = {
                 r[0]: r
                 for r in self._db.execute(
-                    f"SELECT id, key, title, bucket, width, height FROM images WHERE id IN ({marks})", wanted
+                    f"SELECT id, key, title, bucket, width, height, {dates} FROM images WHERE id IN ({marks})",
+                    wanted,
                 )
             }
         hits = []
@@ -576,7 +654,7 @@ class EmbeddedIndex:
             r = found.get(id_)
             if r is not None:
                 hits.append(Hit(id=id_, key=r[1], score=max(-1.0, min(1.0, score)), title=r[2],
-                                bucket=r[3], width=r[4], height=r[5]))
+                                bucket=r[3], width=r[4], height=r[5], taken_at=r[6], taken_offset=r[7]))
         return hits
 
     @_sqlite_errors
@@ -591,6 +669,42 @@ class EmbeddedIndex:
         return {r[0]: (int(r[1]), float(r[2])) for r in rows if r[0] not in bad}
 
     @_sqlite_errors
+    def undated(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose capture time was never read (rows written before schema 2)."""
+        if self._schema < 2:
+            return set()  # read-only and not migrated: nothing can be filled in anyway
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM images WHERE taken_at IS NULL AND substr(CAST(key AS BLOB), 1, ?) = ?",
+                (len(key_param(prefix)), key_param(prefix)),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    @_sqlite_errors
+    def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
+        """Fill in capture times (key -> (taken_at, taken_offset)) without touching the vectors."""
+        if not taken:
+            return 0
+        self._check_writable_schema()
+        updates = [(at, offset, doc_id("", key)) for key, (at, offset) in taken.items()]
+        with self._tx():
+            before = self._db.total_changes
+            self._db.executemany("UPDATE images SET taken_at = ?, taken_offset = ? WHERE id = ?", updates)
+            changed = self._db.total_changes - before
+        with self._lock:
+            for at, _, id_ in updates:
+                i = self._row.get(id_)
+                if i is not None:
+                    self._taken[i] = np.datetime64(at, "s")
+            self._data_version = self._current_version()
+        return changed
+
+    def _check_writable_schema(self) -> None:
+        if self._schema < SCHEMA_VERSION:  # opened read-only (never migrated), yet asked to write
+            raise IndexReadOnly(f"the index {self.directory} was opened read-only and has an older schema; "
+                                "open it for writing (`clipsearch index`) to migrate it")
+
+    @_sqlite_errors
     def count(self) -> int:
         with self._lock:
             if self._follow_replacement():
@@ -601,7 +715,7 @@ class EmbeddedIndex:
     def info(self) -> IndexInfo:
         n = self.count()
         extra: dict[str, Any] = {"bytes_per_vector": self.dim * 4, "path": str(self.directory / DB_NAME),
-                                 "search_mode": self.search_mode}
+                                 "search_mode": self.search_mode, "schema_version": self._schema}
         with self._lock:
             if self._ann is not None:
                 extra.update(self._ann.info())
@@ -746,11 +860,21 @@ def check_index(directory: str | Path, repair: bool = False) -> CheckReport:
                 report.repaired.append("removed it; the next `clipsearch index` creates the index anew")
                 report.problems.clear()
             return report
+        schema = _schema_version(meta)
+        check_schema(schema, SCHEMA_VERSION, f"the index {directory}")
         unreadable, gone, report.rows = _scan_rows(db, int(meta["dim"]))
     except sqlite3.Error as e:
         raise storage_error(e, path) from None
     finally:
         db.close()
+    if schema < SCHEMA_VERSION:
+        if repair:
+            _migrate_file(path)
+            report.repaired.append(f"migrated the schema from version {schema} to {SCHEMA_VERSION}; the next "
+                                   "`clipsearch index` of its folders fills in the capture dates")
+        else:
+            report.notes.append(f"schema version {schema} (this clipsearch writes {SCHEMA_VERSION}): it has no "
+                                "capture dates; the next `clipsearch index` or `check --repair` migrates it")
     if unreadable:
         report.problems.append(f"{len(unreadable)} rows have an unusable vector (wrong size, NaN or "
                                f"infinity), e.g. {sorted(unreadable.values())[0]}")
@@ -794,6 +918,17 @@ def _scan_rows(db: sqlite3.Connection, dim: int) -> tuple[dict[str, str], int, i
     return unreadable, gone, total
 
 
+def _migrate_file(path: Path) -> None:
+    db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        with _Transaction(db, threading.RLock()):
+            _migrate(db)
+    except sqlite3.Error as e:
+        raise storage_error(e, path) from None
+    finally:
+        db.close()
+
+
 def _drop_rows(directory: Path, ids: list[str]) -> None:
     db = sqlite3.connect(directory / DB_NAME, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     try:
@@ -831,13 +966,15 @@ def _repair_damaged(directory: Path, report: CheckReport) -> None:
         if work.exists():
             _remove_index_files(work / DB_NAME)
         fresh = EmbeddedIndex(work, model=meta["model"], dim=int(meta["dim"]))
+        dated = _schema_version(meta) >= 2
         try:
             saved = 0
             keys: list[str] = []
-            for batch in _readable_rows(src):
+            for batch in _readable_rows(src, dated=dated):
                 docs = [Document(key=r[1], bucket=r[2], title=r[3], content_hash=r[4], size=r[5], mtime=r[6],
                                  width=r[7], height=r[8], indexed_at=r[9],
-                                 vector=np.frombuffer(r[10], dtype=np.float32))
+                                 vector=np.frombuffer(r[10], dtype=np.float32), taken_at=r[11],
+                                 taken_offset=r[12] or "")
                         for r in batch if isinstance(r[10], bytes) and len(r[10]) == 4 * fresh.dim]
                 saved += fresh.upsert(docs).written
                 keys.extend(d.key for d in docs if not d.bucket and os.path.isabs(d.key))
@@ -868,10 +1005,11 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def _readable_rows(db: sqlite3.Connection, batch: int = 256) -> Iterator[list[tuple]]:
+def _readable_rows(db: sqlite3.Connection, batch: int = 256, dated: bool = True) -> Iterator[list[tuple]]:
     """Rows of a damaged images table, in batches, stepping over the rowids whose pages cannot be read."""
     after, step, misses, limit = 0, 1, 0, batch
-    query = f"SELECT rowid, {_COLUMNS}, vector FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?"
+    dates = _DATE_COLUMNS if dated else "NULL, ''"
+    query = f"SELECT rowid, {_COLUMNS}, vector, {dates} FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?"
     while misses < 64:
         try:
             rows = db.execute(query, (after, limit)).fetchall()

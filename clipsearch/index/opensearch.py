@@ -21,6 +21,7 @@ from opensearchpy import exceptions as os_errors
 
 from clipsearch.errors import BadRequest, ConfigError, NotFound, Unavailable
 from clipsearch.index.base import (
+    DateRange,
     Document,
     Hit,
     IndexError_,
@@ -28,18 +29,29 @@ from clipsearch.index.base import (
     UpsertResult,
     check_model,
     check_query,
+    check_schema,
+    doc_id,
 )
 
 __all__ = ["OpenSearchIndex", "ENGINES", "AUTH_MODES", "MAX_K"]
 
-SCHEMA_VERSION = 1
+# 1: the first release. 2: taken_at (a `date` holding the wall-clock capture time with no zone, so
+# OpenSearch's UTC handling shifts nothing) and taken_offset (keyword). An older index gets the two fields
+# (put_mapping) and the new version in `_meta` on its first write; a search never changes it.
+SCHEMA_VERSION = 2
+# yyyy-MM-dd'T'HH:mm:ss (OpenSearch docs, "Date field type": built-in formats).
+TAKEN_FORMAT = "strict_date_hour_minute_second"
+_DATE_FIELDS: dict[str, Any] = {
+    "taken_at": {"type": "date", "format": TAKEN_FORMAT},
+    "taken_offset": {"type": "keyword"},
+}
 ENGINES = ("lucene", "faiss")
 AUTH_MODES = ("none", "basic", "sigv4")
 VECTOR_FIELD = "vector"
 # The k-NN plugin caps k at 10000, and index.max_result_window caps from + size at the same.
 MAX_K = 10_000
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-_SOURCE_FIELDS = ["key", "bucket", "title", "width", "height"]
+_SOURCE_FIELDS = ["key", "bucket", "title", "width", "height", "taken_at", "taken_offset"]
 
 T = TypeVar("T")
 
@@ -105,6 +117,9 @@ class OpenSearchIndex:
             meta = self._create(model, dim, shards, replicas, refresh_interval)
         self.model = str(meta["model"])
         self.dim = int(meta["dim"])
+        self._meta = meta
+        self.schema = int(meta.get("schema_version", 1))
+        check_schema(self.schema, SCHEMA_VERSION, f"OpenSearch index {name!r}")
         check_model(self.model, self.dim, model, dim)
         # An existing index keeps the HNSW parameters it was built with.
         method = meta.get("method", {})
@@ -196,6 +211,7 @@ class OpenSearchIndex:
                     "height": {"type": "integer"},
                     "model": {"type": "keyword"},
                     "indexed_at": {"type": "date", "format": "epoch_second"},
+                    **_DATE_FIELDS,
                 },
             },
         }
@@ -214,8 +230,22 @@ class OpenSearchIndex:
 
     # -- writes -------------------------------------------------------------------------------
 
+    def _migrate(self) -> None:
+        """Bring an older index to SCHEMA_VERSION before its first write: add the fields, record the version.
+
+        Adding fields to an existing mapping is allowed (OpenSearch docs, "Create or update mappings"), and
+        `_meta` is replaced as a whole, so it is sent complete.
+        """
+        if self.schema >= SCHEMA_VERSION:
+            return
+        meta = {**self._meta, "schema_version": SCHEMA_VERSION}
+        self._call("migrating the mapping", self.client.indices.put_mapping, index=self.name,
+                   body={"_meta": {"clipsearch": meta}, "properties": _DATE_FIELDS})
+        self._meta, self.schema = meta, SCHEMA_VERSION
+
     def upsert(self, docs: Sequence[Document]) -> UpsertResult:
         """Bulk-index docs under their deterministic ids; per-item failures land in `failed`."""
+        self._migrate()
         result = UpsertResult()
         now = time.time()
         lines: dict[str, str] = {}
@@ -228,6 +258,7 @@ class OpenSearchIndex:
                 VECTOR_FIELD: vec.tolist(), "key": d.key, "bucket": d.bucket, "title": d.title,
                 "content_hash": d.content_hash, "size": d.size, "mtime": d.mtime, "width": d.width,
                 "height": d.height, "model": self.model, "indexed_at": d.indexed_at or now,
+                "taken_at": d.taken_at, "taken_offset": d.taken_offset,
             }
             action = json.dumps({"index": {"_index": self.name, "_id": d.id}})
             lines[d.id] = action + "\n" + json.dumps(source, separators=(",", ":")) + "\n"
@@ -322,6 +353,7 @@ class OpenSearchIndex:
             mtime=float(s.get("mtime", 0)), width=int(s.get("width", 0)), height=int(s.get("height", 0)),
             indexed_at=float(s.get("indexed_at", 0)),
             vector=np.asarray(s[VECTOR_FIELD], dtype=np.float32),
+            taken_at=s.get("taken_at"), taken_offset=s.get("taken_offset") or "",
         )
 
     def search(
@@ -331,8 +363,13 @@ class OpenSearchIndex:
         offset: int = 0,
         min_score: float | None = None,
         prefix: str | None = None,
+        taken: DateRange | None = None,
     ) -> list[Hit]:
-        """Approximate k-NN (HNSW) with the prefix filter applied inside the graph search."""
+        """Approximate k-NN (HNSW) with the prefix and capture-time filters applied inside the graph search.
+
+        Inside the k-NN query (efficient filtering, OpenSearch docs "k-NN search with filters"), so k hits
+        still come back however few documents pass the filter.
+        """
         q = check_query(vector, self.dim, k, offset)
         want = offset + k
         if want > MAX_K:
@@ -340,8 +377,23 @@ class OpenSearchIndex:
         knn: dict[str, Any] = {"vector": q.tolist(), "k": want}
         # Lucene widens its candidate list to ef_search and then keeps k; a larger list buys recall.
         knn["method_parameters"] = {"ef_search": max(self.ef_search, want)}
+        filters: list[dict[str, Any]] = []
         if prefix:
-            knn["filter"] = {"prefix": {"key": prefix}}
+            filters.append({"prefix": {"key": prefix}})
+        if taken:
+            if self.schema < 2:  # migrated since this process opened it (a warm search Lambda)?
+                meta = self._load_meta() or {}
+                if int(meta.get("schema_version", 1)) >= 2:
+                    self._meta, self.schema = meta, int(meta["schema_version"])
+            if self.schema < 2:
+                raise BadRequest(f"OpenSearch index {self.name!r} has no capture dates yet (it was written by an "
+                                 "older clipsearch): run `clipsearch index` once to add them")
+            bounds = {op: value for op, value in (("gte", taken.after), ("lt", taken.before)) if value}
+            filters.append({"range": {"taken_at": {**bounds, "format": TAKEN_FORMAT}}})
+        if len(filters) == 1:
+            knn["filter"] = filters[0]
+        elif filters:
+            knn["filter"] = {"bool": {"filter": filters}}
         body: dict[str, Any] = {
             "size": k,
             "from": offset,
@@ -357,7 +409,8 @@ class OpenSearchIndex:
             s = h.get("_source", {})
             hits.append(Hit(id=h["_id"], key=s.get("key", ""), score=_score_to_cos(float(h["_score"])),
                             title=s.get("title", ""), bucket=s.get("bucket", ""),
-                            width=int(s.get("width", 0)), height=int(s.get("height", 0))))
+                            width=int(s.get("width", 0)), height=int(s.get("height", 0)),
+                            taken_at=s.get("taken_at"), taken_offset=s.get("taken_offset") or ""))
         return hits
 
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
@@ -379,6 +432,53 @@ class OpenSearchIndex:
                 return out
             after = hits[-1]["sort"]
 
+    def undated(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose documents have no taken_at (written before schema 2)."""
+        if self.schema < 2:
+            return set()
+        query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": "taken_at"}}]}}
+        if prefix:
+            query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
+        out: set[str] = set()
+        after: list[Any] | None = None
+        self._see_own_writes()
+        while True:
+            body: dict[str, Any] = {"size": 1000, "query": query, "_source": ["key"],
+                                    "sort": [{"key": "asc"}, {"bucket": "asc"}], "track_total_hits": False}
+            if after is not None:
+                body["search_after"] = after
+            hits = self._call("listing undated keys", self.client.search, index=self.name, body=body)["hits"]["hits"]
+            out.update(h["_source"]["key"] for h in hits)
+            if len(hits) < 1000:
+                return out
+            after = hits[-1]["sort"]
+
+    def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
+        """Fill in capture times (key -> (taken_at, taken_offset)) by partial updates; vectors are kept."""
+        self._migrate()
+        wanted = {doc_id("", key): value for key, value in taken.items()}
+        if not wanted:
+            return 0
+        # A partial update re-parses the whole stored source, and a stored float such as indexed_at
+        # 1796012688.3 comes back from that as "1.7960126883E9", which the epoch_second date format
+        # refuses (measured on the local node). So indexed_at goes back with the update, as a decimal string.
+        got = self._call("reading documents", self.client.mget, index=self.name,
+                         body={"ids": list(wanted)}, params={"_source_includes": "indexed_at"})
+        lines = {}
+        for entry in got.get("docs", []):
+            if not entry.get("found"):
+                continue  # deleted meanwhile: nothing to date
+            at, offset = wanted[entry["_id"]]
+            doc: dict[str, Any] = {"taken_at": at, "taken_offset": offset}
+            if entry.get("_source", {}).get("indexed_at") is not None:
+                doc["indexed_at"] = repr(float(entry["_source"]["indexed_at"]))
+            lines[entry["_id"]] = (json.dumps({"update": {"_index": self.name, "_id": entry["_id"]}}) + "\n"
+                                   + json.dumps({"doc": doc}) + "\n")
+        done, failed = self._bulk(lines)
+        if failed:
+            raise IndexError_(f"{len(failed)} capture-date updates failed, e.g. {next(iter(failed.values()))}")
+        return done
+
     def count(self) -> int:
         self._see_own_writes()
         return int(self._call("a count", self.client.count, index=self.name)["count"])
@@ -386,8 +486,9 @@ class OpenSearchIndex:
     def info(self) -> IndexInfo:
         return IndexInfo(
             backend=self.backend, name=self.name, model=self.model, dim=self.dim, count=self.count(),
-            extra={"url": self.url, "engine": self.engine, "space_type": "cosinesimil", "m": self.m,
-                   "ef_construction": self.ef_construction, "ef_search": self.ef_search},
+            extra={"schema_version": self.schema, "url": self.url, "engine": self.engine,
+                   "space_type": "cosinesimil", "m": self.m, "ef_construction": self.ef_construction,
+                   "ef_search": self.ef_search},
         )
 
     def drop(self) -> None:

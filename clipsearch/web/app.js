@@ -4,6 +4,9 @@
 (() => {
   const DEBOUNCE_MS = 250;
   const SENT_AS_IS = ["image/jpeg", "image/png", "image/webp"];
+  // Formats the server decodes that most browsers cannot (HEIC outside Safari) or may not name: a file
+  // the browser cannot draw goes up as it is, typed by its extension when the browser gives no type.
+  const SERVER_DECODES = { heic: "image/heic", heif: "image/heif", avif: "image/avif" };
   // CLIP sees a few hundred pixels: the server keeps at most 2:1 around the centre and 448 px on the
   // shorter side. Shrinking to that here keeps a camera original far under API Gateway's 6 MB event
   // limit (base64 included, so ~4.4 MB of picture) and makes the upload small on every path.
@@ -151,7 +154,8 @@
     const pathText = document.createElement("bdi");
     pathText.textContent = hit.key;
     path.append(pathText);
-    path.title = hit.key;
+    // The capture time (wall clock, with the camera's UTC offset when known) in the path's tooltip.
+    path.title = hit.taken_at ? `${hit.key}\ntaken ${hit.taken_at.replace("T", " ")}` : hit.key;
 
     item.append(button, path);
     return item;
@@ -202,6 +206,8 @@
     } catch (err) {
       // A format the server reads travels as it is, so a broken file gets the server's reason.
       if (SENT_AS_IS.includes(file.type)) return file;
+      const type = serverDecodes(file);
+      if (type) return file.type === type ? file : new Blob([file], { type });
       throw err;
     }
     const { width, height } = bitmap;
@@ -232,9 +238,15 @@
         type, JPEG_QUALITY));
   }
 
+  function serverDecodes(file) {
+    const byType = Object.values(SERVER_DECODES).find((t) => t === file.type);
+    const ext = (file.name || "").split(".").pop().toLowerCase();
+    return byType || SERVER_DECODES[ext] || null;
+  }
+
   async function imageQuery(file) {
     if (!file) return;
-    if (!file.type.startsWith("image/")) {
+    if (!file.type.startsWith("image/") && !serverDecodes(file)) {
       showError(`${file.name || "That file"} is not an image.`);
       return;
     }

@@ -94,7 +94,7 @@ IMAGES = [
     ImageInput("cmyk.jpg", "CMYK JPEG", cmyk_jpeg, True),
     ImageInput("animated.gif", "animated GIF (3 frames)", animated_gif, True),
     ImageInput("drawing.svg", "SVG drawing", svg, False),
-    ImageInput("photo.heic", "HEIC photo", heic, False),
+    ImageInput("photo.heic", "HEIC header without its picture", heic, False),
     ImageInput("noise-40mb.png", "40 MB photo (noise PNG, 4.7k x 3.5k)", _forty_mb, True),
 ]
 BIG = "noise-40mb.png"
@@ -324,7 +324,8 @@ def run_cli_index(work: Path, index_dir: Path) -> dict[str, str]:
     for item in IMAGES:
         (folder / item.name).write_bytes(item.data())
     before = cli_rows(index_dir)[0]
-    proc = subprocess.run([*CLI, "index", *(str(folder / i.name) for i in IMAGES), "--index", str(index_dir)],
+    proc = subprocess.run([*CLI, "index", "--model", "demo", *(str(folder / i.name) for i in IMAGES),
+                           "--index", str(index_dir)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 0, proc.stderr

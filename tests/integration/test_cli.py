@@ -45,7 +45,7 @@ def catalogue(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def indexed(catalogue, tmp_path_factory) -> Path:
     index_dir = tmp_path_factory.mktemp("index")
-    run("index", str(catalogue), "--index", str(index_dir), "--batch-size", "16")
+    run("index", "--model", "demo", str(catalogue), "--index", str(index_dir), "--batch-size", "16")
     return index_dir
 
 
@@ -102,15 +102,15 @@ def test_given_changed_added_and_deleted_files_when_reindexed_then_index_follows
     for f in files:
         (folder / f.name.upper().replace(".PNG", ".PnG")).write_bytes(f.read_bytes())
     index_dir = tmp_path / "idx"
-    first = run("index", str(folder), "--index", str(index_dir)).stdout
+    first = run("index", "--model", "demo", str(folder), "--index", str(index_dir)).stdout
     assert "indexed 6" in first
-    again = run("index", str(folder), "--index", str(index_dir)).stdout
+    again = run("index", "--model", "demo", str(folder), "--index", str(index_dir)).stdout
     assert "indexed 0, unchanged 6" in again
     victim, changed = sorted(folder.iterdir())[:2]
     victim.unlink()
     changed.write_bytes(files[-1].read_bytes())
     os.utime(changed, (time.time() + 5, time.time() + 5))
-    third = run("index", str(folder), "--index", str(index_dir)).stdout
+    third = run("index", "--model", "demo", str(folder), "--index", str(index_dir)).stdout
     assert "indexed 1, unchanged 4, removed 1" in third
     assert rows(index_dir) == (5, 5)
 
@@ -123,7 +123,7 @@ def test_given_bad_files_when_indexing_then_each_skipped_with_one_warning_and_ru
     for name, data in bad_files().items():
         (folder / name).write_bytes(data)
     index_dir = tmp_path / "idx"
-    proc = run("index", str(folder), "--index", str(index_dir))
+    proc = run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == len(bad_files())
     assert f"skipped {len(bad_files())}" in proc.stdout

@@ -6,6 +6,7 @@ same order, with cosine scores that agree within 1e-3.
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from clipsearch.errors import ModelMismatch
 from clipsearch.index import open_index
-from clipsearch.index.base import Document, Hit, VectorIndex
+from clipsearch.index.base import DateRange, Document, Hit, VectorIndex
 from clipsearch.index.embedded import EmbeddedIndex
 from clipsearch.index.opensearch import OpenSearchIndex
 
@@ -27,13 +28,25 @@ SCORE_TOL = 1e-3
 PREFIXES = ("family/2019/", "family/2020/", "work/", "trips/")
 
 
+def taken(i: int) -> tuple[str | None, str]:
+    """Capture times five days and 37 minutes apart from 2018-06-30 22:00, some with an offset, every
+    eleventh unknown. Picture 66 is taken at midnight on 2019-06-01 (a filter's bound)."""
+    if i % 11 == 5:
+        return None, ""
+    when = datetime.datetime(2018, 6, 30, 22, 0) + datetime.timedelta(days=5 * i, minutes=37 * i)
+    if i == 66:
+        when = datetime.datetime(2019, 6, 1)
+    return when.isoformat(), ("+02:00", "-05:00", "")[i % 3]
+
+
 def corpus() -> tuple[list[Document], np.ndarray]:
     rng = np.random.default_rng(SEED)
     vectors = rng.standard_normal((N, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     docs = [
         Document(key=f"{PREFIXES[i % len(PREFIXES)]}img{i:04d}.jpg", vector=vectors[i], bucket="photos",
-                 title=f"image {i}", size=i, mtime=float(i), width=32, height=24)
+                 title=f"image {i}", size=i, mtime=float(i), width=32, height=24,
+                 taken_at=taken(i)[0], taken_offset=taken(i)[1])
         for i in range(N)
     ]
     queries = rng.standard_normal((N_QUERIES, DIM)).astype(np.float32)
@@ -71,6 +84,7 @@ def assert_congruent(embedded: list[Hit], remote: list[Hit], what: str) -> None:
     for a, b in zip(embedded, remote, strict=True):
         assert abs(a.score - b.score) <= SCORE_TOL, f"{what}: {a.key} {a.score} vs {b.score}"
         assert (a.key, a.title, a.bucket, a.width, a.height) == (b.key, b.title, b.bucket, b.width, b.height)
+        assert (a.taken_at, a.taken_offset) == (b.taken_at, b.taken_offset), f"{what}: {a.key}"
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +221,49 @@ def test_both_backends_refuse_another_model_alike(pair: Pair, opensearch_url: st
             open_index(backend, name, model="RN50", dim=1024, **options)
         errors.append(str(info.value))
     assert errors[0] == errors[1]
+
+
+DATE_RANGES = [
+    ("2019-06-01T00:00:00", "2019-09-01T00:00:00"),  # picture 66 sits on the inclusive bound
+    (None, "2019-06-01T00:00:00"),  # ...and is left out by the exclusive one
+    ("2020-01-01T00:00:00", None),
+    ("2019-01-01T00:00:00", "2019-01-20T00:00:00"),  # narrow: fewer pictures than k
+    ("2018-08-20T04:10:00", "2018-08-20T04:10:01"),  # one second: picture 10 alone
+    ("2031-01-01T00:00:00", None),  # after every picture
+]
+
+
+@pytest.mark.parametrize(("after", "before"), DATE_RANGES)
+def test_date_filters_match_and_keep_exactly_the_wall_clock_range(
+        pair: Pair, queries: np.ndarray, after: str | None, before: str | None) -> None:
+    # GIVEN capture times (some with offsets, some unknown); WHEN filtered by a wall-clock range
+    docs, _ = corpus()
+    inside = {d.id for d in docs if d.taken_at is not None and (after is None or d.taken_at >= after)
+              and (before is None or d.taken_at < before)}
+    for i, q in enumerate(queries):
+        embedded, remote = pair.search(q, k=10, taken=DateRange(after, before))
+        # THEN both backends agree, every hit is in range as written (offsets never shift it), and the
+        # filter runs inside the k-NN search: k hits come back whenever k pictures are in range
+        assert_congruent(embedded, remote, what=f"query {i} taken {after}..{before}")
+        assert {h.id for h in remote} <= inside
+        assert len(remote) == min(10, len(inside))
+    if after == "2019-06-01T00:00:00" or before == "2019-06-01T00:00:00":
+        hits = pair.remote.search(docs[66].vector, k=1, taken=DateRange(after, before))
+        assert (hits[0].id == docs[66].id) == (after is not None)
+
+
+def test_date_prefix_min_score_and_pages_combined_match(pair: Pair, queries: np.ndarray) -> None:
+    window = DateRange("2018-09-01T00:00:00", "2020-06-01T00:00:00")
+    for i, q in enumerate(queries):
+        for kwargs in ({"k": 5, "offset": 3, "prefix": "family/"}, {"k": 20, "min_score": 0.0},
+                       {"k": 7, "offset": 7, "prefix": "work/", "min_score": -0.2}):
+            embedded, remote = pair.search(q, taken=window, **kwargs)
+            assert_congruent(embedded, remote, what=f"query {i} {kwargs} with dates")
+
+
+def test_get_carries_the_capture_time_alike(pair: Pair) -> None:
+    docs, _ = corpus()
+    for d in (docs[0], docs[5], docs[66]):
+        a, b = pair.embedded.get(d.id), pair.remote.get(d.id)
+        assert a is not None and b is not None
+        assert (a.taken_at, a.taken_offset) == (b.taken_at, b.taken_offset) == (d.taken_at, d.taken_offset)

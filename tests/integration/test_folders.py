@@ -101,13 +101,13 @@ def test_given_names_that_are_not_utf8_or_hold_a_newline_then_indexed_and_round_
     shutil.copyfile(pictures[2], newline)
     index_dir = tmp_path / "idx"
 
-    first = run("index", str(folder), "--index", str(index_dir))
+    first = run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     assert summary(first.stdout).startswith("indexed 3, unchanged 0, removed 0, skipped 0 of 3")
     stored = keys(index_dir)
     assert stored == {str(good[0]), os.fsdecode(latin1), str(newline)}
     assert all(os.path.isfile(k) for k in stored)  # each key names the same file again
 
-    again = run("index", str(folder), "--index", str(index_dir))
+    again = run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     assert summary(again.stdout).startswith("indexed 0, unchanged 3")
     assert keys(index_dir) == stored
 
@@ -148,10 +148,10 @@ def test_given_loops_fifos_devices_and_a_huge_non_picture_then_each_skipped_by_n
     with open(folder / "huge.jpg", "wb") as f:
         f.truncate(3 * 1024 ** 3)  # 3 GB, sparse: costs no disk; never to be read
     (folder / "notes.txt").write_text("not a picture")
-    (folder / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "layers.psd").write_bytes(b"8BPS\x00\x01")
     index_dir = tmp_path / "idx"
 
-    first = run("index", str(folder), "--index", str(index_dir))
+    first = run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     for name, reason in expected.items():
         got = warnings_for(first.stderr, folder / name)
         assert len(got) == 1 and got[0].startswith(reason), (name, got, first.stderr)
@@ -159,12 +159,12 @@ def test_given_loops_fifos_devices_and_a_huge_non_picture_then_each_skipped_by_n
     assert line.startswith(f"indexed 3, unchanged 0, removed 0, skipped {len(expected)} of {len(expected) + 3}")
     assert "symbolic link loop: 2" in line  # the folder loop, counted
     assert "symbolic link to a folder (not followed): 1" in line
-    assert "HEIC pictures (format not supported): 1" in line and "not a picture (by name): 1" in line
+    assert "PSD pictures (format not supported): 1" in line and "not a picture (by name): 1" in line
     # The linked picture is stored under the link, where the user put it, not under its target.
     stored = keys(index_dir)
     assert stored == {*map(str, good), str(folder / "linked.png")}
 
-    again = run("index", str(folder), "--index", str(index_dir))
+    again = run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     assert summary(again.stdout).startswith("indexed 0, unchanged 3, removed 0")  # nothing re-embedded
     assert keys(index_dir) == stored
 
@@ -176,13 +176,13 @@ def test_given_a_folder_that_cannot_be_listed_then_it_is_named_and_its_pictures_
     copy_pictures(pictures, folder / "open", 2)
     copy_pictures(pictures, folder / "locked", 3, start_at=2)
     index_dir = tmp_path / "idx"
-    run("index", str(folder), "--index", str(index_dir))
+    run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     before = keys(index_dir)
     assert len(before) == 5
 
     (folder / "locked").chmod(0)
     try:
-        proc = run("index", str(folder), "--index", str(index_dir), prefix=NO_DAC)
+        proc = run("index", "--model", "demo", str(folder), "--index", str(index_dir), prefix=NO_DAC)
     finally:
         (folder / "locked").chmod(0o755)
     warned = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
@@ -206,7 +206,7 @@ def test_given_folders_nested_past_the_path_limit_then_the_deepest_is_named_not_
     finally:
         os.close(fd)
     index_dir = tmp_path / "idx"
-    proc = run("index", str(folder), "--index", str(index_dir))
+    proc = run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     warned = [line for line in proc.stderr.splitlines() if line.startswith("warning: cannot list folder ")]
     assert len(warned) == 1 and warned[0].endswith(": path too long for the system; its indexed pictures are kept")
     assert summary(proc.stdout).startswith("indexed 1,")
@@ -218,12 +218,12 @@ def test_given_forget_then_entries_at_or_below_the_path_go_by_whole_components_e
     b = copy_pictures(pictures, base / "b", 2)
     bc = copy_pictures(pictures, base / "bc", 2, start_at=2)
     index_dir = tmp_path / "idx"
-    run("index", str(base / "b"), str(base / "bc"), "--index", str(index_dir))
+    run("index", "--model", "demo", str(base / "b"), str(base / "bc"), "--index", str(index_dir))
     assert keys(index_dir) == {*map(str, b), *map(str, bc)}
 
     # A renamed folder: its old entries cannot be reached by `index` any more, only by `forget`.
     (base / "b").rename(base / "b-renamed")
-    missing = run("index", str(base / "b"), "--index", str(index_dir), code=2)
+    missing = run("index", "--model", "demo", str(base / "b"), "--index", str(index_dir), code=2)
     assert missing.stderr.strip() == f"clipsearch: error: no such file or folder: {base / 'b'}"
     proc = run("forget", str(base / "b") + "/", "--index", str(index_dir))
     assert proc.stdout.strip() == f"forgot 2 picture(s) at or below {base / 'b'}; index holds 2"
@@ -245,13 +245,13 @@ def test_given_another_indexer_at_work_then_the_second_waits_with_a_message_and_
     folder = tmp_path / "pics"
     copy_pictures(pictures, folder, 3)
     index_dir = tmp_path / "idx"
-    run("index", str(folder), "--index", str(index_dir))
+    run("index", "--model", "demo", str(folder), "--index", str(index_dir))
     before = keys(index_dir)
     copy_pictures(pictures, folder, 2, start_at=3)
 
     fd = _hold_writer_lock(index_dir)
     try:
-        waiting = start("index", str(folder), "--index", str(index_dir))
+        waiting = start("index", "--model", "demo", str(folder), "--index", str(index_dir))
         assert waiting.stderr is not None
         line = waiting.stderr.readline()
         assert "is writing to the index" in line and "waiting for it to finish" in line, line
@@ -264,7 +264,7 @@ def test_given_another_indexer_at_work_then_the_second_waits_with_a_message_and_
     assert keys(index_dir) == before
 
     fd = _hold_writer_lock(index_dir)
-    second = start("index", str(folder), "--index", str(index_dir))
+    second = start("index", "--model", "demo", str(folder), "--index", str(index_dir))
     assert second.stderr is not None and "waiting for it to finish" in second.stderr.readline()
     os.close(fd)  # the first one finishes: the second goes on
     out, err = second.communicate(timeout=300)
@@ -277,9 +277,10 @@ def test_given_two_indexers_started_together_then_the_pictures_are_embedded_once
     folder = tmp_path / "pics"
     copy_pictures(pictures, folder, 8)
     index_dir = tmp_path / "idx"
-    run("index", str(folder), "--index", str(index_dir), "--batch-size", "2")  # creates the index
+    run("index", "--model", "demo", str(folder), "--index", str(index_dir), "--batch-size", "2")  # creates the index
     copy_pictures(pictures, folder / "new", 4, start_at=8)
-    procs = [start("index", str(folder), "--index", str(index_dir), "--batch-size", "1") for _ in range(2)]
+    procs = [start("index", "--model", "demo", str(folder), "--index", str(index_dir), "--batch-size", "1")
+             for _ in range(2)]
     results = [(p.communicate(timeout=300), p.returncode) for p in procs]
     indexed = 0
     for (out, err), code in results:
@@ -293,7 +294,7 @@ def test_given_an_empty_index_when_searching_then_it_says_so_and_how_to_fill_it(
     empty = tmp_path / "nothing-here"
     empty.mkdir()
     index_dir = tmp_path / "idx"
-    run("index", str(empty), "--index", str(index_dir))
+    run("index", "--model", "demo", str(empty), "--index", str(index_dir))
     assert keys(index_dir) == set()
     proc = run("search", "a red circle", "--index", str(index_dir))
     assert proc.stdout.strip() == ("no results: the index is empty; fill it with "
@@ -316,12 +317,13 @@ def test_given_bad_arguments_or_settings_then_one_line_and_exit_2(case, pictures
     if case in ("home not writable", "demo home not writable") and os.geteuid() == 0 and not NO_DAC:
         pytest.skip("root writes anywhere and setpriv is not installed to drop that capability")
     if case == "port out of range":  # an index that opens, so the port is what fails
-        run("index", str(folder), "--index", str(tmp_path / "idx"))
+        run("index", "--model", "demo", str(folder), "--index", str(tmp_path / "idx"))
     args, env, prefix, expect = {
         "port out of range": (["serve", "--port", "180003", "--index", str(tmp_path / "idx")], None, None,
                               "180003 is not a port number"),
-        "index is a file": (["index", str(folder), "--index", str(a_file)], None, None, "--index takes a folder"),
-        "home not writable": (["index", str(folder)], home, NO_DAC, "Permission denied"),
+        "index is a file": (["index", "--model", "demo", str(folder), "--index", str(a_file)], None, None,
+                            "--index takes a folder"),
+        "home not writable": (["index", "--model", "demo", str(folder)], home, NO_DAC, "Permission denied"),
         "demo home not writable": (["demo", "--count", "2"], home, NO_DAC, "Permission denied"),
     }[case]
     proc = run(*args, env=env, prefix=prefix, code=2)

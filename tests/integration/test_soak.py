@@ -27,8 +27,8 @@ def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_given_8_clients_for_5_seconds_when_served_then_no_errors_and_memory_stays_flat(
         catalogue: Path, tmp_path: Path) -> None:
     index_dir = tmp_path / "index"
-    subprocess.run([*CLI, "index", str(catalogue), "--index", str(index_dir)], check=True, capture_output=True,
-                   env=_env())
+    subprocess.run([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)], check=True,
+                   capture_output=True, env=_env())
 
     result = soak(index_dir, tmp_path, clients=8, seconds=5, warmup_s=3)
 

@@ -192,7 +192,7 @@ def test_given_a_damaged_copy_then_one_line_names_check_repair_and_repair_then_i
     assert salvaged.items() <= before.items()  # what was kept is exactly what was there
 
     ok(run("check", "--index", str(copy)))
-    ok(run("index", str(catalogue), "--index", str(copy)))
+    ok(run("index", "--model", "demo", str(catalogue), "--index", str(copy)))
     assert_same(content(copy), before)
 
 
@@ -289,7 +289,7 @@ def test_given_a_row_with_a_nan_vector_then_it_never_ranks_first_check_reports_i
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "1 rows have an unusable vector" in proc.stderr
 
-    ok(run("index", str(catalogue), "--index", str(copy)))  # re-embeds the unusable row
+    ok(run("index", "--model", "demo", str(catalogue), "--index", str(copy)))  # re-embeds the unusable row
     assert_same(content(copy), before)
     ok(run("check", "--index", str(copy)))
 

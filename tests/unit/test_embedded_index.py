@@ -326,3 +326,155 @@ def test_given_a_key_that_is_not_utf8_then_check_and_repair_read_it(tmp_path):
     report = check_index(path)
     assert not report.healthy and key in report.problems[0]
     assert check_index(path, repair=True).healthy and open_index("embedded", str(path)).count() == 5
+
+
+# -- capture time (taken_at) and the schema version --------------------------------------------------
+
+def dated_corpus(n: int = 60, seed: int = 3) -> list[Document]:
+    """Documents a day apart from 2019-05-20 at noon; every seventh has no capture time."""
+    import datetime
+
+    rng = np.random.default_rng(seed)
+    start = datetime.datetime(2019, 5, 20, 12, 0, 0)
+    docs = []
+    for i in range(n):
+        taken = None if i % 7 == 3 else (start + datetime.timedelta(days=i)).isoformat()
+        docs.append(Document(key=f"{'ab'[i % 2]}/img{i:03d}.jpg", vector=unit(rng.standard_normal(DIM)),
+                             taken_at=taken, taken_offset="+02:00" if i % 3 == 0 and taken else ""))
+    return docs
+
+
+def in_range(d: Document, after: str | None, before: str | None) -> bool:
+    return d.taken_at is not None and (after is None or d.taken_at >= after) and (
+        before is None or d.taken_at < before)
+
+
+@pytest.mark.parametrize(("after", "before", "prefix"), [
+    ("2019-06-01T12:00:00", "2019-06-10T12:00:00", None),  # both bounds fall exactly on a picture
+    ("2019-06-15T00:00:00", None, None),
+    (None, "2019-05-25T12:00:01", "a/"),
+    ("2019-07-01T00:00:00", "2019-07-02T00:00:00", "b/"),
+    ("2030-01-01T00:00:00", None, None),
+])
+def test_given_capture_times_when_searched_by_date_then_exactly_the_pictures_in_range_rank_as_a_full_scan(
+        tmp_path, after, before, prefix):
+    from clipsearch.index.base import DateRange
+
+    docs = dated_corpus()
+    idx = open_index("embedded", str(tmp_path / "idx"), model="fake", dim=DIM)
+    idx.upsert(docs[:30])
+    idx.upsert(docs[30:])  # the second batch goes through the in-memory delta, not a reload
+    q = unit(np.ones(DIM))
+    for index in (idx, open_index("embedded", str(tmp_path / "idx"), read_only=True)):
+        hits = index.search(q, k=100, prefix=prefix, taken=DateRange(after, before))
+        wanted = [d for d in docs if in_range(d, after, before) and (prefix is None or d.key.startswith(prefix))]
+        truth = sorted(wanted, key=lambda d: -float(d.vector @ q))
+        assert [h.id for h in hits] == [d.id for d in truth]
+        for h in hits:
+            doc = next(d for d in docs if d.id == h.id)
+            assert (h.taken_at, h.taken_offset) == (doc.taken_at, doc.taken_offset)
+    if after == "2019-06-01T12:00:00":  # inclusive after, exclusive before
+        assert "a/img012.jpg" in {h.key for h in hits} and "b/img021.jpg" not in {h.key for h in hits}
+
+
+def test_given_a_picture_re_dated_when_searched_then_the_filter_follows_it(tmp_path):
+    from clipsearch.index.base import DateRange
+
+    idx = open_index("embedded", str(tmp_path / "idx"), model="fake", dim=DIM)
+    docs = dated_corpus(10)
+    idx.upsert(docs)
+    moved = Document(key=docs[0].key, vector=docs[0].vector, taken_at="2001-01-01T00:00:00")
+    idx.upsert([moved])
+    assert [h.key for h in idx.search(docs[0].vector, k=5, taken=DateRange(None, "2002"))] == [docs[0].key]
+    assert idx.get(moved.id).taken_at == "2001-01-01T00:00:00"
+
+
+def test_given_approximate_mode_when_searched_by_date_then_only_pictures_in_range_come_back(tmp_path):
+    from clipsearch.index.base import DateRange
+    from clipsearch.index.embedded import EmbeddedIndex
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    docs = [Document(key=f"k{i:05d}", vector=unit(vectors[i]),
+                     taken_at=f"{2000 + i % 20}-06-01T00:00:00") for i in range(n)]
+    idx = EmbeddedIndex(tmp_path / "idx", model="fake", dim=DIM, search_mode="approx",
+                        ann={"min_rows": 0, "list_size": 48, "calibration_queries": 100})
+    idx.upsert(docs)
+    taken = DateRange("2005-01-01T00:00:00", "2015-01-01T00:00:00")  # half the pictures
+    for q in vectors[:5]:
+        hits = idx.search(unit(q), k=20, taken=taken)
+        assert len(hits) == 20
+        assert all("2005" <= (h.taken_at or "") < "2015" for h in hits)
+
+
+def test_given_a_version_1_index_when_searched_read_only_then_it_answers_and_is_left_as_it_was(tmp_path):
+    from support.schema_v1 import write_embedded_v1
+
+    from clipsearch.index.base import DateRange
+
+    docs = corpus(20)
+    path = write_embedded_v1(tmp_path / "idx", "fake", DIM, docs)
+    before = path.read_bytes()
+    idx = open_index("embedded", str(tmp_path / "idx"), read_only=True)
+    hits = idx.search(docs[4].vector, k=3)
+    assert hits[0].id == docs[4].id and hits[0].taken_at is None
+    assert idx.get(docs[4].id).taken_at is None
+    with pytest.raises(BadRequest, match="no capture dates yet"):
+        idx.search(docs[4].vector, k=3, taken=DateRange("2019-01-01T00:00:00", None))
+    assert idx.info().extra["schema_version"] == 1
+    idx.close()
+    assert path.read_bytes() == before
+
+
+def test_given_a_version_1_index_when_opened_for_writing_then_it_is_migrated_and_its_dates_can_be_filled(
+        tmp_path):
+    from support.schema_v1 import write_embedded_v1
+
+    from clipsearch.index.base import DateRange
+
+    docs = corpus(20)
+    write_embedded_v1(tmp_path / "idx", "fake", DIM, docs)
+    idx = open_index("embedded", str(tmp_path / "idx"))
+    assert idx.info().extra["schema_version"] == 2
+    db = sqlite3.connect(tmp_path / "idx" / DB_NAME)
+    assert db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == "2"
+    db.close()
+    assert idx.undated("a/") == {d.key for d in docs if d.key.startswith("a/")}
+    assert idx.search(docs[0].vector, k=5, taken=DateRange("2019-01-01T00:00:00", None)) == []
+    filled = idx.set_taken({d.key: ("2019-03-04T05:06:07", "-05:00") for d in docs if d.key.startswith("a/")})
+    assert filled == len([d for d in docs if d.key.startswith("a/")])
+    assert idx.undated() == {d.key for d in docs if not d.key.startswith("a/")}
+    hits = idx.search(docs[0].vector, k=50, taken=DateRange("2019-03-04T05:06:07", "2019-03-04T05:06:08"))
+    assert {h.key for h in hits} == {d.key for d in docs if d.key.startswith("a/")}
+    assert hits[0].taken_offset == "-05:00"
+    # another process (a read-only server) sees the filled dates
+    reader = open_index("embedded", str(tmp_path / "idx"), read_only=True)
+    assert len(reader.search(docs[0].vector, k=50, taken=DateRange("2019-01-01T00:00:00", None))) == len(hits)
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_given_an_index_from_a_newer_release_when_opened_then_it_is_refused_with_one_line(tmp_path, read_only):
+    from support.schema_v1 import write_embedded_v1
+
+    from clipsearch.index.base import SchemaTooNew
+
+    path = write_embedded_v1(tmp_path / "idx", "fake", DIM, corpus(3), schema_version=3)
+    before = path.read_bytes()
+    with pytest.raises(SchemaTooNew, match="schema version 3, newer than this clipsearch supports") as info:
+        open_index("embedded", str(tmp_path / "idx"), read_only=read_only)
+    assert "\n" not in str(info.value)
+    with pytest.raises(SchemaTooNew):
+        check_index(tmp_path / "idx", repair=True)
+    assert path.read_bytes() == before
+
+
+def test_given_a_version_1_index_when_checked_then_noted_and_repair_migrates_it(tmp_path):
+    from support.schema_v1 import write_embedded_v1
+
+    write_embedded_v1(tmp_path / "idx", "fake", DIM, corpus(5))
+    report = check_index(tmp_path / "idx")
+    assert report.healthy and "schema version 1" in report.notes[0]
+    report = check_index(tmp_path / "idx", repair=True)
+    assert report.healthy and "migrated the schema from version 1 to 2" in report.repaired[0]
+    assert open_index("embedded", str(tmp_path / "idx"), read_only=True).info().extra["schema_version"] == 2

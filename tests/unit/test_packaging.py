@@ -230,3 +230,42 @@ def test_given_no_package_index_and_no_cached_wheels_when_packaged_then_one_line
     assert "package index" in err[0] and str(wheel_cache()) in err[0] and "Traceback" not in err[0]
     assert all(f"{name}=={version}" in err[0] for name, version in vendor_pins())
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+# The batch-transform path reads originals inside the container, whose Pillow reads no HEIC: the archive
+# carries pillow-heif, and the cold start above (only the archive's copy may load) decodes an iPhone photo.
+HEIC_COLD_START = COLD_START.split("container = ServingContainer")[0] + r"""
+container = ServingContainer(model_dir, {}, program="inference.py")
+status, payload, _ = container.invoke(photo.read_bytes(), {"Content-Type": "image/heic", "Accept": "application/json"})
+print(json.dumps({"status": status, "payload": payload.decode(), "heif": sys.modules["pillow_heif"].__file__}))
+"""
+
+
+def test_given_packaged_model_when_a_heic_photo_reaches_the_container_then_the_archives_pillow_heif_decodes_it(
+        checkpoint: Path, tmp_path: Path) -> None:
+    import pillow_heif
+
+    packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
+    model_dir = tmp_path / "opt-ml-model"
+    with tarfile.open(packaged.path) as tar:
+        tar.extractall(model_dir, filter="data")
+    vendored = sorted(p.name for p in (model_dir / VENDOR_DIR).iterdir() if not p.name.endswith(".dist-info"))
+    assert "pillow_heif" in vendored
+    picture = Image.open(io.BytesIO(jpeg((640, 480)))).convert("RGB")
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(picture).save(buf, format="HEIF", quality=90)
+    photo = tmp_path / "IMG_0001.HEIC"
+    photo.write_bytes(buf.getvalue())
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT / "tests")
+
+    done = subprocess.run([sys.executable, "-c", HEIC_COLD_START, str(model_dir), json.dumps(vendored), str(photo)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == 200, result["payload"]
+    assert result["heif"].startswith(str(model_dir / VENDOR_DIR))
+    local = inference.load_model(checkpoint.name, str(checkpoint.parent))
+    assert np.allclose(json.loads(result["payload"]), inference.encode_images(local, [load_file(photo).image]),
+                       atol=1e-3)
