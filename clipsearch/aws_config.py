@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
+import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ class AwsConfig:
     bucket: str = ""
     cors_origin: str | None = None
     url_expiry_s: int = MAX_URL_EXPIRY_S
+    # Replica shards per primary when the index is created: template.yaml sets 1 on a multi-AZ domain.
+    replicas: int = 0
 
 
 def from_env(role: str, env: Mapping[str, str] | None = None) -> AwsConfig:
@@ -87,6 +90,7 @@ def _parse(role: str, env: Mapping[str, str]) -> AwsConfig:
         bucket=get("CLIPSEARCH_BUCKET"),
         cors_origin=get("CLIPSEARCH_CORS_ORIGIN") or None,
         url_expiry_s=_expiry(get("CLIPSEARCH_URL_EXPIRY")),
+        replicas=_replicas(get("CLIPSEARCH_OPENSEARCH_REPLICAS")),
     )
 
 
@@ -118,6 +122,16 @@ def _expiry(text: str) -> int:
     return seconds
 
 
+def _replicas(text: str) -> int:
+    try:
+        replicas = int(text or "0")
+    except ValueError:
+        raise ConfigError(f"CLIPSEARCH_OPENSEARCH_REPLICAS must be an integer, not {text!r}") from None
+    if replicas < 0:
+        raise ConfigError(f"CLIPSEARCH_OPENSEARCH_REPLICAS must be 0 or more, not {replicas}")
+    return replicas
+
+
 # -- clients ------------------------------------------------------------------------------------
 #
 # botocore's default retry mode ("legacy") makes 5 attempts and retries read timeouts (boto3 guide,
@@ -130,26 +144,39 @@ class DeadlineExceeded(Unavailable):
     """Too little of the invocation's time is left for this call; retrying later can succeed."""
 
 
+# Lambda's init phase is limited to 10 s; a longer init is run again inside the first invocation, under the
+# function's timeout. Lambda may also initialise an environment well before any request arrives (provisioned
+# concurrency, proactive initialisation of on-demand functions). (Lambda Developer Guide, "Understanding the
+# Lambda execution environment lifecycle": Init phase.) So init time counts only for a request that arrives
+# within this long of the start.
+INIT_PHASE_LIMIT_S = 10.0
+
+
 class Deadline:
     """How long the current invocation has left: the Lambda context's remaining time less a reserve,
     and at most `limit_s` from the invocation's start (API Gateway's own timeout, for search).
 
-    `start(context)` at the start of each invocation. The first one also counts the time since this
-    object was made: a cold start's init runs inside API Gateway's timeout but outside Lambda's.
+    `start(context)` at the start of each invocation. A request that arrives within INIT_PHASE_LIMIT_S of
+    `started_at` (when the function's module began loading; default: when this object was made) waited
+    through that init, which runs inside API Gateway's timeout but outside Lambda's, so its limit counts
+    from `started_at`. A later first request met an environment initialised ahead of it: counted from now.
     """
 
     def __init__(self, reserve_s: float = 0.0, limit_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, started_at: float | None = None) -> None:
         self.reserve_s, self.limit_s, self._clock = reserve_s, limit_s, clock
         self._context: Any = None
         self._limit_at: float | None = None
-        self._loaded_at: float | None = clock()
+        self._loaded_at: float | None = clock() if started_at is None else started_at
 
     def start(self, context: Any) -> None:
         """Begin an invocation; context is the Lambda context (None: no deadline but limit_s)."""
         self._context = context
+        now = self._clock()
         if self.limit_s is not None:
-            began = self._loaded_at if self._loaded_at is not None else self._clock()
+            began = now
+            if self._loaded_at is not None and now - self._loaded_at <= INIT_PHASE_LIMIT_S:
+                began = self._loaded_at
             self._limit_at = began + self.limit_s
         self._loaded_at = None
 
@@ -201,50 +228,86 @@ def _endpoint_override(service_env: str) -> bool:
     return bool(os.environ.get(f"AWS_ENDPOINT_URL_{service_env}") or os.environ.get("AWS_ENDPOINT_URL"))
 
 
-class EndpointRuntime:
-    """sagemaker-runtime's invoke_endpoint, one attempt, with a read timeout that fits the deadline.
+# The read timeouts EndpointRuntime's clients are made with (besides its own minimum and maximum): a call
+# takes the largest that fits, so a few clients serve an invocation that runs down, each made once.
+READ_TIMEOUT_BUCKETS_S = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 20.0, 30.0, 40.0, 55.0, 70.0)
+# InvokeEndpoint errors that say "not now", worth a retry while the deadline allows (SageMaker API Reference,
+# InvokeEndpoint, Errors): ThrottlingException (400), ServiceUnavailable (503), ModelNotReadyException (429:
+# a serverless variant's resources are still being provisioned). Read timeouts are never retried: the endpoint
+# may still be working on the first request.
+RETRY_CODES = frozenset({"ThrottlingException", "ServiceUnavailable", "ModelNotReadyException"})
+ENDPOINT_ATTEMPTS = 3
+# Kept after an endpoint call's read timeout: reading the answer once its first byte is in.
+ANSWER_READ_S = 1.0
 
-    botocore fixes read_timeout per client, so one client is kept per whole second of read timeout
-    (the few most recent). `reserve_s` is kept back for the work after the call (the index).
-    SageMaker gives a container 60 s to answer and advises a 70 s socket timeout (InvokeEndpoint,
-    SageMaker API Reference), so max_read_timeout_s above 70 only waits for SageMaker's own error.
+
+class EndpointRuntime:
+    """sagemaker-runtime's invoke_endpoint with a read timeout that fits the deadline; throttling and
+    "not ready" answers are retried with jittered backoff (at most `attempts` in all) while it allows.
+
+    botocore fixes read_timeout per client, so a call takes the largest of a few fixed read timeouts
+    (READ_TIMEOUT_BUCKETS_S, min_read_timeout_s, max_read_timeout_s) that fits, and one client is kept for
+    each. `reserve_s` is kept back for the work after the call (the index). SageMaker gives a container 60 s
+    to answer and advises a 70 s socket timeout (InvokeEndpoint, SageMaker API Reference), so
+    max_read_timeout_s above 70 only waits for SageMaker's own error.
     """
 
     def __init__(self, deadline: Deadline, max_read_timeout_s: float, reserve_s: float = 0.0,
                  connect_timeout_s: float = 3.0, min_read_timeout_s: float = 1.0,
-                 factory: Callable[[float], Any] | None = None) -> None:
+                 factory: Callable[[float], Any] | None = None, attempts: int = ENDPOINT_ATTEMPTS,
+                 backoff_s: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.deadline = deadline
         self.max_read_timeout_s, self.min_read_timeout_s = max_read_timeout_s, min_read_timeout_s
         self.reserve_s, self.connect_timeout_s = reserve_s, connect_timeout_s
+        self.attempts, self.backoff_s, self._sleep = attempts, backoff_s, sleep
+        self.buckets = sorted({b for b in READ_TIMEOUT_BUCKETS_S if min_read_timeout_s <= b <= max_read_timeout_s}
+                              | {min_read_timeout_s, max_read_timeout_s})
         self._factory = factory or self._client
-        self._clients: OrderedDict[float, Any] = OrderedDict()
+        self._clients: dict[float, Any] = {}
+        self._lock = threading.Lock()
 
     def read_timeout_s(self, remaining_s: float | None = None) -> float:
-        """The read timeout a call gets with remaining_s left (default: the deadline's)."""
+        """The read timeout a call gets with remaining_s left (default: the deadline's); 0 when none fits."""
         if remaining_s is None:
             remaining_s = self.deadline.remaining_s()
-        # 1 s of the rest goes to reading the answer once its first byte is in.
-        left = remaining_s - self.reserve_s - self.connect_timeout_s - 1.0
-        return float(math.floor(min(self.max_read_timeout_s, left)))
+        left = remaining_s - self.reserve_s - self.connect_timeout_s - ANSWER_READ_S
+        return max((b for b in self.buckets if b <= left), default=0.0)
 
     def prepare(self, remaining_s: float) -> None:
         """Make now the client a call with remaining_s left would use: the cold start, not the first
         request, then pays for loading the service model."""
-        self._client_for(max(self.read_timeout_s(remaining_s), self.min_read_timeout_s))
+        self._client_for(self.read_timeout_s(remaining_s) or self.min_read_timeout_s)
 
     def invoke_endpoint(self, **kwargs: Any) -> Any:
-        timeout = self.read_timeout_s()
-        if timeout < self.min_read_timeout_s:
-            raise DeadlineExceeded(f"too little time left to call encoder endpoint {kwargs.get('EndpointName')} "
-                                   f"({max(timeout, 0):.0f} s); retry later")
-        return self._client_for(timeout).invoke_endpoint(**kwargs)
+        from botocore.exceptions import ClientError
+
+        for attempt in range(self.attempts):
+            timeout = self.read_timeout_s()
+            if timeout < self.min_read_timeout_s:
+                raise DeadlineExceeded(f"too little time left to call encoder endpoint {kwargs.get('EndpointName')}; "
+                                       "retry later")
+            try:
+                return self._client_for(timeout).invoke_endpoint(**kwargs)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in RETRY_CODES or attempt + 1 == self.attempts:
+                    raise
+                pause = self.backoff_s * 2**attempt * random.uniform(0.5, 1.0)
+                if self.read_timeout_s(self.deadline.remaining_s() - pause) < self.min_read_timeout_s:
+                    raise  # no time for another attempt: the caller maps the endpoint's own answer
+                logger.info("encoder endpoint busy; retrying", extra={"code": e.response["Error"]["Code"],
+                                                                      "attempt": attempt + 1})
+                self._sleep(pause)
+        raise AssertionError("unreachable")
 
     def _client_for(self, read_timeout_s: float) -> Any:
-        client = self._clients.pop(read_timeout_s, None) or self._factory(read_timeout_s)
-        self._clients[read_timeout_s] = client
-        while len(self._clients) > 4:
-            self._clients.popitem(last=False)
-        return client
+        # One client per read timeout, made once even when threads ask together (boto3's default session
+        # is not thread-safe, so making clients is serialised too).
+        with self._lock:
+            client = self._clients.get(read_timeout_s)
+            if client is None:
+                client = self._clients[read_timeout_s] = self._factory(read_timeout_s)
+            return client
 
     def _client(self, read_timeout_s: float) -> Any:
         return boto_client("sagemaker-runtime", attempts=1, connect_timeout_s=self.connect_timeout_s,
@@ -264,13 +327,16 @@ def make_index(config: AwsConfig, deadline: Deadline | None = None, call_time_s:
     """The OpenSearch index, opened (and created with the model's dimension) on first use.
 
     options go to OpenSearchIndex (timeout_s, max_retries, backoff_s); call_time_s is the worst case
-    they give one call, refused up front when the deadline leaves less.
+    they give one call, refused up front when the deadline leaves less. The index checks the deadline
+    before each attempt and each backoff, opening included (reading the mapping, creating the index).
     """
     from clipsearch.index import open_index
 
     def opener() -> VectorIndex:
         return open_index("opensearch", config.index, model=config.model, dim=config.dim,
-                          url=config.opensearch_url, auth=config.opensearch_auth, **options)
+                          url=config.opensearch_url, auth=config.opensearch_auth,
+                          replicas=config.replicas,
+                          deadline=deadline.remaining_s if deadline is not None else None, **options)
 
     return LazyIndex(opener, config.model, config.dim, deadline, call_time_s)
 

@@ -45,16 +45,19 @@ CREATED, REMOVED = "created", "removed"
 S3_ATTEMPTS, S3_CONNECT_S, S3_READ_S = 2, 3.0, 10.0
 S3_CALL_S = S3_ATTEMPTS * (S3_CONNECT_S + S3_READ_S) + 1.0  # + standard mode's backoff (at most 1 s)
 # OpenSearch: up to 4 attempts 10 s each, backing off 0.5, 1 and 2 s (jittered down) for 429s and restarts.
+# With the deadline given (make_index), the bulk write's passes over items refused with 429 draw on the same
+# 4 attempts, and no attempt or backoff starts past the deadline, opening the index included.
 INDEX_OPTIONS: dict[str, Any] = {"timeout_s": 10.0, "max_retries": 3, "backoff_s": 0.5}
-# _bulk's own passes over items refused with 429 add their backoffs (those answers take milliseconds).
-INDEX_CALL_S = 4 * 10.0 + 2 * (0.5 + 1.0 + 2.0)
-# InvokeEndpoint: one attempt (SQS redelivers), a read timeout of up to 70 s (SageMaker's advised socket
-# timeout), cut to what the deadline leaves after the index call, but never under ENDPOINT_MIN_READ_S.
+INDEX_CALL_S = 4 * 10.0 + (0.5 + 1.0 + 2.0)
+# InvokeEndpoint: a read timeout of up to 70 s (SageMaker's advised socket timeout), cut to what the deadline
+# leaves after the index call, but never under ENDPOINT_MIN_READ_S. Throttling is retried while a further
+# attempt fits; a read timeout never is (SQS redelivers).
 ENDPOINT_CONNECT_S, ENDPOINT_MAX_READ_S, ENDPOINT_MIN_READ_S = 3.0, 70.0, 15.0
 # Decoding and downscaling the largest accepted picture (MAX_PIXELS): 1.7-2.0 s for 100 MP (JPEG or PNG)
 # on the 2-core dev machine; a 1024 MB function has about 0.6 of a vCPU (Lambda: 1,769 MB = 1 vCPU).
 DECODE_S = 8.0
-RECORD_MIN_S = S3_CALL_S + DECODE_S + ENDPOINT_CONNECT_S + ENDPOINT_MIN_READ_S + INDEX_CALL_S
+RECORD_MIN_S = (S3_CALL_S + DECODE_S + ENDPOINT_CONNECT_S + ENDPOINT_MIN_READ_S + aws_config.ANSWER_READ_S
+                + INDEX_CALL_S)
 # Kept back from the function's timeout to return the batch report.
 END_RESERVE_S = 2.0
 
@@ -218,15 +221,20 @@ class Ingestor:
             self.metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
 
 
-def build_ingestor(config: AwsConfig, metrics: Metrics | None = None) -> Ingestor:
-    """The ingest record handler for this stack, its clients fitted into the function's timeout."""
-    deadline = Deadline(reserve_s=END_RESERVE_S)
-    runtime = aws_config.EndpointRuntime(deadline, ENDPOINT_MAX_READ_S, reserve_s=INDEX_CALL_S,
-                                         connect_timeout_s=ENDPOINT_CONNECT_S,
-                                         min_read_timeout_s=ENDPOINT_MIN_READ_S)
-    runtime.prepare(math.inf)  # the client of a record with time to spare: the longest read timeout
+def build_ingestor(config: AwsConfig, metrics: Metrics | None = None, deadline: Deadline | None = None,
+                   runtime: Any = None) -> Ingestor:
+    """The ingest record handler for this stack, its clients fitted into the function's timeout.
+
+    runtime(read_timeout_s) makes the sagemaker-runtime client (default: boto3's, one attempt each;
+    EndpointRuntime retries throttling while the deadline allows).
+    """
+    deadline = deadline or Deadline(reserve_s=END_RESERVE_S)
+    timed = aws_config.EndpointRuntime(deadline, ENDPOINT_MAX_READ_S, reserve_s=INDEX_CALL_S,
+                                       connect_timeout_s=ENDPOINT_CONNECT_S,
+                                       min_read_timeout_s=ENDPOINT_MIN_READ_S, factory=runtime)
+    timed.prepare(math.inf)  # the client of a record with time to spare: the longest read timeout
     return Ingestor(
-        encoder=aws_config.make_encoder(config, runtime),
+        encoder=aws_config.make_encoder(config, timed),
         index=aws_config.make_index(config, deadline, INDEX_CALL_S, **INDEX_OPTIONS),
         s3=aws_config.s3_client(S3_ATTEMPTS, S3_CONNECT_S, S3_READ_S),
         metrics=metrics, deadline=deadline, record_min_s=RECORD_MIN_S,

@@ -29,7 +29,8 @@ RESPONSE_RESERVE_S = 1.5
 # A k-NN query takes milliseconds; one quick retry of a 429/5xx/connection error, then a 503.
 INDEX_OPTIONS: dict[str, Any] = {"timeout_s": 4.0, "max_retries": 1, "backoff_s": 0.2}
 INDEX_CALL_S = 2 * 4.0 + 0.2  # worst case of one index call with INDEX_OPTIONS
-# The encoder gets what is left after its connect and one index call, at most this, in one attempt.
+# The encoder gets what is left after its connect and one index call, at most this; a read timeout is not
+# retried, throttling is while the time allows (aws_config.EndpointRuntime).
 ENDPOINT_MAX_READ_TIMEOUT_S = 20.0
 ENDPOINT_CONNECT_TIMEOUT_S = 2.0
 
@@ -49,7 +50,7 @@ def build_service(config: AwsConfig, encoder: Encoder | None = None, index: Vect
                   runtime: Callable[[float], Any] | None = None) -> SearchService:
     """The search service for this stack; pass encoder/index/s3 to use stand-ins.
 
-    runtime(read_timeout_s) makes the sagemaker-runtime client (default: boto3's, one attempt).
+    runtime(read_timeout_s) makes the sagemaker-runtime client (default: boto3's, one attempt per call).
     """
     deadline = deadline or search_deadline()
     if encoder is None:
@@ -63,15 +64,24 @@ def build_service(config: AwsConfig, encoder: Encoder | None = None, index: Vect
     return SearchService(encoder, index, url_for=presigner(s3, config.bucket, config.url_expiry_s))
 
 
-def search_deadline(clock: Callable[[], float] = time.monotonic) -> aws_config.Deadline:
-    """The search function's deadline: API Gateway's timeout or the function's, whichever comes first."""
-    return aws_config.Deadline(reserve_s=RESPONSE_RESERVE_S, limit_s=API_GATEWAY_TIMEOUT_S, clock=clock)
+def search_deadline(clock: Callable[[], float] = time.monotonic,
+                    started_at: float | None = None) -> aws_config.Deadline:
+    """The search function's deadline: API Gateway's timeout or the function's, whichever comes first.
+
+    started_at: clock() when the function's module began loading (default: now); a first request that came
+    during init counts from then.
+    """
+    return aws_config.Deadline(reserve_s=RESPONSE_RESERVE_S, limit_s=API_GATEWAY_TIMEOUT_S, clock=clock,
+                               started_at=started_at)
 
 
 def build_search_app(config: AwsConfig, deadline: aws_config.Deadline | None = None,
-                     **overrides: Any) -> APIGatewayRestResolver:
-    """The API Gateway resolver for the search Lambda; each request starts the deadline."""
-    deadline = deadline or search_deadline()
+                     started_at: float | None = None, **overrides: Any) -> APIGatewayRestResolver:
+    """The API Gateway resolver for the search Lambda; each request starts the deadline.
+
+    started_at: time.monotonic() at the top of the function's module, before its imports.
+    """
+    deadline = deadline or search_deadline(started_at=started_at)
     app = build_app(build_service(config, deadline=deadline, **overrides), cors_origin=config.cors_origin)
 
     def start_deadline(app: APIGatewayRestResolver, next_middleware: NextMiddleware) -> Response:

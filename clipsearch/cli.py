@@ -167,6 +167,30 @@ def _open_for_query(args: argparse.Namespace) -> VectorIndex:
     return index
 
 
+def _writing(args: argparse.Namespace, create: bool = False) -> contextlib.AbstractContextManager[None]:
+    """The embedded index's writer lock (ingest.writer_lock), held by every command that writes it (`index`,
+    `forget`, `check --repair`): one writer at a time, the others wait with a message. Where the index
+    folder does not exist (and is not to be created) or cannot be written, opening it says why instead."""
+    if getattr(args, "backend", "embedded") != "embedded":
+        return contextlib.nullcontext()
+    from clipsearch.index.embedded import _writable
+    from clipsearch.ingest import writer_lock
+
+    directory = Path(args.index).expanduser() if args.index else default_home() / "index"
+    if create and not directory.exists():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return contextlib.nullcontext()
+    if not directory.is_dir() or not _writable(directory):
+        return contextlib.nullcontext()
+    return writer_lock(directory, on_wait=_waiting)
+
+
+def _waiting(message: str) -> None:
+    print(f"clipsearch: {message}", file=sys.stderr, flush=True)
+
+
 def _encoder(spec: str) -> Any:
     from clipsearch.encoders import LocalEncoder
 
@@ -197,10 +221,16 @@ class _DownloadBar:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    # The lock comes before the index is opened for writing: two first runs must not both create it.
+    with _writing(args, create=True):
+        return _index(args)
+
+
+def _index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from clipsearch import models
-    from clipsearch.ingest import index_paths, writer_lock
+    from clipsearch.ingest import index_paths
 
     spec = models.canonical_spec(args.model or models.DEFAULT)  # a new index; an existing one keeps its own
     try:
@@ -226,15 +256,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.write(f"warning: cannot list folder {shown(folder)}: {reason}; its indexed pictures are kept",
                   file=sys.stderr)
 
-    def waiting(message: str) -> None:
-        print(f"clipsearch: {message}", file=sys.stderr, flush=True)
-
-    directory = getattr(index, "directory", None)  # embedded: one indexer at a time per index folder
     try:
-        with writer_lock(directory, on_wait=waiting) if directory is not None else contextlib.nullcontext():
-            summary = index_paths(args.paths, encoder, index, batch_size=args.batch_size,
-                                  workers=args.workers, on_skip=skipped, on_progress=bar.update,
-                                  on_plan=plan, on_unlisted=unlisted)
+        summary = index_paths(args.paths, encoder, index, batch_size=args.batch_size,
+                              workers=args.workers, on_skip=skipped, on_progress=bar.update,
+                              on_plan=plan, on_unlisted=unlisted)
     finally:
         bar.close()
     ignored = ""
@@ -351,7 +376,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from clipsearch.index.embedded import check_index, repair_command
 
     directory = Path(args.index).expanduser() if args.index else default_home() / "index"
-    report = check_index(directory, repair=args.repair)
+    with _writing(args) if args.repair else contextlib.nullcontext():
+        report = check_index(directory, repair=args.repair)
 
     def text(line: str) -> str:  # a file name's bytes that are not UTF-8 shown as \xNN
         return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -375,13 +401,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     from clipsearch.ingest import forget, forget_key
 
-    index = _open(args)
-    try:
-        removed = forget(index, args.path)
-        where = " or ".join(shown(k) for k in forget_key(args.path))
-        print(f"forgot {removed} picture(s) at or below {where}; index holds {index.count()}")
-    finally:
-        index.close()
+    with _writing(args):
+        index = _open(args)
+        try:
+            removed = forget(index, args.path)
+            where = " or ".join(shown(k) for k in forget_key(args.path))
+            print(f"forgot {removed} picture(s) at or below {where}; index holds {index.count()}")
+        finally:
+            index.close()
     return EXIT_OK
 
 

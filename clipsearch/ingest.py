@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -333,6 +334,22 @@ def _fill_capture_times(index: VectorIndex, roots: list[Path], unchanged: list[P
     return filled
 
 
+@runtime_checkable
+class _ListsUnusable(Protocol):
+    """An index that keeps rows it cannot search (an unusable vector) out of fingerprints() but can name them."""
+
+    def unusable_keys(self, prefix: str = "") -> set[str]: ...
+
+
+def _indexed_keys(index: VectorIndex, prefix: str) -> dict[str, tuple[int, float] | None]:
+    """key -> fingerprint of the entries starting with prefix; None for a row with an unusable vector,
+    which matches no file (so `index` re-embeds it) yet can still be deleted."""
+    keys: dict[str, tuple[int, float] | None] = dict(index.fingerprints(prefix))
+    if isinstance(index, _ListsUnusable):
+        keys.update((k, None) for k in index.unusable_keys(prefix) if k not in keys)
+    return keys
+
+
 def _under(key: str, folder: str) -> bool:
     """Whether key is folder or below it, by whole path components."""
     return key == folder or key.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
@@ -377,12 +394,12 @@ def index_paths(
     summary.ignored = found.ignored
     files = found.files
     summary.seen = len(files) + len(found.skipped)
-    known: dict[str, tuple[int, float]] = {}
+    known: dict[str, tuple[int, float] | None] = {}
     for root in roots:
         if os.path.isdir(root):
-            known.update(index.fingerprints(str(root).rstrip(os.sep) + os.sep))
+            known.update(_indexed_keys(index, str(root).rstrip(os.sep) + os.sep))
         else:  # a prefix match would also take in `a.jpg.png` beside `a.jpg`
-            known.update((k, v) for k, v in index.fingerprints(str(root)).items() if k == str(root))
+            known.update((k, v) for k, v in _indexed_keys(index, str(root)).items() if k == str(root))
     todo: list[Path] = []
     unchanged: list[Path] = []
     for path in files:
@@ -474,7 +491,7 @@ def forget(index: VectorIndex, path: str | Path) -> int:
     """Remove the entries at or below path, matching whole path components; returns how many."""
     keys: set[str] = set()
     for target in forget_key(path):
-        keys.update(k for k in index.fingerprints(target) if _under(k, target))
+        keys.update(k for k in _indexed_keys(index, target) if _under(k, target))
     return index.delete([doc_id("", k) for k in sorted(keys)]) if keys else 0
 
 
@@ -502,7 +519,7 @@ def writer_lock(directory: str | Path, on_wait: Callable[[str], None] | None = N
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             if on_wait:
                 who = f" (pid {holder})" if holder.isdigit() else ""
-                on_wait(f"another `clipsearch index`{who} is writing to the index {directory}; waiting for it "
+                on_wait(f"another clipsearch run{who} is writing to the index {directory}; waiting for it "
                         "to finish (Ctrl-C to stop)")
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:

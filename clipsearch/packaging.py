@@ -32,7 +32,8 @@ CODE_FILES = ("inference.py",)
 VENDOR_PINS = CODE_DIR / "requirements.txt"
 VENDOR_DIR = "code/lib/"
 MANIFEST = "clipsearch-model.json"
-# The serving image's interpreter: template.yaml's InferenceImageUri default, pytorch-inference:2.3.0-cpu-py311.
+# The serving image's interpreter: template.yaml's InferenceImageUri example, pytorch-inference:2.3.0-cpu-py311;
+# its AllowedPattern requires this -py311 tag, and the manifest records the version for model_fn to check.
 WHEEL_PLATFORM, WHEEL_PYTHON = "manylinux2014_x86_64", "3.11"
 
 
@@ -75,7 +76,8 @@ def package_model(spec: str, out: str | Path) -> PackagedModel:
     checkpoint, dim = checkpoint_for(spec)
     canonical = models.canonical_spec(spec)
     name = checkpoint.name if checkpoint.suffix in (".pt", ".pth") else checkpoint.name + ".pt"
-    manifest = {"spec": canonical, "dim": dim, "checkpoint": name}
+    # python: what code/lib is built for; model_code/inference.py refuses to load on another Python.
+    manifest = {"spec": canonical, "dim": dim, "checkpoint": name, "python": WHEEL_PYTHON}
     wheels = vendored_wheels()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

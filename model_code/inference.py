@@ -80,8 +80,13 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 def _refusals_as_bad_input(fn: _Fn) -> _Fn:
-    """Re-raise a serving function's ValueError as BadInput. functools.wraps keeps the signature,
-    which the toolkit inspects to decide whether to pass its context."""
+    """Re-raise a parsing function's ValueError as BadInput. functools.wraps keeps the signature,
+    which the toolkit inspects to decide whether to pass its context.
+
+    Only for input_fn, where every ValueError is a refusal of the request. predict_fn raises BadInput
+    itself: a ValueError from torch or numpy there is the endpoint's fault (500, retried), not the
+    picture's (400, which ingest never retries).
+    """
 
     @functools.wraps(fn)
     def serving_function(*args: Any, **kwargs: Any) -> Any:
@@ -97,9 +102,35 @@ def _refusals_as_bad_input(fn: _Fn) -> _Fn:
 
 # `clipsearch package-model` vendors what the serving image lacks (clip-anytorch, ftfy, regex and
 # their pure-Python dependencies) into code/lib beside this file, so that a cold start needs no
-# package index. Ahead of site-packages: the archive's pinned versions win.
+# package index. Ahead of site-packages: the archive's pinned versions win. They are built for one
+# Python (regex is compiled), recorded in the archive's manifest beside code/: on another Python the
+# folder stays off the path and model_fn says why, instead of failing on regex's import.
 _VENDORED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
-if os.path.isdir(_VENDORED) and _VENDORED not in sys.path:
+# The archive's manifest (clipsearch/packaging.py MANIFEST), at the top of the model directory.
+MANIFEST = "clipsearch-model.json"
+
+
+def _vendored_python(lib: str) -> str | None:
+    """The Python version ("3.11") that code/lib was built for, per the manifest; None when unrecorded."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(lib)), MANIFEST), encoding="utf-8") as f:
+            value = json.load(f).get("python")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def _vendored_mismatch(lib: str) -> str | None:
+    built_for = _vendored_python(lib)
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if built_for is None or built_for == running:
+        return None
+    return (f"the model archive's libraries (code/lib) are built for Python {built_for}, but this image runs "
+            f"Python {running}: use a -py{built_for.replace('.', '')} inference image (InferenceImageUri)")
+
+
+_VENDORED_MISMATCH = _vendored_mismatch(_VENDORED) if os.path.isdir(_VENDORED) else None
+if os.path.isdir(_VENDORED) and _VENDORED_MISMATCH is None and _VENDORED not in sys.path:
     sys.path.insert(0, _VENDORED)
 
 
@@ -314,6 +345,8 @@ def _decode(data: bytes, max_side: int, name: str = ""
                 # Shrunk before compositing on white (resize premultiplies alpha: measured within 3/255
                 # of compositing first): a 100 MP RGBA PNG then peaks at 0.8 GB instead of 1.6 GB.
                 img = downscale(img, max_side)
+            elif _converts_large(img):
+                img = _convert_shrunk(img, max_side)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image too large (decompression bomb): {e}") from None
     except UnidentifiedImageError:
@@ -341,6 +374,52 @@ def centre_crop(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
         top = (height - max_aspect * width) // 2
         return img.crop((0, top, width, top + max_aspect * width))
     return img
+
+
+_HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")
+# Rows converted at a time by _convert_shrunk: at the widest 2:1 picture under MAX_PIXELS (14142 x 7071),
+# 256 rows of float32 working copies are ~30 MB.
+_BAND_ROWS = 256
+
+
+def _converts_large(img: Image.Image) -> bool:
+    """Modes whose conversion for the model is bigger than the picture: palette with transparency (to
+    RGBA, 4x) and high bit depth (float32 working copies, 8x a 16-bit picture)."""
+    return img.mode in _HIGH_BIT_DEPTH or img.mode == "PA" or (img.mode == "P" and "transparency" in img.info)
+
+
+def _convert_shrunk(img: Image.Image, max_side: int) -> Image.Image:
+    """to_rgb's conversion of a palette-with-transparency or high-bit-depth picture, made band by band and
+    box-reduced as it goes, so that the full-size converted picture never exists.
+
+    The reduction factor is the one resize(reducing_gap=3.0) in downscale() would take, and box
+    reduction works on whole factor x factor blocks, so the bands join without seams; downscale()
+    then resamples what is left. Measured against converting at full size: within a few levels of 255.
+    """
+    short = min(img.size)
+    factor = max(1, int(short / max_side / 3.0))
+    if img.mode in _HIGH_BIT_DEPTH:
+        # One scale for the whole picture, as to_rgb takes: its brightest pixel becomes 255.
+        brightest = img.getextrema()[1]  # single-band modes: (min, max)
+        top = float(brightest if isinstance(brightest, (int, float)) else brightest[1]) or 1.0
+
+        def convert(band: Image.Image) -> Image.Image:
+            arr = np.asarray(band, dtype=np.float32)
+            return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+
+        mode = "L"
+    else:
+        def convert(band: Image.Image) -> Image.Image:
+            return band.convert("RGBA")
+
+        mode = "RGBA"
+    rows = factor * max(1, _BAND_ROWS // factor)
+    width, height = img.size
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    for top_row in range(0, height, rows):
+        band = convert(img.crop((0, top_row, width, min(height, top_row + rows))))
+        out.paste(band.reduce(factor) if factor > 1 else band, (0, top_row // factor))
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -547,6 +626,8 @@ def _normalise(features: Any) -> np.ndarray:
 
 def model_fn(model_dir: str) -> ClipModel:
     """Load the model named by MODEL_NAME (a file in model_dir or a spec)."""
+    if _VENDORED_MISMATCH is not None:
+        raise ModelLoadError(_VENDORED_MISMATCH)
     name = os.environ.get("MODEL_NAME") or _single_checkpoint(model_dir) or DEFAULT_MODEL
     encode_type = (os.environ.get("ENCODE_TYPE") or "").strip().upper() or None
     model = load_model(name, model_dir, encode_type)
@@ -612,23 +693,21 @@ def _b64decode(text: str, n: int) -> bytes:
         raise ValueError(f"images[{n}] is not valid base64") from None
 
 
-@_refusals_as_bad_input
 def predict_fn(data: dict[str, Any], model: ClipModel) -> np.ndarray:
     """Encode the parsed input; (n, dim) float32 unit vectors."""
     kind = data.get("kind")
     if model.encode_type is not None and kind != model.encode_type:
-        raise ValueError(f"this endpoint encodes {model.encode_type.lower()} only, not {str(kind).lower()}")
+        raise BadInput(f"this endpoint encodes {model.encode_type.lower()} only, not {str(kind).lower()}")
     if kind == TEXT:
         return encode_texts(model, data["texts"])
     if kind == IMAGE:
         return encode_images(model, data["images"])
-    raise ValueError(f"unknown input kind {kind!r}")
+    raise BadInput(f"unknown input kind {kind!r}")
 
 
-@_refusals_as_bad_input
 def output_fn(prediction: np.ndarray, accept: str | None) -> str:
     """JSON list of vectors."""
     ctype = (accept or "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", "*/*", ""):
-        raise ValueError(f"unsupported accept type {accept!r}; use application/json")
+        raise BadInput(f"unsupported accept type {accept!r}; use application/json")
     return json.dumps(np.asarray(prediction, dtype=np.float32).tolist())

@@ -9,6 +9,7 @@ cache over the matrix: rebuilt from SQLite when missing or stale, persisted besi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -168,15 +169,30 @@ def _wal_has_content(db_path: Path) -> bool:
         return False
 
 
-def _connect_read_only(db_path: Path) -> sqlite3.Connection:
-    """A connection that never writes: `mode=ro`, or `immutable=1` where the folder cannot be written.
+def _read_only_mount(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
-    SQLite's WAL mode needs the -shm file: a `mode=ro` reader creates it when it is missing, which a
-    read-only mount or a full disk refuses. `immutable=1` reads without it, which is safe only when no
-    -wal holds commits that are not yet in the database file (https://www.sqlite.org/uri.html).
+
+def _connect_read_only(db_path: Path) -> sqlite3.Connection:
+    return _open_read_only(db_path)[0]
+
+
+def _open_read_only(db_path: Path) -> tuple[sqlite3.Connection, bool]:
+    """A connection that never writes, and whether it is `immutable=1` (blind to later commits).
+
+    `mode=ro` comes first: it sees other processes' commits. In WAL mode it needs the -shm file, which it
+    creates when missing (refused by a read-only mount, a full disk or a folder the reader cannot write);
+    where the -wal and -shm exist and can be read it needs no write at all ("WAL mode read-only" in
+    https://www.sqlite.org/wal.html). `immutable=1` reads without them, and is used only on a read-only
+    mount (nothing can change the file there) or where `mode=ro` fails; it is safe only when no -wal holds
+    commits not yet in the database file (https://www.sqlite.org/uri.html), and it never notices another
+    writer's commits: EmbeddedIndex reopens such a connection when the file's size, mtime or inode change.
     """
     uri = "file:" + urllib.parse.quote(os.fsencode(db_path.absolute()))
-    immutable = not _writable(db_path.parent) and not _wal_has_content(db_path)
+    immutable = _read_only_mount(db_path.parent) and not _wal_has_content(db_path)
     for flag in (["immutable=1"] if immutable else ["mode=ro", "immutable=1"]):
         db = sqlite3.connect(f"{uri}?{flag}", uri=True, check_same_thread=False, isolation_level=None,
                              timeout=BUSY_TIMEOUT_S)
@@ -184,7 +200,7 @@ def _connect_read_only(db_path: Path) -> sqlite3.Connection:
         try:
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
             db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL and -shm now
-            return db
+            return db, flag == "immutable=1"
         except sqlite3.OperationalError as e:
             db.close()
             code = getattr(e, "sqlite_errorcode", 0) & 0xFF
@@ -195,6 +211,12 @@ def _connect_read_only(db_path: Path) -> sqlite3.Connection:
                 raise IndexReadOnly(f"the index {db_path} has commits in its -wal file that SQLite can only "
                                     "read where it may write: open it once from a writable folder") from None
     raise AssertionError("unreachable")
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a writer changes the database file itself: (size, mtime_ns, inode)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _read_meta(db: sqlite3.Connection) -> dict[str, str] | None:
@@ -270,7 +292,7 @@ class EmbeddedIndex:
             raise IndexReadOnly(f"the index {self.directory} is on a read-only folder or mount; it can be "
                                 "searched, but indexing needs a writable --index folder")
         self._lock = threading.RLock()
-        self._db, meta, self._identity = self._open(model, dim)
+        self._db, meta, self._identity, self._stamp = self._open(model, dim)
         self.model = meta["model"]
         self.dim = int(meta["dim"])
         try:
@@ -284,12 +306,16 @@ class EmbeddedIndex:
             raise
 
     def _open(self, model: str | None, dim: int | None
-              ) -> tuple[sqlite3.Connection, dict[str, str], tuple[int, int]]:
-        """Connect and read (or, writable and given a model, create) the meta record; and the file's identity."""
+              ) -> tuple[sqlite3.Connection, dict[str, str], tuple[int, int], tuple[int, int, int] | None]:
+        """Connect and read (or, writable and given a model, create) the meta record; the file's identity;
+        and, for an `immutable=1` connection, the file's stamp (see _follow_replacement)."""
         db: sqlite3.Connection | None = None
+        stamp: tuple[int, int, int] | None = None
         try:
             if self.read_only:
-                db = _connect_read_only(self.path)
+                before = _stamp(self.path)  # taken first: a commit after it shows as a change
+                db, immutable = _open_read_only(self.path)
+                stamp = before if immutable else None
             else:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                      timeout=BUSY_TIMEOUT_S)
@@ -307,12 +333,17 @@ class EmbeddedIndex:
                     with _Transaction(db, self._lock):
                         _migrate(db)  # re-reads the version under the write lock: another writer may be first
                     meta = _read_meta(db) or meta
-                return db, meta, identity
+                return db, meta, identity, stamp
             # An empty or half-created file (a crash while creating it) is treated as a new index.
             if self.read_only or model is None or dim is None:
                 raise NotFound(f"the index at {self.directory} is empty (a run stopped while creating it); "
                                "run `clipsearch index PATH` to build it")
             with _Transaction(db, self._lock):
+                # Another process may have created the index since the read above: use its record.
+                found = _read_meta(db)
+                if found is not None and {"model", "dim"} <= found.keys():
+                    check_schema(_schema_version(found), SCHEMA_VERSION, f"the index {self.directory}")
+                    return db, found, identity, stamp
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if "images" in tables and db.execute("SELECT COUNT(*) FROM images").fetchone()[0]:
                     raise IndexCorrupt(f"the index {self.path} has pictures but no model record; run "
@@ -327,7 +358,7 @@ class EmbeddedIndex:
                     [("schema_version", str(SCHEMA_VERSION)), ("model", model), ("dim", str(dim)),
                      ("created_at", str(time.time()))],
                 )
-            return db, {"model": model, "dim": str(dim), "schema_version": str(SCHEMA_VERSION)}, identity
+            return db, {"model": model, "dim": str(dim), "schema_version": str(SCHEMA_VERSION)}, identity, stamp
         except BaseException as e:
             if db is not None:
                 db.close()
@@ -398,16 +429,19 @@ class EmbeddedIndex:
         """Reopen when the index file was replaced (deleted and re-created, moved aside by a repair).
 
         A long-lived reader (`serve`) would otherwise keep answering from the old file, which its open
-        connection keeps alive. The new file must hold an index of the same model and dimension.
+        connection keeps alive. The new file must hold an index of the same model and dimension. An
+        `immutable=1` connection is also reopened when the file's size, mtime or inode change: it would
+        otherwise never see another process's commits (PRAGMA data_version stays the same).
         """
         try:
             st = os.stat(self.path)
         except OSError:
             return False  # deleted and not re-created (yet): keep answering from what is open
-        if (st.st_dev, st.st_ino) == self._identity:
+        if (st.st_dev, st.st_ino) == self._identity and (
+                self._stamp is None or self._stamp == (st.st_size, st.st_mtime_ns, st.st_ino)):
             return False
         try:
-            db, meta, identity = self._open(None, None)
+            db, meta, identity, stamp = self._open(None, None)
         except NotFound:
             return False  # still being created: keep the old one until it has its model record
         if (meta["model"], int(meta["dim"])) != (self.model, self.dim):
@@ -415,7 +449,7 @@ class EmbeddedIndex:
             raise IndexUnavailable(f"the index {self.directory} was replaced by one built with model "
                                    f"{meta['model']!r} (dim {meta['dim']}); this server encodes with "
                                    f"{self.model!r}: restart it")
-        old, self._db, self._identity = self._db, db, identity
+        old, self._db, self._identity, self._stamp = self._db, db, identity, stamp
         old.close()
         return True
 
@@ -667,6 +701,15 @@ class EmbeddedIndex:
         # Rows whose stored vector is unusable are left out, so the next `index` re-embeds their files.
         bad = set(self._unreadable.values())
         return {r[0]: (int(r[1]), float(r[2])) for r in rows if r[0] not in bad}
+
+    @_sqlite_errors
+    def unusable_keys(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose stored vector is unusable (left out of fingerprints()): `forget`
+        and the re-index sweep of files that are gone must still be able to delete them."""
+        with self._lock:
+            if self._follow_replacement():
+                self._load_matrix()
+            return {k for k in self._unreadable.values() if k.startswith(prefix)}
 
     @_sqlite_errors
     def undated(self, prefix: str = "") -> set[str]:
@@ -982,6 +1025,7 @@ def _repair_damaged(directory: Path, report: CheckReport) -> None:
             fresh.close()
     finally:
         src.close()
+    _settle(work / DB_NAME, saved)
     aside = _move_aside(path)
     (work / DB_NAME).replace(path)
     _remove_index_files(work / DB_NAME)
@@ -996,6 +1040,40 @@ def _repair_damaged(directory: Path, report: CheckReport) -> None:
                            "the pictures whose rows were lost")
 
 
+def _settle(path: Path, expected: int) -> None:
+    """Make the rebuilt file hold every row by itself (its -wal is deleted after the move), or fail.
+
+    Closing the last connection checkpoints the WAL, but not when that fails (a full disk): so
+    checkpoint it here, leave WAL mode, and count the rows in the file alone (`immutable=1` ignores any
+    -wal, https://www.sqlite.org/uri.html) before it replaces the damaged one.
+    """
+    failed = ""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        try:
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            mode = db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+        finally:
+            db.close()
+        check = sqlite3.connect("file:" + urllib.parse.quote(os.fsencode(path.absolute())) + "?immutable=1",
+                                uri=True)
+        try:
+            kept = int(check.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        finally:
+            check.close()
+        if busy or mode != "delete" or kept != expected:
+            failed = f"{kept} of {expected} rows reached the file"
+    except sqlite3.Error as e:
+        failed = str(e) or type(e).__name__
+    if failed:
+        _remove_index_files(path)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+        raise IndexUnavailable(f"the repair could not finish writing the new index ({failed}); the damaged "
+                               f"file {path.parent.parent / DB_NAME} is left as it was: free some disk "
+                               "space and re-run check --repair")
+
+
 def _move_aside(path: Path) -> Path:
     """Rename a damaged index file out of the way (kept for forensics); its -wal and -shm go."""
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -1006,21 +1084,42 @@ def _move_aside(path: Path) -> Path:
 
 
 def _readable_rows(db: sqlite3.Connection, batch: int = 256, dated: bool = True) -> Iterator[list[tuple]]:
-    """Rows of a damaged images table, in batches, stepping over the rowids whose pages cannot be read."""
-    after, step, misses, limit = 0, 1, 0, batch
+    """Rows of a damaged images table, in batches, stepping over the rowids whose pages cannot be read.
+
+    Past a damaged range the probe steps ahead doubling, then searches back (bisects) between the last
+    rowid it could not seek to and the first probe that worked, so no readable row after it is skipped.
+    """
     dates = _DATE_COLUMNS if dated else "NULL, ''"
-    query = f"SELECT rowid, {_COLUMNS}, vector, {dates} FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?"
-    while misses < 64:
+    query = f"SELECT rowid, {_COLUMNS}, vector, {dates} FROM images WHERE rowid >= ? ORDER BY rowid LIMIT ?"
+
+    def readable(start: int) -> bool:
         try:
-            rows = db.execute(query, (after, limit)).fetchall()
+            db.execute(query, (start, 1)).fetchall()
+            return True
+        except sqlite3.DatabaseError:
+            return False
+
+    start, limit = 1, batch  # start: the lowest rowid not read yet
+    while True:
+        try:
+            rows = db.execute(query, (start, limit)).fetchall()
         except sqlite3.DatabaseError:
             if limit > 1:
                 limit = 1  # read one row at a time up to the damaged page
-            else:
-                after, step, misses = after + step, step * 2, misses + 1
+                continue
+            bad, step = start, 1  # no row from `bad` on can be sought
+            while not readable(bad + step):
+                if step >= 1 << 62:
+                    return
+                step *= 2
+            good = bad + step
+            while good - bad > 1:
+                mid = (bad + good) // 2
+                bad, good = (bad, mid) if readable(mid) else (mid, good)
+            start, limit = good, batch
             continue
         if not rows:
             return
-        step, misses, limit = 1, 0, batch
-        after = int(rows[-1][0])
+        limit = batch
+        start = int(rows[-1][0]) + 1
         yield [r[1:] for r in rows]

@@ -94,13 +94,18 @@ class OpenSearchIndex:
         max_bulk_docs: int = 500,
         max_bulk_bytes: int = 8_000_000,
         client: OpenSearch | None = None,
+        deadline: Callable[[], float] | None = None,
     ) -> None:
+        """deadline(): the seconds the caller has left (a Lambda's budget). With it, no attempt starts (opening
+        included) unless timeout_s still fits, no backoff sleeps past it, and a bulk write's passes share one
+        budget of max_retries + 1 attempts; without it (the CLI), each call retries on its own."""
         if engine not in ENGINES:
             raise ConfigError(f"unknown k-NN engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.name = name
         self.engine = engine
         self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
-        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
+        self._deadline = deadline
         self.max_bulk_docs, self.max_bulk_bytes = max_bulk_docs, max_bulk_bytes
         self._dirty = False
         if client is not None:
@@ -130,12 +135,21 @@ class OpenSearchIndex:
     # -- plumbing -----------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any,
-              expect: tuple[type[Exception], ...] = (), **kwargs: Any) -> T:
+              expect: tuple[type[Exception], ...] = (), attempts: _Attempts | None = None, **kwargs: Any) -> T:
         """Run one client call, retrying 429/5xx/connection errors with jittered exponential backoff.
 
         Errors in `expect` reach the caller as they are; others become clipsearch's typed errors.
+        attempts: a budget shared with other calls (a bulk write's passes); default max_retries + 1 of its own.
+        With a deadline, an attempt starts only while timeout_s fits, and a backoff only while it and the
+        next attempt fit: else Unavailable at once.
         """
-        for attempt in range(self.max_retries + 1):
+        attempts = attempts or _Attempts(self.max_retries + 1)
+        while True:
+            if attempts.left == 0:  # a bulk write's later chunk, after the shared budget went on retries
+                raise Unavailable(f"OpenSearch at {self.url} unavailable for {what}: out of attempts")
+            if not self._fits(0.0):
+                raise Unavailable(f"too little time left for OpenSearch {what}; retry later")
+            attempt = attempts.take()
             try:
                 return fn(*args, **kwargs)
             except expect:
@@ -149,13 +163,20 @@ class OpenSearchIndex:
                 retryable = isinstance(e, os_errors.ConnectionError) or e.status_code in RETRY_STATUS
                 if not retryable:
                     raise IndexError_(f"OpenSearch failed {what}: {_reason(e)}") from e
-                if attempt == self.max_retries:
+                if attempts.left == 0:
                     raise Unavailable(f"OpenSearch at {self.url} unavailable for {what}: {_reason(e)}") from e
-            self._sleep(attempt)
-        raise AssertionError("unreachable")
+                pause = self._pause(attempt)
+                if not self._fits(pause):
+                    raise Unavailable(f"OpenSearch at {self.url} unavailable for {what}: {_reason(e)} "
+                                      "(no time left to retry)") from e
+            time.sleep(pause)
 
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(min(20.0, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0))
+    def _pause(self, attempt: int) -> float:
+        return min(20.0, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _fits(self, pause_s: float) -> bool:
+        """Whether a pause of pause_s and then one attempt's worst case (timeout_s) fit in the deadline."""
+        return self._deadline is None or self._deadline() >= pause_s + self.timeout_s
 
     def _load_meta(self) -> dict[str, Any] | None:
         try:
@@ -283,11 +304,13 @@ class OpenSearchIndex:
         done = 0
         failed: dict[str, str] = {}
         pending = dict(lines)
+        # With a deadline (a Lambda), every request of every pass draws on one budget of attempts.
+        shared = _Attempts(self.max_retries + 1) if self._deadline is not None else None
         for attempt in range(self.max_retries + 1):
             retry: dict[str, str] = {}
             for chunk in self._chunks(pending):
                 body = "".join(chunk.values())
-                resp = self._call("a bulk write", self.client.bulk, body=body)
+                resp = self._call("a bulk write", self.client.bulk, body=body, attempts=shared)
                 if not resp.get("errors") and count_result is None:
                     done += len(chunk)
                     continue
@@ -307,11 +330,18 @@ class OpenSearchIndex:
             self._dirty = True
             if not retry:
                 break
-            if attempt < self.max_retries:
-                for id_ in retry:
-                    failed.pop(id_, None)
-                pending = retry
-                self._sleep(attempt)
+            if shared is not None:
+                pause = self._pause(shared.used - 1)
+                if shared.left == 0 or not self._fits(pause):
+                    break  # out of attempts or time: the items stay in `failed`
+            elif attempt == self.max_retries:
+                break
+            else:
+                pause = self._pause(attempt)
+            for id_ in retry:
+                failed.pop(id_, None)
+            pending = retry
+            time.sleep(pause)
         return done, failed
 
     def _chunks(self, lines: dict[str, str]) -> Iterator[dict[str, str]]:
@@ -506,6 +536,22 @@ class OpenSearchIndex:
         except NotFound:
             pass
         self.client.close()
+
+
+class _Attempts:
+    """A budget of attempts, one call's or shared by the passes of a bulk write."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+
+    @property
+    def left(self) -> int:
+        return self.total - self.used
+
+    def take(self) -> int:
+        """Count one attempt (there is always a first); returns its number from 0, for the backoff."""
+        self.used += 1
+        return self.used - 1
 
 
 def _reason(e: os_errors.TransportError) -> str:

@@ -26,7 +26,7 @@ import pytest
 from fakes import LambdaContext, load_function
 from support.sagemaker_endpoint import InvokeEndpointServer
 
-from clipsearch import aws_ingest, aws_search, shapes
+from clipsearch import aws_config, aws_ingest, aws_search, shapes
 from clipsearch.errors import NotFound
 from clipsearch.images import load_file
 from clipsearch.index.base import doc_id
@@ -226,7 +226,7 @@ def test_given_throttled_endpoint_when_batch_arrives_then_only_that_record_fails
     keys = ["t/one.png", "t/two.png"]
     for n, key in enumerate(keys):
         stack.s3.put_object(Bucket=BUCKET, Key=key, Body=picture("orange", "triangle", seed=50 + n))
-    endpoint.throttle_next = 1
+    endpoint.throttle_next = aws_config.ENDPOINT_ATTEMPTS  # every attempt the first record's call gets
 
     seen, failed = stack.deliver()
 

@@ -330,3 +330,52 @@ def test_given_bad_arguments_or_settings_then_one_line_and_exit_2(case, pictures
     assert proc.stderr.count("\n") == 1 and "error: " in proc.stderr and expect in proc.stderr, proc.stderr
     assert a_file.read_bytes() == pictures[0].read_bytes()  # nothing written over the file
     assert not (locked / "home").exists()
+
+
+@pytest.mark.parametrize("command", ["index a new index", "forget", "check --repair"])
+def test_given_another_writer_holds_the_lock_then_index_forget_and_repair_wait_before_touching_the_index(
+        command, pictures, tmp_path):
+    folder = tmp_path / "pics"
+    copy_pictures(pictures, folder, 3)
+    index_dir = tmp_path / "idx"
+    if command == "index a new index":
+        index_dir.mkdir()
+        args = ["index", "--model", "demo", str(folder), "--index", str(index_dir)]
+    else:
+        run("index", "--model", "demo", str(folder), "--index", str(index_dir))
+        args = ([command, str(folder), "--index", str(index_dir)] if command == "forget"
+                else ["check", "--repair", "--index", str(index_dir)])
+    before = keys(index_dir)
+
+    fd = _hold_writer_lock(index_dir)
+    try:
+        waiting = start(*args)
+        assert waiting.stderr is not None
+        line = waiting.stderr.readline()
+        assert "is writing to the index" in line and "waiting for it to finish" in line, line
+        assert keys(index_dir) == before  # nothing created, removed or repaired meanwhile
+        assert (index_dir / DB_NAME).exists() == bool(before)
+    finally:
+        os.close(fd)
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0 and "Traceback" not in err, err
+    if command == "forget":
+        assert keys(index_dir) == set()
+    else:
+        assert len(keys(index_dir)) == 3
+
+
+def test_given_rows_with_unusable_vectors_then_reindex_drops_the_gone_ones_and_re_embeds_the_rest(pictures, tmp_path):
+    folder = tmp_path / "pics"
+    files = copy_pictures(pictures, folder, 4)
+    index_dir = tmp_path / "idx"
+    run("index", "--model", "demo", str(folder), "--index", str(index_dir))
+    db = sqlite3.connect(index_dir / DB_NAME)
+    for key in map(str, files[:2]):
+        db.execute("UPDATE images SET vector = ? WHERE key = ?", (b"\0" * 5, key))
+    db.commit()
+    db.close()
+    files[0].unlink()
+    proc = run("index", "--model", "demo", str(folder), "--index", str(index_dir))
+    assert summary(proc.stdout).startswith("indexed 1, unchanged 2, removed 1")
+    assert keys(index_dir) == set(map(str, files[1:]))

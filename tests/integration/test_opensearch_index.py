@@ -240,6 +240,74 @@ def test_an_unreachable_node_is_unavailable_after_retries() -> None:
                         timeout_s=2)
 
 
+class SecondsLeft:
+    """A caller's deadline: deadline() gives the seconds left, set by the test."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def test_with_a_deadline_bulk_passes_and_their_requests_share_one_budget_of_attempts(make_index) -> None:
+    # GIVEN a node whose bulk endpoint fails three times with 503, then keeps rejecting one item with 429
+    docs = docs_for(unit(np.random.default_rng(7), 2))
+
+    class Rejecting(RecordingClient):
+        def bulk(self, body: str) -> Any:
+            self.reject_ids_once = {docs[0].id}  # on every pass
+            return super().bulk(body)
+
+    idx = make_index(backoff_s=0.01, max_retries=3, deadline=SecondsLeft(100.0))
+    recording = Rejecting(idx.client)
+    idx.client = recording
+    recording.fail_calls_with = [os_errors.TransportError(503, "unavailable", {}) for _ in range(3)]
+    # WHEN the batch is upserted
+    result = idx.upsert(docs)
+    # THEN four requests in all (not four per pass), and the rejected item is reported, the other written
+    assert recording.bulk_calls == 4
+    assert list(result.failed) == [docs[0].id] and result.written == 1
+
+
+def test_without_a_deadline_each_bulk_pass_keeps_its_own_retries(make_index) -> None:
+    # The CLI's behaviour: the 503s use up the first pass's retries, the 429 item gets its own passes.
+    idx = make_index(backoff_s=0.01, max_retries=3)
+    recording = RecordingClient(idx.client)
+    idx.client = recording
+    docs = docs_for(unit(np.random.default_rng(8), 2))
+    recording.fail_calls_with = [os_errors.TransportError(503, "unavailable", {}) for _ in range(3)]
+    recording.reject_ids_once = {docs[0].id}
+    result = idx.upsert(docs)
+    assert recording.bulk_calls == 5 and result.failed == {} and result.written == 2
+
+
+def test_with_a_deadline_no_attempt_starts_and_no_backoff_sleeps_past_it(make_index) -> None:
+    left = SecondsLeft(100.0)
+    idx = make_index(timeout_s=10.0, backoff_s=4.0, deadline=left)
+    recording = RecordingClient(idx.client)
+    idx.client = recording
+    docs = docs_for(unit(np.random.default_rng(9), 1))
+    # GIVEN less than one attempt's timeout left WHEN writing THEN Unavailable, and nothing was sent
+    left.seconds = 9.0
+    with pytest.raises(Unavailable, match="too little time"):
+        idx.upsert(docs)
+    assert recording.bulk_calls == 0
+    # GIVEN time for one attempt but not for a backoff (2-4 s) and another: one request, then Unavailable
+    left.seconds = 12.0
+    recording.fail_calls_with = [os_errors.TransportError(503, "unavailable", {}) for _ in range(3)]
+    with pytest.raises(Unavailable, match="no time left to retry"):
+        idx.upsert(docs)
+    assert recording.bulk_calls == 1
+
+
+def test_with_too_little_time_left_opening_the_index_sends_nothing() -> None:
+    # Opening reads the mapping (and may create the index): those are calls under the deadline too.
+    with pytest.raises(Unavailable, match="too little time left for OpenSearch reading the mapping"):
+        OpenSearchIndex("x", model="fake", dim=DIM, url="http://127.0.0.1:9", timeout_s=10.0,
+                        deadline=SecondsLeft(5.0))
+
+
 def test_delete_removes_documents_and_counts_only_those_that_existed(make_index) -> None:
     idx = make_index()
     docs = docs_for(unit(np.random.default_rng(7), 8))

@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 
 from clipsearch.demo import write_catalogue
-from clipsearch.index.embedded import DB_NAME
+from clipsearch.index.base import Document
+from clipsearch.index.embedded import DB_NAME, EmbeddedIndex
 
 CLI = [sys.executable, "-m", "clipsearch.cli"]
 Content = dict[str, tuple[str, bytes]]
@@ -311,3 +313,70 @@ def test_given_check_on_a_missing_index_or_bad_usage_then_exit_2(tmp_path):
     assert proc.returncode == 2 and "no index" in error_line(proc)
     proc = run("check", "--bogus")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# Another user: reads the index folder (755) but cannot write it. Root can write anywhere, so it drops to nobody.
+OTHER_USER = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+              if os.geteuid() == 0 and shutil.which("setpriv") else None)
+_READER = ("import sys\n"
+           "import numpy as np\n"
+           "from clipsearch.index.embedded import EmbeddedIndex\n"
+           "index = EmbeddedIndex(sys.argv[1], read_only=True)\n"
+           "q = np.ones(index.dim, np.float32) / np.sqrt(index.dim)\n"
+           "for _ in sys.stdin:\n"
+           "    print(len(index.search(q, k=1000)), index.count(), flush=True)\n")
+
+
+def _counts(reader: subprocess.Popen) -> str:
+    assert reader.stdin is not None and reader.stdout is not None
+    reader.stdin.write("\n")
+    reader.stdin.flush()
+    return reader.stdout.readline().strip()
+
+
+def _docs(start: int, n: int, dim: int = 8) -> list[Document]:
+    vectors = np.random.default_rng(start).standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [Document(key=f"/photos/{start + i}.jpg", vector=v) for i, v in enumerate(vectors)]
+
+
+def test_given_a_reader_that_cannot_write_the_folder_then_it_sees_the_owners_commits(tmp_path):
+    if OTHER_USER is None:
+        pytest.skip("needs root and setpriv to read the index as another user")
+    base = Path(tempfile.mkdtemp(prefix="clipsearch-shared-"))  # pytest's tmp_path is private to root
+    readers: list[subprocess.Popen] = []
+    try:
+        base.chmod(0o755)
+        index_dir = base / "index"
+        writer = EmbeddedIndex(index_dir, model="fake", dim=8)
+        writer.upsert(_docs(0, 5))
+        writer.close()
+        index_dir.chmod(0o755)
+        writer = EmbeddedIndex(index_dir, model="fake", dim=8)  # its -wal is empty until it writes
+
+        def reader() -> subprocess.Popen:
+            proc = subprocess.Popen([*OTHER_USER, sys.executable, "-c", _READER, str(index_dir)], text=True,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            readers.append(proc)
+            return proc
+
+        # The owner's index is open (its -wal and -shm exist); the reader cannot create or write them.
+        live = reader()
+        assert _counts(live) == "5 5"
+        writer.upsert(_docs(5, 3))
+        assert _counts(live) == "8 8"
+        writer.close()
+
+        # No -wal, no -shm: the reader can only open the file immutable, and must notice the owner's writes.
+        closed = reader()
+        assert _counts(closed) == "8 8"
+        writer = EmbeddedIndex(index_dir, model="fake", dim=8)
+        writer.upsert(_docs(8, 2))
+        writer.close()
+        assert _counts(closed) == "10 10"
+    finally:
+        for proc in readers:
+            proc.kill()
+            _, err = proc.communicate()
+            assert "Traceback" not in err, err
+        shutil.rmtree(base)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -243,3 +245,93 @@ def test_given_a_picture_whose_png_is_over_the_limit_when_encoded_then_it_travel
 
     assert ctype == "image/jpeg" and len(body) <= MAX_TRANSPORT_BYTES
     assert Image.open(io.BytesIO(body)).size == (2000, 1500)
+
+
+# -- pictures whose conversion is bigger than they are: shrunk before they are converted ------------
+
+
+def palette_with_transparency(size: tuple[int, int], seed: int = 3) -> tuple[Image.Image, int]:
+    """A 64-colour palette picture of soft blobs; its most common index is the transparent one."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (size[1] // 64 + 1, size[0] // 64 + 1, 3), dtype=np.uint8))
+    # Quantized at a quarter of the size (quick), then enlarged: palette pictures resize with NEAREST.
+    quarter = (size[0] // 4, size[1] // 4)
+    img = small.resize(quarter, Image.Resampling.BILINEAR).quantize(64).resize(size, Image.Resampling.NEAREST)
+    transparent = max(img.getcolors(64) or [(0, 0)])[1]
+    return img, int(transparent)
+
+
+def grey_16_bit(size: tuple[int, int], seed: int = 3) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (size[1] // 16 + 1, size[0] // 16 + 1), dtype=np.uint8))
+    return Image.fromarray(np.asarray(small.resize(size, Image.Resampling.BILINEAR), dtype=np.uint16) * 250)
+
+
+def converted_then_shrunk(data: bytes) -> np.ndarray:
+    """What the decode gave before: to_rgb at full size, then downscale."""
+    return np.asarray(downscale(inference.to_rgb(Image.open(io.BytesIO(data)))), dtype=np.int16)
+
+
+@pytest.mark.parametrize("size", [(1200, 900), (3000, 2800)], ids=["kept-whole", "reduced"])
+@pytest.mark.parametrize("kind", ["palette+transparency", "I;16", "I", "F"])
+def test_given_a_picture_whose_conversion_is_large_when_decoded_then_pixels_agree_with_converting_first(
+        kind: str, size: tuple[int, int]) -> None:
+    if kind == "palette+transparency":
+        img, transparent = palette_with_transparency(size)
+        assert np.mean(np.asarray(img) == transparent) > 0.01  # the transparency shows in the test
+        data = encoded(img, transparency=transparent)
+    elif kind == "I;16":
+        data = encoded(grey_16_bit(size))
+    else:  # 32-bit integer and float grey, as TIFF stores them
+        data = encoded(grey_16_bit(size).convert(kind), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == ("P" if kind == "palette+transparency" else kind)
+
+    decoded = decode_for_model(data)
+
+    new = np.asarray(decoded.image, dtype=np.int16)
+    old = converted_then_shrunk(data)
+    assert decoded.image.mode == "RGB" and new.shape == old.shape and (decoded.width, decoded.height) == size
+    difference = np.abs(new - old)
+    assert difference.max() <= 4 and difference.mean() < 0.1, (difference.max(), difference.mean())
+
+
+# In a fresh interpreter so that the peak is the decode's own (VmHWM: see tests/integration/test_payload_limits.py).
+DECODE_ONCE = """
+import re, sys
+from model_code.inference import decode_for_model
+def peak_mb():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1)) // 1024
+data = open(sys.argv[1], "rb").read()
+before = peak_mb()
+decoded = decode_for_model(data)
+assert decoded.image.mode == "RGB" and max(decoded.image.size) <= 2 * min(decoded.image.size) == 896
+print(before, peak_mb())
+"""
+BIG_SIDE = 7072  # 50 MP
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("kind", "bytes_per_pixel"), [("palette+transparency", 1), ("I;16", 2)])
+def test_given_a_50_mp_picture_whose_conversion_is_large_when_decoded_then_it_is_shrunk_before_converted(
+        kind: str, bytes_per_pixel: int, tmp_path: Path) -> None:
+    # Converted at full size, a palette picture becomes RGBA (4 bytes a pixel, then the composite and RGB)
+    # and a 16-bit one float32 twice: ~12 bytes a pixel over the picture, 1.3 GB at MAX_PIXELS, past the
+    # 1024 MB ingest function. Shrunk first, only a band of rows is converted at a time.
+    size = (BIG_SIDE, BIG_SIDE)
+    if kind == "I;16":
+        data = encoded(grey_16_bit(size), compress_level=1)
+    else:
+        img, transparent = palette_with_transparency(size)
+        data = encoded(img, transparency=transparent, compress_level=1)
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    del data
+
+    done = subprocess.run([sys.executable, "-c", DECODE_ONCE, str(path)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=False)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    before_mb, peak_mb = (int(v) for v in done.stdout.split())
+    picture_mb = BIG_SIDE * BIG_SIDE * bytes_per_pixel / 2**20  # the decoded picture itself: unavoidable
+    assert peak_mb - before_mb <= picture_mb + 64, (kind, before_mb, peak_mb, picture_mb)

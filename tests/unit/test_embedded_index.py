@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
@@ -16,9 +17,10 @@ from clipsearch.errors import (
     NotFound,
     Unavailable,
 )
-from clipsearch.index import open_index
+from clipsearch.index import embedded, open_index
 from clipsearch.index.base import Document, doc_id
-from clipsearch.index.embedded import DB_NAME, check_index, storage_error
+from clipsearch.index.embedded import DB_NAME, EmbeddedIndex, check_index, storage_error
+from clipsearch.ingest import forget
 
 DIM = 8
 
@@ -283,7 +285,8 @@ def test_given_check_then_healthy_index_is_ok_and_nan_rows_are_dropped_by_repair
     assert check_index(path).healthy and open_index("embedded", str(path)).count() == 49
 
 
-def test_given_a_page_damaged_in_a_large_index_then_repair_keeps_every_readable_row_and_the_file(tmp_path):
+def large_index(tmp_path):
+    """A 3,000-row index on disk, its documents, and each row's stored vector bytes by id."""
     path = tmp_path / "idx"
     idx = open_index("embedded", str(path), model="fake", dim=DIM)
     docs = corpus(3000)
@@ -292,6 +295,11 @@ def test_given_a_page_damaged_in_a_large_index_then_repair_keeps_every_readable_
     db = sqlite3.connect(path / DB_NAME)
     before = {r[0]: r[1] for r in db.execute("SELECT id, vector FROM images")}
     db.close()
+    return path, docs, before
+
+
+def test_given_a_page_damaged_in_a_large_index_then_repair_keeps_every_readable_row_and_the_file(tmp_path):
+    path, docs, before = large_index(tmp_path)
     # Damage the table page that holds a row in the middle (found by its vector's bytes).
     page = (path / DB_NAME).read_bytes().index(before[docs[1500].id]) // 4096
     with open(path / DB_NAME, "r+b") as f:
@@ -478,3 +486,111 @@ def test_given_a_version_1_index_when_checked_then_noted_and_repair_migrates_it(
     report = check_index(tmp_path / "idx", repair=True)
     assert report.healthy and "migrated the schema from version 1 to 2" in report.repaired[0]
     assert open_index("embedded", str(tmp_path / "idx"), read_only=True).info().extra["schema_version"] == 2
+
+
+def test_given_a_page_damaged_then_repair_keeps_every_row_not_on_that_page(tmp_path):
+    path, docs, before = large_index(tmp_path)
+    data = (path / DB_NAME).read_bytes()
+    page = data.index(before[docs[1500].id]) // 4096
+    on_page = {id_ for id_, vector in before.items() if data.find(vector) // 4096 == page}
+    with open(path / DB_NAME, "r+b") as f:
+        f.seek(page * 4096)
+        f.write(b"\xa5" * 4096)
+    report = check_index(path, repair=True)
+    db = sqlite3.connect(path / DB_NAME)
+    after = {r[0] for r in db.execute("SELECT id FROM images")}
+    db.close()
+    assert after == before.keys() - on_page and report.rows == len(after)
+
+
+def test_given_the_rebuilt_file_not_checkpointed_at_close_then_repair_fails_with_one_line_and_keeps_the_file(
+        tmp_path, monkeypatch):
+    path = tmp_path / "idx"
+    idx = open_index("embedded", str(path), model="fake", dim=DIM)
+    idx.upsert(corpus(3000))
+    idx.close()
+    data = (path / DB_NAME).read_bytes()
+    with open(path / DB_NAME, "r+b") as f:
+        f.seek((len(data) // 4096 // 2) * 4096)
+        f.write(b"\xa5" * 4096)
+    damaged = (path / DB_NAME).read_bytes()
+    # A close that cannot checkpoint (as on a full disk): another connection keeps the WAL open meanwhile.
+    held: list[sqlite3.Connection] = []
+    real_close = EmbeddedIndex.close
+
+    def close_without_checkpoint(self):
+        if self.directory.name == ".repair":
+            other = sqlite3.connect(self.path)
+            other.execute("BEGIN")
+            other.execute("SELECT COUNT(*) FROM images").fetchone()  # holds a read snapshot
+            held.append(other)
+        real_close(self)
+
+    monkeypatch.setattr(EmbeddedIndex, "close", close_without_checkpoint)
+    monkeypatch.setattr(embedded, "BUSY_TIMEOUT_S", 0)
+    try:
+        report = check_index(path, repair=True)
+    except IndexUnavailable as e:
+        assert "repair could not finish" in str(e) and "\n" not in str(e)
+        assert (path / DB_NAME).read_bytes() == damaged and not (path / ".repair").exists()
+    else:  # or, if it went on, the file it reports holds every row it reports
+        for other in held:
+            other.close()
+        held.clear()
+        db = sqlite3.connect(path / DB_NAME)
+        try:
+            kept: object = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        except sqlite3.Error as e:
+            kept = f"unreadable ({e})"
+        db.close()
+        assert kept == report.rows
+    finally:
+        for other in held:
+            other.close()
+
+
+def test_given_another_process_creates_the_index_first_then_its_model_record_is_kept(tmp_path):
+    path = tmp_path / "idx"
+    path.mkdir()
+    first = sqlite3.connect(path / DB_NAME, isolation_level=None)
+    first.execute("PRAGMA journal_mode=WAL").fetchall()
+    first.execute("BEGIN IMMEDIATE")  # the first creator holds the write lock; the second saw an empty file
+    outcome: list[object] = []
+
+    def second() -> None:
+        try:
+            outcome.append(open_index("embedded", str(path), model="fake-b", dim=DIM))
+        except Exception as e:  # noqa: BLE001 - the outcome is asserted below
+            outcome.append(e)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(1.0)  # the second reads the empty file and waits for the write lock
+    first.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    first.execute("CREATE TABLE images (id TEXT PRIMARY KEY, key TEXT NOT NULL, vector BLOB NOT NULL)")
+    first.executemany("INSERT INTO meta VALUES (?, ?)",
+                      [("schema_version", "2"), ("model", "fake-a"), ("dim", str(DIM))])
+    first.execute("COMMIT")
+    thread.join(30)
+    first.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], ModelMismatch), outcome
+    db = sqlite3.connect(path / DB_NAME)
+    assert dict(db.execute("SELECT name, value FROM meta"))["model"] == "fake-a"
+    db.close()
+
+
+def test_given_rows_with_unusable_vectors_then_forget_removes_them(tmp_path):
+    path = tmp_path / "idx"
+    idx = open_index("embedded", str(path), model="fake", dim=DIM)
+    docs = [Document(key=f"/photos/trip/{i}.jpg", vector=unit(np.eye(DIM)[i % DIM] + 0.1)) for i in range(4)]
+    idx.upsert(docs)
+    idx.close()
+    db = sqlite3.connect(path / DB_NAME)
+    db.execute("UPDATE images SET vector = ? WHERE id = ?", (np.full(DIM, np.nan, np.float32).tobytes(), docs[0].id))
+    db.execute("UPDATE images SET vector = ? WHERE id = ?", (b"\0" * 5, docs[1].id))
+    db.commit()
+    db.close()
+    idx = open_index("embedded", str(path))
+    assert forget(idx, "/photos/trip") == 4
+    assert idx.count() == 0
+    idx.close()

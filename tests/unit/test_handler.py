@@ -209,3 +209,25 @@ def test_given_corrupt_checkpoint_file_when_loaded_then_model_load_error(tmp_pat
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(inference.ModelLoadError, match="cannot load"):
         inference.load_model("broken.pt", str(tmp_path))
+
+
+class PreprocessFault(ValueError):
+    """What torch or numpy raise inside a forward pass: a ValueError that is no fault of the request."""
+
+
+def failing_preprocess(image):
+    raise PreprocessFault("operands could not be broadcast together")
+
+
+def test_given_a_value_error_inside_prediction_when_served_then_not_a_400(model):
+    # The toolkit answers a BaseInferenceToolkitError with its status and anything else with 500
+    # (sagemaker_inference/transformer.py, transform()); a 400 makes ingest drop the picture for good,
+    # so only the request's own faults may become BadInput.
+    from dataclasses import replace
+
+    from sagemaker_inference.errors import BaseInferenceToolkitError
+
+    broken = replace(model, preprocess=failing_preprocess, graphs={})
+    with pytest.raises(PreprocessFault) as info:
+        inference.predict_fn(inference.input_fn(picture(), "image/png"), broken)
+    assert not isinstance(info.value, (inference.BadInput, BaseInferenceToolkitError))

@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from botocore.exceptions import ClientError, ReadTimeoutError
 from fakes import FakeClock, FakeEncoder, LambdaContext, load_function
 from PIL import Image, ImageDraw
 
 from clipsearch import aws_config, aws_ingest, backfill
 from clipsearch.aws_config import Deadline
 from clipsearch.aws_ingest import Ingestor, parse_notification
+from clipsearch.encoders import SageMakerEncoder
 from clipsearch.errors import ConfigError, Unavailable
 from clipsearch.index.base import Document, UpsertResult, doc_id
 from clipsearch.index.embedded import EmbeddedIndex
@@ -353,6 +355,136 @@ def test_given_ingest_module_when_less_than_one_records_worst_case_is_left_then_
 
     assert [f["itemIdentifier"] for f in response["batchItemFailures"]] == keys[:failed]
     assert index.count() == len(keys) - failed
+
+
+class EndpointClients:
+    """Makes sagemaker-runtime clients (one per read timeout) whose endpoint runs the fake encoder.
+
+    Each call first raises the next of `errors`, if any; `made` and `calls` record read timeouts.
+    """
+
+    def __init__(self, errors: list[Exception] | None = None) -> None:
+        self.encoder = FakeEncoder()
+        self.errors = list(errors or [])
+        self.made: list[float] = []
+        self.calls: list[float] = []
+
+    def __call__(self, read_timeout_s: float) -> Any:
+        self.made.append(read_timeout_s)
+        clients = self
+
+        class Client:
+            def invoke_endpoint(self, EndpointName: str, Body: bytes, ContentType: str,  # noqa: N803
+                                Accept: str) -> dict[str, Any]:
+                clients.calls.append(read_timeout_s)
+                if clients.errors:
+                    raise clients.errors.pop(0)
+                vectors = clients.encoder.encode_images([decode_image(Body)])
+                return {"Body": io.BytesIO(json.dumps(vectors.tolist()).encode())}
+
+        return Client()
+
+
+class SlowS3:
+    """S3 whose GetObject takes `seconds` on the test's clock (with the decode after it: one advance)."""
+
+    def __init__(self, s3: Any, clock: FakeClock, seconds: float) -> None:
+        self.s3, self.clock, self.seconds = s3, clock, seconds
+
+    def get_object(self, **kwargs: Any) -> Any:
+        self.clock.advance(self.seconds)
+        return self.s3.get_object(**kwargs)
+
+
+def throttling(code: str = "ThrottlingException") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "Rate exceeded"},
+                        "ResponseMetadata": {"HTTPStatusCode": 400}}, "InvokeEndpoint")
+
+
+def fake_model_ingestor(index: EmbeddedIndex, clients: EndpointClients, clock: FakeClock | None = None,
+                        s3: Any = None) -> Ingestor:
+    """build_ingestor's ingestor (its endpoint budget and retries) over the fake model and a local index."""
+    config = aws_config.from_env("ingest", {**ENV, "CLIPSEARCH_MODEL": "fake", "CLIPSEARCH_DIM": "16"})
+    deadline = Deadline(reserve_s=aws_ingest.END_RESERVE_S, clock=clock) if clock else None
+    ingestor = aws_ingest.build_ingestor(config, deadline=deadline, runtime=clients)
+    ingestor.index = index
+    if s3 is not None:
+        ingestor.s3 = s3
+    return ingestor
+
+
+def test_given_record_starting_with_its_worst_case_left_when_s3_and_decode_take_theirs_then_endpoint_gets_its_minimum(
+        s3: Any, index: EmbeddedIndex) -> None:
+    clock = FakeClock()
+    clients = EndpointClients()
+    ingestor = fake_model_ingestor(index, clients, clock,
+                                   SlowS3(s3, clock, aws_ingest.S3_CALL_S + aws_ingest.DECODE_S))
+    context = LambdaContext(timeout_s=aws_ingest.RECORD_MIN_S + aws_ingest.END_RESERVE_S, clock=clock)
+
+    result = process_partial_response(event=put_batch(s3, ["edge/a.jpg"]), record_handler=ingestor.handle_record,
+                                      processor=BatchProcessor(event_type=EventType.SQS,
+                                                               raise_on_entire_batch_failure=False),
+                                      context=context)
+
+    assert result["batchItemFailures"] == [] and index.count() == 1
+    assert clients.calls == [aws_ingest.ENDPOINT_MIN_READ_S]
+
+
+def test_given_endpoint_throttles_once_when_record_is_handled_then_it_is_retried_in_the_same_invocation(
+        s3: Any, index: EmbeddedIndex) -> None:
+    clients = EndpointClients(errors=[throttling()])
+    ingestor = fake_model_ingestor(index, clients)
+
+    assert run_batch(ingestor, put_batch(s3, ["busy/a.jpg"])) == []
+    assert len(clients.calls) == 2 and index.count() == 1
+
+
+@pytest.mark.parametrize("error", [
+    ReadTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com/endpoints/clip/invocations"),
+    throttling("ModelError"),
+])
+def test_given_endpoint_read_timeout_or_model_error_when_record_is_handled_then_it_fails_without_a_retry(
+        s3: Any, index: EmbeddedIndex, error: Exception) -> None:
+    clients = EndpointClients(errors=[error])
+    ingestor = fake_model_ingestor(index, clients)
+
+    assert run_batch(ingestor, put_batch(s3, ["hung/a.jpg"])) == ["hung/a.jpg"]
+    assert len(clients.calls) == 1 and index.count() == 0
+
+
+def test_given_endpoint_keeps_throttling_when_called_then_retries_stop_in_time_and_the_error_is_typed() -> None:
+    clock = FakeClock()
+    deadline = Deadline(clock=clock)
+    clients = EndpointClients(errors=[throttling("ModelNotReadyException")] * 10)
+    runtime = aws_config.EndpointRuntime(deadline, 20.0, connect_timeout_s=2.0, factory=clients,
+                                         attempts=10, sleep=clock.advance)
+    encoder = SageMakerEncoder("fake", 16, "clip", client=runtime)
+    deadline.start(LambdaContext(timeout_s=8.0, clock=clock))
+
+    with pytest.raises(Unavailable, match="ModelNotReadyException"):
+        encoder.encode_texts(["a dog"])
+
+    # Retried, but stopped by the deadline (backoffs 0.5, 1, 2, 4 s jittered down), not by the attempts.
+    assert 2 <= len(clients.calls) < 10
+    assert deadline.remaining_s() >= 0
+
+
+def test_given_an_invocation_running_down_when_the_endpoint_is_called_each_second_then_few_clients_are_made() -> None:
+    clock = FakeClock()
+    deadline = Deadline(reserve_s=aws_ingest.END_RESERVE_S, clock=clock)
+    clients = EndpointClients()
+    runtime = aws_config.EndpointRuntime(deadline, aws_ingest.ENDPOINT_MAX_READ_S, reserve_s=aws_ingest.INDEX_CALL_S,
+                                         connect_timeout_s=aws_ingest.ENDPOINT_CONNECT_S,
+                                         min_read_timeout_s=aws_ingest.ENDPOINT_MIN_READ_S, factory=clients)
+    for _ in range(2):  # two invocations, each from time to spare down to the last record that fits
+        deadline.start(LambdaContext(timeout_s=150.0, clock=clock))
+        while runtime.read_timeout_s() >= aws_ingest.ENDPOINT_MIN_READ_S:
+            runtime.invoke_endpoint(EndpointName="clip", Body=picture(), ContentType="image/jpeg",
+                                    Accept="application/json")
+            clock.advance(1.0)
+
+    assert len(clients.calls) > 100
+    assert len(clients.made) == len(set(clients.made)) <= 8
 
 
 # -- the handler module and its configuration -------------------------------------------------------

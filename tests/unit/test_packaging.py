@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from clipsearch.cli import EXIT_OK, EXIT_USAGE, main
 from clipsearch.errors import BadRequest
 from clipsearch.images import load_file
-from clipsearch.packaging import MANIFEST, VENDOR_DIR, package_model, vendor_pins, wheel_cache
+from clipsearch.packaging import MANIFEST, VENDOR_DIR, WHEEL_PYTHON, package_model, vendor_pins, wheel_cache
 from model_code import inference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +67,8 @@ def test_given_checkpoint_path_when_packaged_then_archive_has_the_sagemaker_layo
     vendored = {n[len(VENDOR_DIR):].split("/")[0] for n in names if n.startswith(VENDOR_DIR)}
     assert {"clip", "ftfy", "regex", "wcwidth"} <= vendored
     assert code == (ROOT / "model_code" / "inference.py").read_bytes()
-    assert manifest == {"spec": str(checkpoint), "dim": 32, "checkpoint": "tiny-clip.pt"}
+    assert manifest == {"spec": str(checkpoint), "dim": 32, "checkpoint": "tiny-clip.pt", "python": WHEEL_PYTHON}
+    assert MANIFEST == inference.MANIFEST  # where model_fn reads the Python that code/lib is built for
     assert (packaged.dim, packaged.checkpoint) == (32, "tiny-clip.pt")
 
 
@@ -269,3 +270,43 @@ def test_given_packaged_model_when_a_heic_photo_reaches_the_container_then_the_a
     local = inference.load_model(checkpoint.name, str(checkpoint.parent))
     assert np.allclose(json.loads(result["payload"]), inference.encode_images(local, [load_file(photo).image]),
                        atol=1e-3)
+
+
+# The container imports code/inference.py with code/ on the path (torchserve.py, _set_python_path); the
+# manifest's Python is the archive's, the interpreter's is the image's.
+OTHER_PYTHON_START = r"""
+import json, sys
+model_dir = sys.argv[1]
+sys.path.insert(0, model_dir + "/code")
+import inference
+try:
+    inference.model_fn(model_dir)
+except inference.ModelLoadError as e:
+    print(json.dumps({"error": str(e), "lib_on_path": any(p.startswith(model_dir + "/code/lib") for p in sys.path)}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+@pytest.mark.parametrize("built_for", ["3.10", "3.12"])
+def test_given_archive_built_for_another_python_when_model_fn_runs_then_model_load_error_names_both(
+        checkpoint: Path, tmp_path: Path, built_for: str) -> None:
+    packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
+    model_dir = tmp_path / "opt-ml-model"
+    with tarfile.open(packaged.path) as tar:
+        tar.extractall(model_dir, filter="data")
+    manifest = json.loads((model_dir / MANIFEST).read_text())
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if built_for == running:
+        pytest.skip("this interpreter is the other Python")
+    (model_dir / MANIFEST).write_text(json.dumps({**manifest, "python": built_for}))
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
+
+    done = subprocess.run([sys.executable, "-c", OTHER_PYTHON_START, str(model_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] is not None and not result["lib_on_path"]
+    assert f"Python {built_for}" in result["error"] and f"Python {running}" in result["error"]
+    assert f"-py{built_for.replace('.', '')}" in result["error"]

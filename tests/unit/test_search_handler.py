@@ -342,6 +342,41 @@ def test_given_cold_start_init_when_first_request_arrives_then_init_time_counts_
     assert warm - cold >= 5.0
 
 
+def test_given_environment_initialised_long_before_its_first_request_when_searched_then_the_request_gets_a_full_budget(
+        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime) -> None:
+    # Lambda may initialise an environment ahead of any request (provisioned concurrency, proactive init):
+    # the first request then waited through none of it.
+    clock = FakeClock()
+    runtimes = TimedRuntimes(runtime)
+    app = timed_app(index, s3, runtimes, clock)
+    clock.advance(300.0)
+
+    for _ in range(2):
+        event = json.loads((EVENTS / "search-text.json").read_text())
+        assert app.resolve(event, LambdaContext(timeout_s=29.0, clock=clock))["statusCode"] == 200
+
+    first, warm = runtimes.read_timeouts
+    assert first == warm >= 1.0
+
+
+def test_given_imports_before_the_app_is_built_when_first_request_arrives_then_they_count_against_api_gateway(
+        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime) -> None:
+    clock = FakeClock()
+    runtimes = TimedRuntimes(runtime)
+    module_start = clock()
+    clock.advance(6.0)  # functions/search/app.py importing numpy, Pillow and Powertools
+    app = build_search_app(aws_config.from_env("search", ENV),
+                           deadline=aws_search.search_deadline(clock, started_at=module_start),
+                           index=index, s3=s3, runtime=runtimes)
+
+    for _ in range(2):
+        event = json.loads((EVENTS / "search-text.json").read_text())
+        assert app.resolve(event, LambdaContext(timeout_s=29.0, clock=clock))["statusCode"] == 200
+
+    cold, warm = runtimes.read_timeouts
+    assert warm - cold >= 5.0
+
+
 @pytest.mark.parametrize("seconds_left", [0.5, 5.0, aws_search.INDEX_CALL_S + 2.0])
 def test_given_too_little_time_left_when_text_is_searched_then_503_with_retry_after_and_no_endpoint_call(
         index: EmbeddedIndex, s3: Any, runtime: FakeRuntime, seconds_left: float) -> None:

@@ -449,7 +449,7 @@ def test_given_zone_count_when_rules_checked_then_the_data_node_count_must_be_a_
 def test_given_subnets_for_only_one_side_when_rules_checked_then_refused(functions: str, domain: str,
                                                                          refused: bool) -> None:
     # Functions outside the VPC cannot reach a VPC domain; functions inside it would need a NAT for a public one.
-    broken = broken_rules(transform(), VpcSubnetIds=functions, DomainSubnetIds=domain)
+    broken = broken_rules(transform(), VpcSubnetIds=functions, DomainSubnetIds=domain, VpcSecurityGroupIds="sg-1")
     assert (broken == ["VpcForBothOrNeither"]) is refused and (not broken) is (not refused)
 
 
@@ -652,3 +652,115 @@ def test_given_split_layout_when_transformed_then_only_the_text_endpoint_is_prov
     deployed = Deployed(EndpointLayout="split", EndpointProvisionedConcurrency="2")
     image = deployed.resources["ImageEndpointConfig"]["Properties"]["ProductionVariants"][0]["ServerlessConfig"]
     assert "ProvisionedConcurrency" not in image
+
+
+# -- multi-AZ replicas, VPC rules, the serving image's Python ------------------------------------
+
+
+class FakeIndicesClient:
+    """The two index calls OpenSearchIndex makes on open: get_mapping (404 for a new index) and create."""
+
+    def __init__(self) -> None:
+        self.created: dict[str, Any] = {}
+
+    def get_mapping(self, index: str) -> dict[str, Any]:
+        from opensearchpy import exceptions
+
+        if index not in self.created:
+            raise exceptions.NotFoundError(404, "index_not_found_exception", {})
+        return {index: {"mappings": self.created[index]["mappings"]}}
+
+    def create(self, index: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.created[index] = body
+        return {"acknowledged": True}
+
+
+class FakeOpenSearch:
+    def __init__(self) -> None:
+        self.indices = FakeIndicesClient()
+
+
+def deployed_config(deployed: Deployed, function: str, role: str) -> Any:
+    """The function's configuration as its code reads it, the template's references given stand-in values."""
+    from clipsearch import aws_config
+
+    env = {name: value if isinstance(value, str) else "stand-in"
+           for name, value in env_of(deployed, function).items()}
+    env.update(CLIPSEARCH_MODEL=deployed.params["ModelSpec"], CLIPSEARCH_DIM=deployed.params["ModelDimension"],
+               CLIPSEARCH_INDEX=deployed.params["IndexName"])
+    return aws_config.from_env(role, env)
+
+
+@pytest.mark.parametrize("zones", [1, 2, 3])
+def test_given_zone_count_when_the_index_is_created_then_a_multi_az_domain_keeps_a_replica(zones: int) -> None:
+    # Zone awareness spreads replica shards over the zones; with none, losing a zone loses the index's
+    # shards there ("Don't enable zone awareness if your cluster has no replica index shards",
+    # ZoneAwarenessConfig in the OpenSearch Service API Reference).
+    from clipsearch import aws_config
+
+    deployed = Deployed(OpenSearchAvailabilityZones=str(zones), OpenSearchInstanceCount=str(zones))
+    for function, role in (("IngestFunction", "ingest"), ("SearchFunction", "search")):
+        config = deployed_config(deployed, function, role)
+        client = FakeOpenSearch()
+        assert aws_config.make_index(config, client=client).opened is not None  # opened: created on first use
+        (body,) = client.indices.created.values()
+        assert body["settings"]["number_of_replicas"] == (1 if zones > 1 else 0), (function, zones)
+
+
+@pytest.mark.parametrize(("value", "replicas"), [("", 0), ("0", 0), ("1", 1), ("2", 2)])
+def test_given_replicas_setting_when_configured_then_read(value: str, replicas: int) -> None:
+    from clipsearch import aws_config
+
+    env = {"CLIPSEARCH_ENDPOINT_NAME": "e", "CLIPSEARCH_OPENSEARCH_URL": "https://x", "CLIPSEARCH_INDEX": "i",
+           "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_OPENSEARCH_REPLICAS": value}
+    assert aws_config.from_env("ingest", env).replicas == replicas
+
+
+@pytest.mark.parametrize("value", ["one", "-1", "1.5"])
+def test_given_a_bad_replicas_setting_when_configured_then_config_error_naming_it(value: str) -> None:
+    from clipsearch import aws_config
+    from clipsearch.errors import ConfigError
+
+    env = {"CLIPSEARCH_ENDPOINT_NAME": "e", "CLIPSEARCH_OPENSEARCH_URL": "https://x", "CLIPSEARCH_INDEX": "i",
+           "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_OPENSEARCH_REPLICAS": value}
+    with pytest.raises(ConfigError, match="CLIPSEARCH_OPENSEARCH_REPLICAS"):
+        aws_config.from_env("ingest", env)
+
+
+@pytest.mark.parametrize(("groups", "refused"), [("sg-1", False), ("sg-1,sg-2", False), ("", True)])
+def test_given_a_vpc_when_rules_checked_then_security_groups_are_required(groups: str, refused: bool) -> None:
+    # The groups go to the Lambdas' VpcConfig and the domain's VPCOptions; an empty list passes [""].
+    broken = broken_rules(transform(), VpcSubnetIds="subnet-f1", DomainSubnetIds="subnet-a",
+                          VpcSecurityGroupIds=groups)
+    assert broken == (["VpcNeedsSecurityGroups"] if refused else [])
+
+
+def test_given_no_vpc_when_rules_checked_then_no_security_group_is_needed() -> None:
+    assert not broken_rules(transform(), VpcSubnetIds="", DomainSubnetIds="", VpcSecurityGroupIds="")
+
+
+def test_given_domain_subnets_when_described_then_the_count_rules_cannot_check_is_documented() -> None:
+    # Rules have no Fn::Select or length function ("Rules syntax": Fn::And, Fn::Contains, Fn::EachMemberEquals,
+    # Fn::EachMemberIn, Fn::Equals, Fn::Not, Fn::Or, Fn::RefAll, Fn::ValueOf, Fn::ValueOfAll), so fewer
+    # subnets than zones cannot be refused up front: the parameter says so, and so does the guide.
+    description = transform()["Parameters"]["DomainSubnetIds"]["Description"]
+    assert "at least that many" in description and "Fn::Select" in description
+    assert "Fn::Select cannot select nonexistent value" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+@pytest.mark.parametrize(("tag", "accepted"), [
+    ("2.3.0-cpu-py311", True), ("2.3.0-cpu-py311-ubuntu20.04-sagemaker", True),
+    ("2.5.1-cpu-py311-ubuntu22.04-sagemaker", True), ("2.4.0-cpu-py310", False), ("2.6.0-cpu-py312", False),
+    ("2.6.0-cpu-py312-ubuntu22.04-sagemaker", False), ("latest", False)])
+def test_given_inference_image_when_its_python_differs_from_the_vendored_wheels_then_refused(
+        tag: str, accepted: bool) -> None:
+    # The model archive's code/lib holds wheels built for packaging.WHEEL_PYTHON (regex is compiled for it).
+    from clipsearch import packaging
+
+    parameter = transform()["Parameters"]["InferenceImageUri"]
+    uri = f"763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:{tag}"
+    # CloudFormation matches AllowedPattern against the whole value ("Parameters", AllowedPattern).
+    assert (re.fullmatch(parameter["AllowedPattern"], uri) is not None) is accepted
+    python_tag = "py" + packaging.WHEEL_PYTHON.replace(".", "")
+    assert python_tag in parameter["AllowedPattern"] and python_tag in parameter["ConstraintDescription"]
+    assert python_tag in parameter["Description"]
