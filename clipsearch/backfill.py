@@ -20,8 +20,9 @@ import numpy as np
 from clipsearch.aws_ingest import metadata_text
 from clipsearch.errors import BadRequest, ClipsearchError, Unavailable
 from clipsearch.images import is_image_name
-from clipsearch.index.base import Document, VectorIndex
+from clipsearch.index.base import Document, VectorIndex, wall_clock
 from clipsearch.ingest import title_from_path
+from model_code.inference import is_raw_name
 
 SQS_BATCH = 10  # SendMessageBatch's limit
 UPSERT_BATCH = 200
@@ -70,7 +71,8 @@ def list_images(s3: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             key = obj["Key"]
-            if is_image_name(key) and not key.startswith(BATCH_OUTPUT_PREFIX):
+            # Camera RAW needs rawpy and the file name, which neither the container nor the Lambda has.
+            if is_image_name(key) and not is_raw_name(key) and not key.startswith(BATCH_OUTPUT_PREFIX):
                 yield S3Object(key, int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"'))
 
 
@@ -184,7 +186,9 @@ def document_for(s3: Any, bucket: str, key: str, vector: np.ndarray) -> Document
     modified = head.get("LastModified")
     return Document(key=key, vector=vector, bucket=bucket, title=title, content_hash=str(head.get("ETag", "")),
                     size=int(head.get("ContentLength", 0)),
-                    mtime=modified.timestamp() if modified is not None else 0.0)
+                    mtime=modified.timestamp() if modified is not None else 0.0,
+                    # No decode here, so no EXIF: the object's LastModified, as the ingest Lambda falls back to.
+                    taken_at=wall_clock(modified) if modified is not None else None)
 
 
 def load_transform_output(s3: Any, index_for: Callable[[int], VectorIndex], bucket: str, keys: list[str],

@@ -221,26 +221,28 @@ class _DownloadBar:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    # The lock comes before the index is opened for writing: two first runs must not both create it.
-    with _writing(args, create=True):
-        return _index(args)
-
-
-def _index(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from clipsearch import models
-    from clipsearch.ingest import index_paths
 
     spec = models.canonical_spec(args.model or models.DEFAULT)  # a new index; an existing one keeps its own
     try:
-        existing = _open(args)
+        existing = _open(args, read_only=True)
         if args.model is None:
             spec = existing.model
         existing.close()
     except errors.NotFound:
         pass
+    # The model first: offline and uncached exits 2 here, before anything (folder, lock) is written.
     encoder = _encoder(spec)
+    # The lock comes before the index is opened for writing: two first runs must not both create it.
+    with _writing(args, create=True):
+        return _index(args, encoder)
+
+
+def _index(args: argparse.Namespace, encoder: Any) -> int:
+    from tqdm import tqdm
+
+    from clipsearch.ingest import index_paths
+
     index = _open(args, model=encoder.model, dim=encoder.dim)
     bar = tqdm(total=0, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True,
                disable=None)

@@ -150,7 +150,9 @@ def _options(payload: Mapping[str, Any], max_k: int) -> dict[str, Any]:
 
 def _param_filter(params: Mapping[str, str]) -> dict[str, Any]:
     """The filter object of GET /search's (or a raw image POST's) prefix, after and before parameters."""
-    return {field: params[name] for name, field in PARAM_FILTERS.items() if params.get(name)}
+    # An empty prefix means none; an empty after= or before= is refused by parse_time, never dropped.
+    return {field: params[name] for name, field in PARAM_FILTERS.items()
+            if name in params and (params[name] or name != "prefix")}
 
 
 def _text(value: Any) -> str:

@@ -281,6 +281,8 @@ def raw_preview(data: bytes) -> tuple[bytes, int]:
         raise ValueError("not a camera RAW file rawpy can read (unsupported or corrupt)") from None
     if thumb.format == rawpy.ThumbFormat.JPEG:
         return bytes(thumb.data), _FLIP_TO_ORIENTATION.get(flip, 1)
+    height, width = np.shape(thumb.data)[:2]
+    _check_size(width, height)  # before the bitmap is copied and encoded: LibRaw allows large ones
     buf = io.BytesIO()  # a bitmap preview (some older cameras): lossless PNG for the same decode
     Image.fromarray(np.asarray(thumb.data, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue(), _FLIP_TO_ORIENTATION.get(flip, 1)
@@ -311,7 +313,10 @@ def _decode(data: bytes, max_side: int, name: str = ""
     if not data:
         raise ValueError("empty image")
     turn = 1
+    raw_taken: tuple[str | None, str] = (None, "")
     if name and is_raw_name(name):
+        # The RAW file's own EXIF holds the capture time; camera previews usually carry none.
+        raw_taken = read_capture_time(data)
         data, turn = raw_preview(data)
     elif _is_heif(data):
         missing = _heif_opener()
@@ -332,7 +337,7 @@ def _decode(data: bytes, max_side: int, name: str = ""
             img.load()
             exif = img.getexif()
             orientation = exif.get(_ORIENTATION_TAG) or turn
-            taken = capture_time(exif)
+            taken = raw_taken if raw_taken[0] is not None else capture_time(exif)
             # Cropped in stored orientation, before the transpose copies the pixels: a centre crop is
             # the same whichever way the picture is turned (to the pixel, when the excess is odd).
             img = centre_crop(img)

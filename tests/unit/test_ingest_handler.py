@@ -27,7 +27,7 @@ from clipsearch.aws_config import Deadline
 from clipsearch.aws_ingest import Ingestor, parse_notification
 from clipsearch.encoders import SageMakerEncoder
 from clipsearch.errors import ConfigError, Unavailable
-from clipsearch.index.base import Document, UpsertResult, doc_id
+from clipsearch.index.base import Document, UpsertResult, doc_id, wall_clock
 from clipsearch.index.embedded import EmbeddedIndex
 from model_code.inference import decode_image, downscale
 
@@ -635,3 +635,22 @@ def test_given_cli_backfill_without_a_queue_when_run_then_one_line_names_the_fix
     assert main(["backfill", f"s3://{BUCKET}/"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--queue-url" in err[0]
+
+
+def test_given_raw_and_ordinary_objects_when_listed_for_a_transform_then_raw_is_left_to_the_ingest_path(
+        s3: Any) -> None:
+    for key in ("a/IMG_1.jpg", "a/DSC_2.NEF", "a/x.dng", "a/IMG_3.HEIC"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+
+    keys = [obj.key for obj in backfill.list_images(s3, BUCKET, "a/")]
+
+    assert keys == ["a/IMG_1.jpg", "a/IMG_3.HEIC"]
+
+
+def test_given_a_transformed_object_when_its_document_is_built_then_it_has_a_capture_time(s3: Any) -> None:
+    s3.put_object(Bucket=BUCKET, Key="b/blue.png", Body=picture(fmt="PNG"))
+    modified = s3.head_object(Bucket=BUCKET, Key="b/blue.png")["LastModified"]
+
+    doc = backfill.document_for(s3, BUCKET, "b/blue.png", np.zeros(4, dtype=np.float32))
+
+    assert doc.taken_at == wall_clock(modified)

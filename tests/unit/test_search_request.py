@@ -110,3 +110,9 @@ def test_given_get_params_after_and_before_when_parsed_then_the_same_filter_as_t
     assert parse_json({"text": "beach"}).describe() == {"type": "text", "text": "beach"}
     with pytest.raises(BadRequest, match="after"):
         parse_params({"q": "beach", "after": "soon"})
+
+
+@pytest.mark.parametrize("name", ["after", "before"])
+def test_given_an_empty_date_param_when_parsed_then_bad_request_not_an_unfiltered_search(name):
+    with pytest.raises(BadRequest, match=f"filter.taken_{name}|taken_{name}"):
+        parse_params({"q": "beach", name: ""})
