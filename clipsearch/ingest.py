@@ -249,11 +249,13 @@ def has_picture_signature(head: bytes) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _PICTURE_BRANDS
 
 
-def read_picture_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> tuple[bytes, os.stat_result]:
+def read_picture_file(path: str | Path, limit: int = MAX_FILE_BYTES,
+                      head: int | None = None) -> tuple[bytes, os.stat_result]:
     """The bytes of a regular file that starts like a picture and is at most `limit` bytes; BadImage if not.
 
     Nothing but a regular file is opened (a FIFO would block, a device would never end), and a file
-    that does not start with a picture signature is never read beyond its first bytes.
+    that does not start with a picture signature is never read beyond its first bytes. `head`: read only
+    that many leading bytes (a header is all that is wanted).
     """
     try:
         st = os.stat(path)
@@ -271,7 +273,7 @@ def read_picture_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> tuple[by
         if not has_picture_signature(os.pread(fd, 16, 0)):
             raise BadImage("not a recognised image format")
         with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
+            data = f.read(head if head is not None else limit + 1)
     except OSError as e:
         raise BadImage(f"cannot read: {_reason(e)}") from None
     finally:
@@ -306,11 +308,18 @@ def _load(path: Path) -> _Loaded:
                    taken_offset=decoded.taken_offset)
 
 
+EXIF_HEAD_BYTES = 256 * 1024
+
+
 def capture_time_of(path: Path) -> tuple[str, str] | None:
     """(taken_at, taken_offset) of a file from its EXIF header (no pixel decoded), else its mtime; None:
     unreadable. For rows indexed before capture times were kept, whose vectors need no re-encoding."""
     try:
-        data, st = read_picture_file(path)
+        # A JPEG's EXIF sits in its first segments (APP1 is at most 64 KB), so a migrated library of
+        # camera JPEGs is re-dated without reading whole files; other formats may keep it anywhere.
+        data, st = read_picture_file(path, head=EXIF_HEAD_BYTES)
+        if not data.startswith(b"\xff\xd8") and st.st_size > len(data):
+            data, st = read_picture_file(path)
     except BadImage:
         return None
     taken_at, offset = read_capture_time(data)

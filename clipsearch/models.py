@@ -140,15 +140,50 @@ def fetch(url: str, root: Path, progress: DownloadProgress | None = None) -> Pat
     """
     expected = url.rsplit("/", 2)[-2].lower()
     target = root / url.rsplit("/", 1)[-1]
-    if target.is_file() and _sha256(target) == expected:  # the usual case: no lock file, no write
+    if _verified(target, expected):  # the usual case: no lock file, no write
         return target
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / (target.name + ".lock"), target.name, progress):
-        if target.is_file() and _sha256(target) == expected:
+        if _verified(target, expected):
             return target  # another process finished it while this one waited
         target.unlink(missing_ok=True)  # a damaged copy (an old interrupted download): fetch it again
         _download(url, target, expected, progress)
+        _stamp(target, expected)
     return target
+
+
+def _verified(target: Path, expected: str) -> bool:
+    """True when target holds the file whose SHA-256 is expected.
+
+    A checkpoint is hundreds of MB (about 0.3 s to hash warm, seconds cold), so a verified file gets a
+    stamp beside it (<file>.verified: hash, size, mtime) and is hashed again only when those change.
+    """
+    try:
+        st = target.stat()
+    except OSError:
+        return False
+    stamp = f"{expected} {st.st_size} {st.st_mtime_ns}"
+    try:
+        if _stamp_path(target).read_text() == stamp:
+            return True
+    except OSError:
+        pass
+    if _sha256(target) != expected:
+        return False
+    _stamp(target, expected)
+    return True
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(target.name + ".verified")
+
+
+def _stamp(target: Path, expected: str) -> None:
+    try:
+        st = target.stat()
+        _stamp_path(target).write_text(f"{expected} {st.st_size} {st.st_mtime_ns}")
+    except OSError:
+        pass  # a read-only cache: the file is hashed on every start, as before
 
 
 @contextlib.contextmanager

@@ -154,3 +154,23 @@ def test_no_download_is_attempted_for_demo_or_a_checkpoint_path(tmp_path, monkey
     checkpoint.write_bytes(b"x")
     assert models.ensure(str(checkpoint)) == models.ModelSource(str(checkpoint), str(tmp_path), "mine.pt")
     assert os.listdir(tmp_path) == ["mine.pt"]
+
+
+def test_a_verified_checkpoint_is_not_hashed_again_until_it_changes(tmp_path, monkeypatch):
+    hashed: list[Path] = []
+    real = models._sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(models, "_sha256", counting)
+    with serving({PATH: PAYLOAD}) as server:
+        path = models.fetch(server.url + PATH, tmp_path)
+        models.fetch(server.url + PATH, tmp_path)
+        assert hashed == []  # the download hashed while streaming; the stamp vouches for the file since
+
+        path.write_bytes(PAYLOAD[:-1] + bytes([PAYLOAD[-1] ^ 1]))  # changed in place: size same, mtime not
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+        assert models.fetch(server.url + PATH, tmp_path).read_bytes() == PAYLOAD
+        assert set(hashed) == {path} and server.gets == [PATH, PATH]  # hashed again, found damaged, fetched

@@ -62,3 +62,27 @@ def test_given_a_tagged_jpeg_when_the_sagemaker_handler_parses_it_then_it_is_upr
     (img,) = data["images"]
     assert img.size == (96, 64)
     assert img.getpixel((5, 5))[0] > 180  # the red block is back in the top-left corner
+
+
+def test_given_a_large_camera_jpeg_when_only_its_date_is_wanted_then_only_its_head_is_read(tmp_path, monkeypatch):
+    from clipsearch import ingest
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = "2019:07:14 15:02:11"
+    path = tmp_path / "IMG_0001.JPG"
+    picture.save(path, quality=95, exif=exif)
+    assert path.stat().st_size > 4 * ingest.EXIF_HEAD_BYTES
+    read: list[int] = []
+    real = ingest.read_picture_file
+
+    def recording(p, limit=ingest.MAX_FILE_BYTES, head=None):
+        data, st = real(p, limit, head)
+        read.append(len(data))
+        return data, st
+
+    monkeypatch.setattr(ingest, "read_picture_file", recording)
+
+    assert ingest.capture_time_of(path) == ("2019-07-14T15:02:11", "")
+    assert read == [ingest.EXIF_HEAD_BYTES]
