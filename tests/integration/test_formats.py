@@ -15,7 +15,6 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import boto3
 import numpy as np
 import pytest
 from PIL import Image
-from support.sagemaker_endpoint import InvokeEndpointServer
 
 from clipsearch.aws_ingest import CREATED, Ingestor, ObjectEvent
 from clipsearch.encoders import SageMakerEncoder
@@ -291,24 +289,13 @@ def test_given_no_pillow_heif_and_no_rawpy_when_indexed_then_heic_and_raw_are_sk
 
 
 @pytest.fixture
-def aws_env(moto_url: str, endpoint: InvokeEndpointServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-                        "AWS_ENDPOINT_URL_S3": moto_url, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
-                        "AWS_MAX_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
 def sent() -> list[str]:
     """The Content-Type of every InvokeEndpoint request the `encoder` fixture's client sends."""
     return []
 
 
 @pytest.fixture
-def encoder(aws_env: None, sent: list[str]) -> SageMakerEncoder:
+def encoder(aws_env: dict[str, str], sent: list[str]) -> SageMakerEncoder:
     client = boto3.client("sagemaker-runtime")
 
     def record(request: Any, **_: Any) -> None:
@@ -317,16 +304,6 @@ def encoder(aws_env: None, sent: list[str]) -> SageMakerEncoder:
 
     client.meta.events.register("before-send.sagemaker-runtime.InvokeEndpoint", record)
     return SageMakerEncoder("demo", DIM, ENDPOINT, client=client)
-
-
-@pytest.fixture
-def s3(aws_env: None) -> Iterator[Any]:
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        client.delete_object(Bucket=BUCKET, Key=obj["Key"])
-    client.delete_bucket(Bucket=BUCKET)
 
 
 def test_given_heic_and_avif_uploads_to_s3_when_ingested_then_they_are_indexed_and_found_by_text(

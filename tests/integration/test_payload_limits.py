@@ -38,20 +38,6 @@ DIM = 128  # the demo model
 
 
 @pytest.fixture
-def aws_env(moto_url: str, endpoint: InvokeEndpointServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": moto_url, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
-           # One attempt: a refused body reaches our code instead of botocore's retry loop.
-           "AWS_MAX_ATTEMPTS": "1"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
-
-
-@pytest.fixture
 def bodies() -> list[int]:
     """The size of every InvokeEndpoint body sent by the `encoder` fixture's client."""
     return []
@@ -67,16 +53,6 @@ def encoder(aws_env: dict[str, str], bodies: list[int]) -> SageMakerEncoder:
 
     client.meta.events.register("before-send.sagemaker-runtime.InvokeEndpoint", record)
     return SageMakerEncoder("demo", DIM, ENDPOINT, client=client)
-
-
-@pytest.fixture
-def s3(aws_env: dict[str, str]) -> Iterator[Any]:
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        client.delete_object(Bucket=BUCKET, Key=obj["Key"])
-    client.delete_bucket(Bucket=BUCKET)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,6 +52,16 @@ def serve(model: inference.ClipModel, body: bytes, content_type: str) -> np.ndar
     answer = inference.output_fn(inference.predict_fn(inference.input_fn(body, content_type), model),
                                  "application/json")
     return np.asarray(json.loads(answer), dtype=np.float32)
+
+
+def cold_start(script: str, model_dir: Path, vendored: list[str], photo: Path, cwd: Path) -> dict[str, Any]:
+    """Run script in a fresh interpreter as the container would (no MODEL_NAME, no PYTHONPATH of ours)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT / "tests")
+    done = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(vendored), str(photo)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def test_given_checkpoint_path_when_packaged_then_archive_has_the_sagemaker_layout(
@@ -191,14 +202,7 @@ def test_given_packaged_model_when_cold_started_without_clip_ftfy_regex_then_it_
     vendored = sorted(p.name for p in (model_dir / VENDOR_DIR).iterdir() if not p.name.endswith(".dist-info"))
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(jpeg())
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(ROOT / "tests")
-
-    done = subprocess.run([sys.executable, "-c", COLD_START, str(model_dir), json.dumps(vendored), str(photo)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
-
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = cold_start(COLD_START, model_dir, vendored, photo, tmp_path)
     assert result["inference"] == str(model_dir / "code" / "inference.py")
     assert {"clip", "ftfy", "regex"} <= set(result["loaded"])
     assert all(path.startswith(str(model_dir / VENDOR_DIR)) for path in result["loaded"].values())
@@ -257,14 +261,7 @@ def test_given_packaged_model_when_a_heic_photo_reaches_the_container_then_the_a
     pillow_heif.from_pillow(picture).save(buf, format="HEIF", quality=90)
     photo = tmp_path / "IMG_0001.HEIC"
     photo.write_bytes(buf.getvalue())
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(ROOT / "tests")
-
-    done = subprocess.run([sys.executable, "-c", HEIC_COLD_START, str(model_dir), json.dumps(vendored), str(photo)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
-
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = cold_start(HEIC_COLD_START, model_dir, vendored, photo, tmp_path)
     assert result["status"] == 200, result["payload"]
     assert result["heif"].startswith(str(model_dir / VENDOR_DIR))
     local = inference.load_model(checkpoint.name, str(checkpoint.parent))
