@@ -32,6 +32,8 @@ unit: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy clipsearch model_code functions
 	$(BIN)/cfn-lint template.yaml
 	$(MAKE) secrets

@@ -31,8 +31,10 @@ def main() -> int:
             broken += not ok
             kept = "n/a (adds)" if case.changes_index else ("yes" if unchanged else "**NO**")
             mark = "" if ok else " **FAILS THE RULE**"
-            print(f"| {n} | {case.surface} | {cell(case.input)} | {cell(case.expected)} | "
-                  f"{cell(observed)}{mark} | {kept} |")
+            print(
+                f"| {n} | {case.surface} | {cell(case.input)} | {cell(case.expected)} | "
+                f"{cell(observed)}{mark} | {kept} |"
+            )
     print(f"\n{len(CASES)} cases, {broken} breaking the rule.")
     return 1 if broken else 0
 

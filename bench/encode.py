@@ -27,7 +27,7 @@ from common import machine, median, pct, table, timings
 
 
 def pictures(n: int):  # type: ignore[no-untyped-def]
-    from clipsearch.shapes import demo_catalogue
+    from clipsearch.demo.shapes import demo_catalogue
 
     return [img for _, img in demo_catalogue(n, seed=3, image_size=256)]
 
@@ -125,8 +125,15 @@ def text_row(name: str, model, repeat: int) -> list[object]:  # type: ignore[no-
     encoder = LocalEncoder(name, loaded=model)
     encoder.encode_texts(["a red circle"])
     cached = timings(lambda: encoder.encode_texts(["a red circle"]), repeat)
-    return [name, median(slow) * 1e3, median(trunc) * 1e3, median(fast) * 1e3, pct(fast, 99) * 1e3,
-            median(slow) / median(fast), median(cached) * 1e6]
+    return [
+        name,
+        median(slow) * 1e3,
+        median(trunc) * 1e3,
+        median(fast) * 1e3,
+        pct(fast, 99) * 1e3,
+        median(slow) / median(fast),
+        median(cached) * 1e6,
+    ]
 
 
 def main() -> None:
@@ -140,8 +147,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.2f}\n")
+    print(
+        f"machine: {machine()}, torch {torch.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.2f}\n"
+    )
     batches = [int(b) for b in args.batches.split(",")]
     images = pictures(max(batches))
     img_rows, text_rows = [], []
@@ -155,8 +164,12 @@ def main() -> None:
         print("Image encoding (images/s, preprocessing included):\n")
         print(table(["model", "batch", "clip eager img/s", "ours img/s", "speed-up"], img_rows))
     print("\nText query latency (one query, ms; cache hit in µs):\n")
-    print(table(["model", "clip encode_text p50", "EOT-truncated p50", "ours p50", "ours p99", "speed-up",
-                 "cache hit µs"], text_rows))
+    print(
+        table(
+            ["model", "clip encode_text p50", "EOT-truncated p50", "ours p50", "ours p99", "speed-up", "cache hit µs"],
+            text_rows,
+        )
+    )
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
 
 

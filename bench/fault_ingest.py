@@ -45,9 +45,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
+sys.path.insert(0, str(ROOT / "tests"))
 
-from fakes import LambdaContext, load_function  # noqa: E402
+from support.fakes import LambdaContext, load_function  # noqa: E402
 from support.sagemaker_endpoint import InvokeEndpointServer, _InvokeHandler, running_endpoint  # noqa: E402
 
 BUCKET = "clipsearch-fault-ingest"
@@ -91,8 +91,15 @@ class FaultyEndpoint(InvokeEndpointServer):
         with self.lock:
             r = self.rng.random()
             f = self.faults
-            kind = ("throttle" if r < f.throttle else "5xx" if r < f.throttle + f.server_error
-                    else "slow" if r < f.throttle + f.server_error + f.slow else "")
+            kind = (
+                "throttle"
+                if r < f.throttle
+                else "5xx"
+                if r < f.throttle + f.server_error
+                else "slow"
+                if r < f.throttle + f.server_error + f.slow
+                else ""
+            )
             if kind:
                 self.injected[kind] += 1
             return kind
@@ -110,9 +117,15 @@ class _FaultyInvokeHandler(_InvokeHandler):
             if kind == "throttle":
                 return self._send(400, {"message": "Rate exceeded"}, "ThrottlingException")
             if self.server.rng.random() < 0.5:
-                return self._send(424, {"message": "Received server error (500) from model",
-                                        "OriginalStatusCode": 500, "ErrorCode": "SERVER_ERROR_FROM_MODEL"},
-                                  "ModelError")
+                return self._send(
+                    424,
+                    {
+                        "message": "Received server error (500) from model",
+                        "OriginalStatusCode": 500,
+                        "ErrorCode": "SERVER_ERROR_FROM_MODEL",
+                    },
+                    "ModelError",
+                )
             return self._send(503, {"message": "Service unavailable"}, "ServiceUnavailable")
         return super().do_POST()
 
@@ -147,8 +160,13 @@ class FaultProxy(ThreadingHTTPServer):
     def draw(self) -> str:
         with self.lock:
             r = self.rng.random()
-            kind = ("429" if r < self.faults.bulk_429
-                    else "items" if r < self.faults.bulk_429 + self.faults.bulk_item_fail else "")
+            kind = (
+                "429"
+                if r < self.faults.bulk_429
+                else "items"
+                if r < self.faults.bulk_429 + self.faults.bulk_item_fail
+                else ""
+            )
             if kind:
                 self.injected[kind] += 1
             return kind
@@ -163,15 +181,30 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command == "POST" and self.path.split("?")[0].endswith("/_bulk"):
             kind = self.server.draw()
             if kind == "429":
-                return self._reply(429, {"error": {"type": "es_rejected_execution_exception",
-                                                   "reason": "injected: bulk queue full"}, "status": 429})
+                return self._reply(
+                    429,
+                    {
+                        "error": {"type": "es_rejected_execution_exception", "reason": "injected: bulk queue full"},
+                        "status": 429,
+                    },
+                )
             if kind == "items":
                 items = []
                 for line in body.decode().splitlines()[::2]:
-                    (op, meta), = json.loads(line).items()
-                    items.append({op: {"_index": meta.get("_index"), "_id": meta.get("_id"), "status": 429,
-                                       "error": {"type": "es_rejected_execution_exception",
-                                                 "reason": "injected: item rejected"}}})
+                    ((op, meta),) = json.loads(line).items()
+                    items.append(
+                        {
+                            op: {
+                                "_index": meta.get("_index"),
+                                "_id": meta.get("_id"),
+                                "status": 429,
+                                "error": {
+                                    "type": "es_rejected_execution_exception",
+                                    "reason": "injected: item rejected",
+                                },
+                            }
+                        }
+                    )
                 return self._reply(200, {"took": 1, "errors": True, "items": items})
         up = self.server.upstream
         conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port, timeout=60)
@@ -231,19 +264,28 @@ class Report:
     seconds: float = 0.0
 
     def ok(self) -> bool:
-        return (self.indexed == self.valid and not self.lost and not self.duplicated and not self.unexpected
-                and sorted(self.dlq) == sorted(self.junk))
+        return (
+            self.indexed == self.valid
+            and not self.lost
+            and not self.duplicated
+            and not self.unexpected
+            and sorted(self.dlq) == sorted(self.junk)
+        )
 
     def table(self) -> str:
         rows = [
-            ("valid images uploaded", self.valid), ("documents in the index", self.indexed),
-            ("lost", len(self.lost)), ("duplicated", self.duplicated),
+            ("valid images uploaded", self.valid),
+            ("documents in the index", self.indexed),
+            ("lost", len(self.lost)),
+            ("duplicated", self.duplicated),
             ("indexed but should not be (poison, deleted)", len(self.unexpected)),
-            ("poison 'skipped' log lines", self.poison_logged), ("ObjectsSkipped metric", self.skipped_metric),
+            ("poison 'skipped' log lines", self.poison_logged),
+            ("ObjectsSkipped metric", self.skipped_metric),
             ("ImagesIndexed metric (incl. re-indexing after retries)", self.indexed_metric),
-            ("messages in the DLQ", len(self.dlq)), ("of which junk (not S3 notifications)",
-                                                     len(set(self.dlq) & set(self.junk))),
-            ("batches delivered", self.batches), ("records handled (incl. redeliveries)", self.records),
+            ("messages in the DLQ", len(self.dlq)),
+            ("of which junk (not S3 notifications)", len(set(self.dlq) & set(self.junk))),
+            ("batches delivered", self.batches),
+            ("records handled (incl. redeliveries)", self.records),
             ("records failed and redelivered", self.record_failures),
             ("endpoint faults injected", dict(self.endpoint_faults)),
             ("OpenSearch _bulk faults injected", dict(self.bulk_faults)),
@@ -290,8 +332,9 @@ def _restore_env(saved: dict[str, str]) -> None:
     os.environ.update(saved)
 
 
-def run(images: int, opensearch_url: str, faults: Faults | None = None, restart_node: bool = False,
-        quiet: bool = True) -> Report:
+def run(
+    images: int, opensearch_url: str, faults: Faults | None = None, restart_node: bool = False, quiet: bool = True
+) -> Report:
     """Upload `images` valid pictures plus the bad inputs, drain the queue through the handler, check."""
     import boto3
     from moto.server import ThreadedMotoServer
@@ -319,29 +362,51 @@ def run(images: int, opensearch_url: str, faults: Faults | None = None, restart_
         host, port = moto.get_host_and_port()
         for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
             os.environ.pop(name, None)
-        os.environ.update({
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
-            "AWS_ENDPOINT_URL_SQS": f"http://{host}:{port}", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime.url,
-            "AWS_MAX_ATTEMPTS": "1",  # a throttle reaches the handler, and SQS redelivers the record
-            "CLIPSEARCH_ENDPOINT_NAME": ENDPOINT, "CLIPSEARCH_OPENSEARCH_URL": proxy.url,
-            "CLIPSEARCH_OPENSEARCH_AUTH": "none", "CLIPSEARCH_INDEX": index_name, "CLIPSEARCH_MODEL": "demo",
-            "CLIPSEARCH_DIM": "128", "CLIPSEARCH_BUCKET": BUCKET, "POWERTOOLS_SERVICE_NAME": "clipsearch",
-            "POWERTOOLS_METRICS_NAMESPACE": "clipsearch-fault", "POWERTOOLS_TRACE_DISABLED": "true",
-        })
+        os.environ.update(
+            {
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
+                "AWS_ENDPOINT_URL_SQS": f"http://{host}:{port}",
+                "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime.url,
+                "AWS_MAX_ATTEMPTS": "1",  # a throttle reaches the handler, and SQS redelivers the record
+                "CLIPSEARCH_ENDPOINT_NAME": ENDPOINT,
+                "CLIPSEARCH_OPENSEARCH_URL": proxy.url,
+                "CLIPSEARCH_OPENSEARCH_AUTH": "none",
+                "CLIPSEARCH_INDEX": index_name,
+                "CLIPSEARCH_MODEL": "demo",
+                "CLIPSEARCH_DIM": "128",
+                "CLIPSEARCH_BUCKET": BUCKET,
+                "POWERTOOLS_SERVICE_NAME": "clipsearch",
+                "POWERTOOLS_METRICS_NAMESPACE": "clipsearch-fault",
+                "POWERTOOLS_TRACE_DISABLED": "true",
+            }
+        )
         if quiet:  # the metrics are counted by MetricCounter; their EMF lines would bury the report
             os.environ.update(POWERTOOLS_LOG_LEVEL="WARNING", POWERTOOLS_METRICS_DISABLED="true")
         s3, sqs = boto3.client("s3"), boto3.client("sqs")
         run_id = uuid.uuid4().hex[:8]
         dlq_url = sqs.create_queue(QueueName=f"fault-dlq-{run_id}")["QueueUrl"]
         dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        queue_url = sqs.create_queue(QueueName=f"fault-{run_id}", Attributes={
-            "VisibilityTimeout": "1080", "RedrivePolicy": json.dumps(
-                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": faults.max_receive_count})})["QueueUrl"]
+        queue_url = sqs.create_queue(
+            QueueName=f"fault-{run_id}",
+            Attributes={
+                "VisibilityTimeout": "1080",
+                "RedrivePolicy": json.dumps(
+                    {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": faults.max_receive_count}
+                ),
+            },
+        )["QueueUrl"]
         queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         s3.create_bucket(Bucket=BUCKET)
-        s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [
-            {"QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
+        s3.put_bucket_notification_configuration(
+            Bucket=BUCKET,
+            NotificationConfiguration={
+                "QueueConfigurations": [{"QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]
+            },
+        )
 
         ingest = load_function("ingest")
         metrics = MetricCounter(ingest.metrics)
@@ -370,9 +435,19 @@ def run(images: int, opensearch_url: str, faults: Faults | None = None, restart_
             s3.put_object(Bucket=BUCKET, Key=key, Body=_png(7))
             s3.delete_object(Bucket=BUCKET, Key=key)
         for _ in range(faults.test_events):
-            sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(
-                {"Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "2026-01-01T00:00:00Z",
-                 "Bucket": BUCKET, "RequestId": uuid.uuid4().hex, "HostId": "x"}))
+            sqs.send_message(
+                QueueUrl=queue_url,
+                MessageBody=json.dumps(
+                    {
+                        "Service": "Amazon S3",
+                        "Event": "s3:TestEvent",
+                        "Time": "2026-01-01T00:00:00Z",
+                        "Bucket": BUCKET,
+                        "RequestId": uuid.uuid4().hex,
+                        "HostId": "x",
+                    }
+                ),
+            )
         report.junk = [f"junk message {n}: not an S3 notification" for n in range(faults.junk_messages)]
         for body in report.junk:
             sqs.send_message(QueueUrl=queue_url, MessageBody=body)
@@ -392,18 +467,30 @@ def run(images: int, opensearch_url: str, faults: Faults | None = None, restart_
                     sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=receipt, VisibilityTimeout=0)
                 except sqs.exceptions.ClientError:
                     pass  # already moved on
-            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10,
-                                           AttributeNames=["All"]).get("Messages", [])
+            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"]).get(
+                "Messages", []
+            )
             if not messages:
                 idle_polls = idle_polls + 1 if not waiting else 0
                 time.sleep(0.2 if not waiting else min(1.0, max(0.05, min(w[0] for w in waiting) - now)))
                 continue
             idle_polls = 0
-            event = {"Records": [{
-                "messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
-                "attributes": m.get("Attributes", {}), "messageAttributes": {}, "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs", "eventSourceARN": queue_arn, "awsRegion": "us-east-1"}
-                for m in messages]}
+            event = {
+                "Records": [
+                    {
+                        "messageId": m["MessageId"],
+                        "receiptHandle": m["ReceiptHandle"],
+                        "body": m["Body"],
+                        "attributes": m.get("Attributes", {}),
+                        "messageAttributes": {},
+                        "md5OfBody": m["MD5OfBody"],
+                        "eventSource": "aws:sqs",
+                        "eventSourceARN": queue_arn,
+                        "awsRegion": "us-east-1",
+                    }
+                    for m in messages
+                ]
+            }
             response = ingest.handler(event, LambdaContext())
             failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
             report.batches += 1
@@ -469,8 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
     if report.lost:
         print(f"\nlost: {report.lost[:10]}")
-    print(f"\n{'OK' if report.ok() else 'FAILED'}: one document per valid image, 0 lost, 0 duplicated, "
-          "only junk messages dead-lettered")
+    print(
+        f"\n{'OK' if report.ok() else 'FAILED'}: one document per valid image, 0 lost, 0 duplicated, "
+        "only junk messages dead-lettered"
+    )
     return 0 if report.ok() else 1
 
 

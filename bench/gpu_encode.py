@@ -78,8 +78,10 @@ def main() -> None:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device found (torch.cuda.is_available() is False): nothing to measure. "
-              "Run this on a machine with an NVIDIA GPU, or pass --device cpu to check the script.")
+        print(
+            "no CUDA device found (torch.cuda.is_available() is False): nothing to measure. "
+            "Run this on a machine with an NVIDIA GPU, or pass --device cpu to check the script."
+        )
         return
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -87,8 +89,11 @@ def main() -> None:
     else:
         name = "CPU (script check only)"
     print(f"device: {name}, torch {torch.__version__}\n")
-    rows = [measure(arch, d, args.batch, args.iters, args.device)
-            for arch in args.models.split(",") for d in args.dtypes.split(",")]
+    rows = [
+        measure(arch, d, args.batch, args.iters, args.device)
+        for arch in args.models.split(",")
+        for d in args.dtypes.split(",")
+    ]
     print(table(["model", "dtype", "batch", "images/s", "ms per batch", "peak GPU GB", "min cos vs fp32"], rows))
 
 

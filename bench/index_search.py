@@ -40,8 +40,9 @@ def random_rows(n: int, dim: int, seed: int) -> np.ndarray:
     return unit(np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32))
 
 
-def clustered_rows(n: int, dim: int, seed: int, clusters: int, spread: float = 0.9,
-                   latent: int = 128, noise: float = 0.15) -> np.ndarray:
+def clustered_rows(
+    n: int, dim: int, seed: int, clusters: int, spread: float = 0.9, latent: int = 128, noise: float = 0.15
+) -> np.ndarray:
     """Points around shared centres in a low-dimensional latent space, as real embeddings are."""
     base = np.random.default_rng(1234)  # the structure is shared by data and queries
     latent = min(latent, dim)
@@ -54,7 +55,7 @@ def clustered_rows(n: int, dim: int, seed: int, clusters: int, spread: float = 0
         m = min(50_000, n - start)
         offset = unit((rng.standard_normal((m, latent), dtype=np.float32) * scale) @ basis.T)
         offset += rng.standard_normal((m, dim), dtype=np.float32) * (noise / np.sqrt(dim))
-        out[start:start + m] = unit(centres[rng.integers(0, clusters, m)] + spread * offset)
+        out[start : start + m] = unit(centres[rng.integers(0, clusters, m)] + spread * offset)
     return out
 
 
@@ -68,8 +69,12 @@ def make(kind: str, n: int, dim: int, seed: int, collection: int) -> np.ndarray:
 def fill(index: EmbeddedIndex, vectors: np.ndarray, batch: int = 20_000) -> float:
     started = time.perf_counter()
     for start in range(0, len(vectors), batch):
-        index.upsert([Document(key=f"img/{(start + i) % 10}/{start + i:08d}.jpg", vector=v)
-                      for i, v in enumerate(vectors[start:start + batch])])
+        index.upsert(
+            [
+                Document(key=f"img/{(start + i) % 10}/{start + i:08d}.jpg", vector=v)
+                for i, v in enumerate(vectors[start : start + batch])
+            ]
+        )
     return time.perf_counter() - started
 
 
@@ -98,8 +103,9 @@ def old_prefix_ms(index: EmbeddedIndex, prefix: str, repeat: int) -> float:
     return median(timings(lambda: np.flatnonzero([k.startswith(prefix) for k in keys]), repeat, 1)) * 1e3
 
 
-def exact_row(index: EmbeddedIndex, n: int, dim: int, kind: str, queries: np.ndarray, k: int,
-              fill_s: float) -> list[object]:
+def exact_row(
+    index: EmbeddedIndex, n: int, dim: int, kind: str, queries: np.ndarray, k: int, fill_s: float
+) -> list[object]:
     import faiss
 
     matrix = index._matrix
@@ -114,13 +120,25 @@ def exact_row(index: EmbeddedIndex, n: int, dim: int, kind: str, queries: np.nda
     flat.add(matrix)
     t_faiss = timings(lambda: flat.search(q()[None, :], k), len(queries))
     flat.reset()  # frees its copy of the vectors
-    return [n, dim, kind, n / fill_s, median(t_before) * 1e3, median(t_emb) * 1e3, pct(t_emb, 99) * 1e3,
-            median(t_faiss) * 1e3, median(t_np) * 1e3, median(t_emb) / median(t_faiss),
-            median(t_pre_before) * 1e3, median(t_pre) * 1e3]
+    return [
+        n,
+        dim,
+        kind,
+        n / fill_s,
+        median(t_before) * 1e3,
+        median(t_emb) * 1e3,
+        pct(t_emb, 99) * 1e3,
+        median(t_faiss) * 1e3,
+        median(t_np) * 1e3,
+        median(t_emb) / median(t_faiss),
+        median(t_pre_before) * 1e3,
+        median(t_pre) * 1e3,
+    ]
 
 
-def approx_row(index: EmbeddedIndex, n: int, dim: int, kind: str, queries: np.ndarray, k: int,
-               t_exact: float) -> list[object]:
+def approx_row(
+    index: EmbeddedIndex, n: int, dim: int, kind: str, queries: np.ndarray, k: int, t_exact: float
+) -> list[object]:
     truth = [[h.id for h in index.search(q, k=k)] for q in queries]
     index.search_mode = "approx"
     started = time.perf_counter()
@@ -138,10 +156,21 @@ def approx_row(index: EmbeddedIndex, n: int, dim: int, kind: str, queries: np.nd
         ann.index.implem = PARALLEL_SCAN
     info = index.info().extra
     index.search_mode = "exact"
-    return [n, dim, kind, build_s, info.get("ann_lists", "-"), info.get("ann_nprobe", "-"), info.get("ann_rerank", "-"),
-            found / (k * len(queries)), median(t_serial) * 1e3, median(t_ann) * 1e3, pct(t_ann, 99) * 1e3,
-            t_exact / 1e3 / median(t_ann),
-            dim * 4 + info.get("ann_bytes_per_vector", 0)]
+    return [
+        n,
+        dim,
+        kind,
+        build_s,
+        info.get("ann_lists", "-"),
+        info.get("ann_nprobe", "-"),
+        info.get("ann_rerank", "-"),
+        found / (k * len(queries)),
+        median(t_serial) * 1e3,
+        median(t_ann) * 1e3,
+        pct(t_ann, 99) * 1e3,
+        t_exact / 1e3 / median(t_ann),
+        dim * 4 + info.get("ann_bytes_per_vector", 0),
+    ]
 
 
 def sweep_rows(index: EmbeddedIndex, n: int, dim: int, queries: np.ndarray, k: int) -> list[list[object]]:
@@ -159,8 +188,10 @@ def sweep_rows(index: EmbeddedIndex, n: int, dim: int, queries: np.ndarray, k: i
     for nprobe in (calibrated[0], calibrated[0] * 5 // 4, calibrated[0] * 3 // 2):
         for rerank in (600, 800, 1000, 1200):
             ann.nprobe, ann.rerank = nprobe, rerank
-            found = sum(len(set(ann.search(q, k, matrix)[0].tolist()) & set(t.tolist()))
-                        for q, t in zip(queries, truth, strict=True))
+            found = sum(
+                len(set(ann.search(q, k, matrix)[0].tolist()) & set(t.tolist()))
+                for q, t in zip(queries, truth, strict=True)
+            )
             times = timings(lambda: ann.search(next_query(), k, matrix), len(queries))
             rows.append([n, dim, nprobe, rerank, found / (k * len(queries)), median(times) * 1e3])
     ann.nprobe, ann.rerank = calibrated
@@ -175,8 +206,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--approx", action="store_true", help="also build and measure the approximate mode")
-    ap.add_argument("--sweep", action="store_true", help="with --approx: recall and latency of the ANN structure "
-                    "alone at forced list counts and re-rank depths")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="with --approx: recall and latency of the ANN structure alone at forced list counts and re-rank depths",
+    )
     args = ap.parse_args()
 
     print(f"machine: {machine()}, load average {os.getloadavg()[0]:.2f}\n")
@@ -203,15 +237,50 @@ def main() -> None:
                 gc.collect()
                 print(f"  done {kind} n={n} dim={dim} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     print("Exact search (ms per query, k=10; embedded = EmbeddedIndex.search, hits included):\n")
-    print(table(["vectors", "dim", "data", "ingest vec/s", "before p50", "embedded p50", "embedded p99",
-                 "faiss flat p50", "numpy argsort p50", "embedded/faiss", "prefix before p50", "prefix p50"],
-                exact_rows))
+    print(
+        table(
+            [
+                "vectors",
+                "dim",
+                "data",
+                "ingest vec/s",
+                "before p50",
+                "embedded p50",
+                "embedded p99",
+                "faiss flat p50",
+                "numpy argsort p50",
+                "embedded/faiss",
+                "prefix before p50",
+                "prefix p50",
+            ],
+            exact_rows,
+        )
+    )
     if approx_rows:
-        print("\nApproximate mode (IVF lists of 4-bit PQ fast-scan codes + exact re-rank; recall@10 vs exact;"
-              " below min_rows it answers exactly):\n")
-        print(table(["vectors", "dim", "data", "build s", "lists", "nprobe", "re-ranked", "recall@10",
-                     "p50 ms, one-thread scan (before)", "p50 ms", "p99 ms", "speed-up vs exact", "RAM B/vec"],
-                    approx_rows))
+        print(
+            "\nApproximate mode (IVF lists of 4-bit PQ fast-scan codes + exact re-rank; recall@10 vs exact;"
+            " below min_rows it answers exactly):\n"
+        )
+        print(
+            table(
+                [
+                    "vectors",
+                    "dim",
+                    "data",
+                    "build s",
+                    "lists",
+                    "nprobe",
+                    "re-ranked",
+                    "recall@10",
+                    "p50 ms, one-thread scan (before)",
+                    "p50 ms",
+                    "p99 ms",
+                    "speed-up vs exact",
+                    "RAM B/vec",
+                ],
+                approx_rows,
+            )
+        )
     if sweep:
         print("\nWhat recall costs (AnnIndex.search alone, nprobe and re-rank depth forced, fresh queries):\n")
         print(table(["vectors", "dim", "nprobe", "re-ranked", "recall@10", "p50 ms"], sweep))

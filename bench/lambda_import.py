@@ -37,13 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"search": "build-SearchFunction", "ingest": "build-IngestFunction"}
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer")
 ENV = {
-    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "bench",
     "AWS_SECRET_ACCESS_KEY": "bench",  # pragma: allowlist secret
-    "POWERTOOLS_SERVICE_NAME": "clipsearch", "POWERTOOLS_METRICS_NAMESPACE": "clipsearch",
-    "CLIPSEARCH_OPENSEARCH_URL": "https://search.example.invalid", "CLIPSEARCH_OPENSEARCH_AUTH": "sigv4",
-    "CLIPSEARCH_INDEX": "clipsearch", "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_DIM": "1024",
-    "CLIPSEARCH_ENDPOINT_NAME": "clip", "CLIPSEARCH_BUCKET": "images", "CLIPSEARCH_CORS_ORIGIN": "*",
-    "CLIPSEARCH_URL_EXPIRY": "900", "CLIPSEARCH_QUEUE_URL": "https://sqs.example.invalid/1/q",
+    "POWERTOOLS_SERVICE_NAME": "clipsearch",
+    "POWERTOOLS_METRICS_NAMESPACE": "clipsearch",
+    "CLIPSEARCH_OPENSEARCH_URL": "https://search.example.invalid",
+    "CLIPSEARCH_OPENSEARCH_AUTH": "sigv4",
+    "CLIPSEARCH_INDEX": "clipsearch",
+    "CLIPSEARCH_MODEL": "RN50",
+    "CLIPSEARCH_DIM": "1024",
+    "CLIPSEARCH_ENDPOINT_NAME": "clip",
+    "CLIPSEARCH_BUCKET": "images",
+    "CLIPSEARCH_CORS_ORIGIN": "*",
+    "CLIPSEARCH_URL_EXPIRY": "900",
+    "CLIPSEARCH_QUEUE_URL": "https://sqs.example.invalid/1/q",
 }
 LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
@@ -53,11 +61,34 @@ def build(work: Path) -> dict[str, Path]:
     dirs = {name: work / name for name in (*TARGETS, "layer", "runtime")}
     for name, target in (*TARGETS.items(), ("layer", "build-DependenciesLayer")):
         dirs[name].mkdir()
-        subprocess.run(["make", "-s", "-C", str(ROOT / "functions"), target, f"ARTIFACTS_DIR={dirs[name]}",
-                        f"PYTHON={sys.executable}"], check=True)
+        subprocess.run(
+            [
+                "make",
+                "-s",
+                "-C",
+                str(ROOT / "functions"),
+                target,
+                f"ARTIFACTS_DIR={dirs[name]}",
+                f"PYTHON={sys.executable}",
+            ],
+            check=True,
+        )
     pins = [f"{p}=={metadata.version(p)}" for p in RUNTIME_PACKAGES]
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--target", str(dirs["runtime"]), *pins], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(dirs["runtime"]),
+            *pins,
+        ],
+        check=True,
+    )
     return dirs
 
 
@@ -73,8 +104,9 @@ def runtime_python() -> Path:
     for candidate in [shutil.which(name), *sorted(pyenv.glob(f"versions/{version}.*/bin/{name}"), reverse=True)]:
         if candidate is None:
             continue
-        probe = subprocess.run([str(candidate), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                               capture_output=True, text=True)
+        probe = subprocess.run(
+            [str(candidate), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+        )
         if probe.returncode == 0 and probe.stdout.strip() == version:
             return Path(candidate)
     raise RuntimeError(f"no working {name} on this machine (pyenv install {version})")
@@ -94,8 +126,15 @@ def import_once(function: Path, layer: Path, runtime: Path, dev_venv: bool = Fal
     else:
         module = "app"
         paths = [str(function), str(layer / "python"), str(runtime)]
-        cmd = [str(runtime_python()), "-S", "-E", "-X", "importtime", "-c",
-               f"import sys; sys.path[:0] = {paths!r}; import app"]
+        cmd = [
+            str(runtime_python()),
+            "-S",
+            "-E",
+            "-X",
+            "importtime",
+            "-c",
+            f"import sys; sys.path[:0] = {paths!r}; import app",
+        ]
         cwd = function
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:
@@ -133,8 +172,9 @@ def size_mb(folders: list[Path]) -> tuple[float, float]:
     return raw / 1e6, zipped / 1e6
 
 
-def summarise(name: str, dev_venv: bool, results: list[tuple[float, dict[str, int]]],
-              dirs: dict[str, Path]) -> list[object]:
+def summarise(
+    name: str, dev_venv: bool, results: list[tuple[float, dict[str, int]]], dirs: dict[str, Path]
+) -> list[object]:
     totals = [t for t, _ in results]
     mean_own: dict[str, float] = {}
     for _, own in results:
@@ -143,8 +183,7 @@ def summarise(name: str, dev_venv: bool, results: list[tuple[float, dict[str, in
     biggest = sorted(mean_own.items(), key=lambda kv: -kv[1])[:6]
     where = "dev venv + source tree (before)" if dev_venv else "as packaged by sam build"
     size = "-" if dev_venv else "{:.1f} / {:.1f}".format(*size_mb([dirs[name], dirs["layer"]]))
-    return [name, where, median(totals), min(totals), max(totals), size,
-            ", ".join(f"{k} {v:.0f}" for k, v in biggest)]
+    return [name, where, median(totals), min(totals), max(totals), size, ", ".join(f"{k} {v:.0f}" for k, v in biggest)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,8 +206,20 @@ def main(argv: list[str] | None = None) -> int:
                     results[dev_venv].append(import_once(dirs[name], dirs["layer"], dirs["runtime"], dev_venv))
             rows += [summarise(name, dev_venv, results[dev_venv], dirs) for dev_venv in (True, False)]
         print(f"\n### Lambda cold-start import ({args.runs} fresh interpreters each, interleaved)\n")
-        print(table(["function", "interpreter", "p50 ms", "min ms", "max ms", "function + layer MB (unzipped / zip)",
-                     "own ms by package (mean)"], rows))
+        print(
+            table(
+                [
+                    "function",
+                    "interpreter",
+                    "p50 ms",
+                    "min ms",
+                    "max ms",
+                    "function + layer MB (unzipped / zip)",
+                    "own ms by package (mean)",
+                ],
+                rows,
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

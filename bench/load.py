@@ -34,8 +34,13 @@ import numpy as np
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = ("small", "large", "tiny", "big", "")
-FRAMES = ("a {size} {colour} {shape}", "a photo of a {size} {colour} {shape}", "{colour} {shape}, {size}",
-          "a drawing of a {colour} {shape} number {n}", "the {size} {shape} that is {colour} ({n})")
+FRAMES = (
+    "a {size} {colour} {shape}",
+    "a photo of a {size} {colour} {shape}",
+    "{colour} {shape}, {size}",
+    "a drawing of a {colour} {shape} number {n}",
+    "the {size} {shape} that is {colour} ({n})",
+)
 
 
 def sentences(unique: bool) -> Iterator[str]:
@@ -47,8 +52,14 @@ def sentences(unique: bool) -> Iterator[str]:
 
     def text(n: int) -> str:
         frame = FRAMES[n % len(FRAMES)]
-        return " ".join(frame.format(size=SIZES[rng.integers(len(SIZES))], colour=COLOURS[rng.integers(6)],
-                                     shape=SHAPES[rng.integers(4)], n=n).split())
+        return " ".join(
+            frame.format(
+                size=SIZES[rng.integers(len(SIZES))],
+                colour=COLOURS[rng.integers(6)],
+                shape=SHAPES[rng.integers(4)],
+                n=n,
+            ).split()
+        )
 
     return map(text, itertools.count())
 
@@ -68,15 +79,19 @@ def build_index(directory: Path, encoder_model: str, dim: int, count: int, batch
         n = min(batch, count - start)
         vectors = rng.standard_normal((n, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        index.upsert([Document(key=f"/bench/photos/{start + i:06d}.jpg", vector=vectors[i],
-                               title=f"photo {start + i}") for i in range(n)])
+        index.upsert(
+            [
+                Document(key=f"/bench/photos/{start + i:06d}.jpg", vector=vectors[i], title=f"photo {start + i}")
+                for i in range(n)
+            ]
+        )
     index.close()
 
 
 def run_server(index_dir: str, model: str, count: int, threads: int | None, ready: Connection) -> None:
     from clipsearch.encoders import LocalEncoder
+    from clipsearch.http.server import make_server
     from clipsearch.index.embedded import EmbeddedIndex
-    from clipsearch.server import make_server
 
     if threads:
         import torch
@@ -106,13 +121,14 @@ class Level:
     def row(self) -> str:
         ms = np.array(self.latencies) * 1000 if self.latencies else np.array([float("nan")])
         rate = len(self.latencies) / self.seconds if self.seconds else 0.0
-        return (f"| {self.mode:8} | {self.concurrency:11d} | {len(self.latencies) + len(self.errors):8d} | "
-                f"{len(self.errors):6d} | {np.percentile(ms, 50):8.1f} | {np.percentile(ms, 99):8.1f} | "
-                f"{rate:9.1f} |")
+        return (
+            f"| {self.mode:8} | {self.concurrency:11d} | {len(self.latencies) + len(self.errors):8d} | "
+            f"{len(self.errors):6d} | {np.percentile(ms, 50):8.1f} | {np.percentile(ms, 99):8.1f} | "
+            f"{rate:9.1f} |"
+        )
 
 
-def drive(url: str, level: Level, texts: Iterator[str], requests: int, k: int,
-          max_seconds: float) -> None:
+def drive(url: str, level: Level, texts: Iterator[str], requests: int, k: int, max_seconds: float) -> None:
     """`requests` queries over `concurrency` keep-alive connections, stopping early at max_seconds."""
     parts = urlsplit(url)
     lock = threading.Lock()
@@ -156,8 +172,7 @@ def drive(url: str, level: Level, texts: Iterator[str], requests: int, k: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=100_000, help="items in the index (default 100000)")
     parser.add_argument("--model", default="demo", help="model spec that encodes the queries (default demo)")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
@@ -175,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         index_dir = args.index or str(Path(tmp) / "index")
         ctx = mp.get_context("spawn")
         mine, theirs = ctx.Pipe()
-        server = ctx.Process(target=run_server, daemon=True,
-                             args=(index_dir, args.model, args.count, args.threads, theirs))
+        server = ctx.Process(
+            target=run_server, daemon=True, args=(index_dir, args.model, args.count, args.threads, theirs)
+        )
         server.start()
         try:
             while not mine.poll(1.0):
@@ -184,10 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"the server process failed (exit code {server.exitcode})", file=sys.stderr)
                     return 1
             info = mine.recv()
-            print(f"# clipsearch serve load: {info['count']} items (dim {info['dim']}, model {args.model}), "
-                  f"k={args.k}, index built in {info['build_s']:.1f}s")
-            print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-                  f"Python {platform.python_version()}; client and server share it over loopback")
+            print(
+                f"# clipsearch serve load: {info['count']} items (dim {info['dim']}, model {args.model}), "
+                f"k={args.k}, index built in {info['build_s']:.1f}s"
+            )
+            print(
+                f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+                f"Python {platform.python_version()}; client and server share it over loopback"
+            )
             print()
             print("| queries  | concurrency | requests | errors | p50 (ms) | p99 (ms) | req/s     |")
             print("|----------|-------------|----------|--------|----------|----------|-----------|")

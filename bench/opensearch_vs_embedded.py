@@ -51,7 +51,7 @@ def vectors(n: int, dim: int, kind: str, seed: int) -> np.ndarray:
 def exact_top_k(corpus: np.ndarray, queries: np.ndarray, k: int) -> list[set[int]]:
     out: list[set[int]] = []
     for start in range(0, len(queries), 64):
-        scores = queries[start:start + 64] @ corpus.T
+        scores = queries[start : start + 64] @ corpus.T
         out.extend(set(np.argpartition(-row, k)[:k].tolist()) for row in scores)
     return out
 
@@ -60,8 +60,7 @@ def ingest(index: VectorIndex, corpus: np.ndarray, batch: int) -> float:
     """Seconds to upsert the whole corpus, batch by batch, until searchable."""
     started = time.perf_counter()
     for start in range(0, len(corpus), batch):
-        docs = [Document(key=f"img/{start + i:08d}.jpg", vector=v)
-                for i, v in enumerate(corpus[start:start + batch])]
+        docs = [Document(key=f"img/{start + i:08d}.jpg", vector=v) for i, v in enumerate(corpus[start : start + batch])]
         result = index.upsert(docs)
         if result.failed:
             raise SystemExit(f"{len(result.failed)} documents failed, e.g. {next(iter(result.failed.items()))}")
@@ -112,29 +111,70 @@ def run_one(n: int, dim: int, args: argparse.Namespace) -> list[list[Any]]:
         emb = EmbeddedIndex(Path(tmp) / "idx", model="bench", dim=dim)
         took = ingest(emb, corpus, args.batch)
         lat, res = query(emb, queries)
-        rows.append(["embedded (exact)", f"{n:,}", dim, "-", n / took, "-", pct(lat, 50) * 1e3,
-                     pct(lat, 99) * 1e3, recall(res, truth)])
+        rows.append(
+            [
+                "embedded (exact)",
+                f"{n:,}",
+                dim,
+                "-",
+                n / took,
+                "-",
+                pct(lat, 50) * 1e3,
+                pct(lat, 99) * 1e3,
+                recall(res, truth),
+            ]
+        )
         emb.close()
     print(table(HEADERS, rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
 
-    osi = OpenSearchIndex(f"bench-{n}-{dim}-{uuid.uuid4().hex[:6]}", model="bench", dim=dim, url=args.url,
-                          m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search,
-                          refresh_interval="30s", timeout_s=120)
+    osi = OpenSearchIndex(
+        f"bench-{n}-{dim}-{uuid.uuid4().hex[:6]}",
+        model="bench",
+        dim=dim,
+        url=args.url,
+        m=args.m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+        refresh_interval="30s",
+        timeout_s=120,
+    )
     try:
         took = ingest(osi, corpus, args.batch)
         segments = wait_for_merges(osi)
         lat, res = query(osi, queries)
         hnsw = f"m={args.m}, ef_c={args.ef_construction}, ef_s={args.ef_search}"
-        rows.append(["opensearch lucene HNSW", f"{n:,}", dim, hnsw, n / took, segments, pct(lat, 50) * 1e3,
-                     pct(lat, 99) * 1e3, recall(res, truth)])
+        rows.append(
+            [
+                "opensearch lucene HNSW",
+                f"{n:,}",
+                dim,
+                hnsw,
+                n / took,
+                segments,
+                pct(lat, 50) * 1e3,
+                pct(lat, 99) * 1e3,
+                recall(res, truth),
+            ]
+        )
         print(table(HEADERS, rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         if args.force_merge:
             t = time.perf_counter()
             osi.client.indices.forcemerge(index=osi.name, max_num_segments=1, request_timeout=3600)
             merge_s = time.perf_counter() - t
             lat, res = query(osi, queries)
-            rows.append([f"  after force merge ({merge_s:.0f} s)", f"{n:,}", dim, hnsw, "-", 1,
-                         pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, recall(res, truth)])
+            rows.append(
+                [
+                    f"  after force merge ({merge_s:.0f} s)",
+                    f"{n:,}",
+                    dim,
+                    hnsw,
+                    "-",
+                    1,
+                    pct(lat, 50) * 1e3,
+                    pct(lat, 99) * 1e3,
+                    recall(res, truth),
+                ]
+            )
             print(table(HEADERS, rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     finally:
         osi.drop()
@@ -164,9 +204,11 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         for dim in (int(d) for d in args.dims.split(",")):
             rows.extend(run_one(n, dim, args))
-    print(f"Machine: {machine()}; OpenSearch {root['version']['number']} (k-NN plugin, lucene engine, "
-          f"1 shard, 0 replicas) on the same machine; {args.data} synthetic unit vectors, "
-          f"{args.queries} queries, k={K}, bulk batches of {args.batch}.\n")
+    print(
+        f"Machine: {machine()}; OpenSearch {root['version']['number']} (k-NN plugin, lucene engine, "
+        f"1 shard, 0 replicas) on the same machine; {args.data} synthetic unit vectors, "
+        f"{args.queries} queries, k={K}, bulk batches of {args.batch}.\n"
+    )
     print(table(HEADERS, rows))
 
 

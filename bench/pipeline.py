@@ -38,8 +38,11 @@ def photo_like(size: tuple[int, int], seed: int):  # type: ignore[no-untyped-def
     w, h = size
     small = rng.integers(0, 256, (h // 64 + 2, w // 64 + 2, 3), dtype=np.uint8)
     scene = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)  # gradients and blobs
-    texture = Image.fromarray(rng.integers(0, 256, (h // 4, w // 4), dtype=np.uint8)).resize(
-        (w, h), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))  # foliage-like texture
+    texture = (
+        Image.fromarray(rng.integers(0, 256, (h // 4, w // 4), dtype=np.uint8))
+        .resize((w, h), Image.Resampling.BILINEAR)
+        .filter(ImageFilter.GaussianBlur(1.5))
+    )  # foliage-like texture
     arr = np.asarray(scene, dtype=np.float32) * 0.8 + np.asarray(texture, dtype=np.float32)[..., None] * 0.2
     arr += rng.normal(0, 4, (h, w, 1))  # sensor noise
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -89,8 +92,10 @@ def draft_run(args: argparse.Namespace, tmp: Path) -> None:
         loaded = load(name)
         inference.prepare_graphs(loaded)
         cosines = agreement(loaded, folder)
-        print(f"{name}: cosine full vs draft over {len(cosines)} photos: min {min(cosines):.6f}, "
-              f"mean {float(np.mean(cosines)):.6f}")
+        print(
+            f"{name}: cosine full vs draft over {len(cosines)} photos: min {min(cosines):.6f}, "
+            f"mean {float(np.mean(cosines)):.6f}"
+        )
         if name not in args.models.split(","):
             continue
         for label, off in (("full decode (before)", True), ("draft decode (after)", False)):
@@ -101,8 +106,10 @@ def draft_run(args: argparse.Namespace, tmp: Path) -> None:
             print(f"  done {name} {label}", file=sys.stderr, flush=True)
         full_decode(False)
     side = args.jpeg_size or 4000
-    print(f"\n{args.images} photo-like JPEGs {side}x{side * 3 // 4} ({side * side * 3 // 4 / 1e6:.1f} MP), "
-          f"quality 90, {args.workers} decode workers, batch {args.batch_size}\n")
+    print(
+        f"\n{args.images} photo-like JPEGs {side}x{side * 3 // 4} ({side * side * 3 // 4 / 1e6:.1f} MP), "
+        f"quality 90, {args.workers} decode workers, batch {args.batch_size}\n"
+    )
     print(table(["model", "decode", "bare forward img/s", "pipeline img/s", "ratio"], rows))
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
 
@@ -110,14 +117,15 @@ def draft_run(args: argparse.Namespace, tmp: Path) -> None:
 def write_pictures(folder: Path, count: int, jpeg_size: int) -> None:
     from PIL import Image
 
-    from clipsearch.demo import write_catalogue
+    from clipsearch.demo.catalogue import write_catalogue
 
     write_catalogue(folder, count=count)
     if jpeg_size:
         for path in sorted(folder.glob("*.png")):
             img = Image.open(path).convert("RGB")
             img.resize((jpeg_size, jpeg_size * 3 // 4), Image.Resampling.BICUBIC).save(
-                path.with_suffix(".jpg"), quality=90)
+                path.with_suffix(".jpg"), quality=90
+            )
             path.unlink()
 
 
@@ -127,8 +135,9 @@ def bare_forward(loaded, folder: Path, batch_size: int) -> float:  # type: ignor
     from model_code import inference
 
     images = [load_file(p).image for p in sorted(folder.iterdir())]
-    batches = [inference.preprocess_images(loaded, images[i:i + batch_size])
-               for i in range(0, len(images), batch_size)]
+    batches = [
+        inference.preprocess_images(loaded, images[i : i + batch_size]) for i in range(0, len(images), batch_size)
+    ]
     inference.encode_pixels(loaded, batches[0])
     started = time.perf_counter()
     for batch in batches:
@@ -164,8 +173,10 @@ def main() -> None:
     from model_code import inference
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.2f}\n")
+    print(
+        f"machine: {machine()}, torch {torch.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.2f}\n"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

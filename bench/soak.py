@@ -53,7 +53,7 @@ def _env() -> dict[str, str]:
 
 
 def make_catalogue(folder: Path, count: int) -> Path:
-    from clipsearch.demo import write_catalogue
+    from clipsearch.demo.catalogue import write_catalogue
 
     write_catalogue(folder, count=count)
     return folder
@@ -116,8 +116,9 @@ def served(index_dir: Path, work: Path) -> Iterator[tuple[subprocess.Popen[bytes
     """`clipsearch serve` on a free loopback port; yields (process, base URL)."""
     log = work / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*CLI, "serve", "--index", str(index_dir), "--port", "0"], stdout=out,
-                                stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--index", str(index_dir), "--port", "0"], stdout=out, stderr=subprocess.STDOUT, env=_env()
+        )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -259,12 +260,17 @@ class Trial:
     finished_before_kill: bool = False
 
     def ok(self) -> bool:
-        return (self.integrity == "ok" and self.final_rows == self.final_distinct == self.expected
-                and self.rerun_unchanged == self.rows_after_kill and not self.finished_before_kill)
+        return (
+            self.integrity == "ok"
+            and self.final_rows == self.final_distinct == self.expected
+            and self.rerun_unchanged == self.rows_after_kill
+            and not self.finished_before_kill
+        )
 
 
-def kill_trial(n: int, catalogue: Path, index_dir: Path, expected: int, rng: random.Random,
-               batch_size: int = 4) -> Trial:
+def kill_trial(
+    n: int, catalogue: Path, index_dir: Path, expected: int, rng: random.Random, batch_size: int = 4
+) -> Trial:
     """Index, SIGKILL once a random number of pictures is committed, check, re-run, check again.
 
     The kill point is chosen by progress (rows committed), not by wall time, so a faster machine still
@@ -272,9 +278,12 @@ def kill_trial(n: int, catalogue: Path, index_dir: Path, expected: int, rng: ran
     catalogue or more still to go.
     """
     target = rng.randint(1, max(1, expected // 2))
-    proc = subprocess.Popen([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir),
-                             "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env())
+    proc = subprocess.Popen(
+        [*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir), "--batch-size", str(batch_size)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
     started = time.monotonic()
     from clipsearch.index.embedded import DB_NAME
 
@@ -296,8 +305,13 @@ def kill_trial(n: int, catalogue: Path, index_dir: Path, expected: int, rng: ran
     killed_after = time.monotonic() - started
     rows, _ = index_rows(index_dir)
     check = integrity(index_dir)
-    rerun = subprocess.run([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)],
-                           capture_output=True, text=True, env=_env(), timeout=600)
+    rerun = subprocess.run(
+        [*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     if rerun.returncode != 0:
         raise RuntimeError(f"re-run failed: {rerun.stderr}")
     unchanged = int(rerun.stdout.split("unchanged ", 1)[1].split(",", 1)[0])
@@ -332,29 +346,41 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         catalogue = make_catalogue(work / "catalogue", args.count)
         index_dir = work / "index"
-        subprocess.run([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)], check=True,
-                       capture_output=True, env=_env())
+        subprocess.run(
+            [*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)],
+            check=True,
+            capture_output=True,
+            env=_env(),
+        )
 
         result = soak(index_dir, work, args.clients, args.seconds)
-        print(f"\n### Soak: {args.clients} clients x {args.seconds:g} s on `clipsearch serve` (demo model, "
-              f"{args.count} pictures)\n")
+        print(
+            f"\n### Soak: {args.clients} clients x {args.seconds:g} s on `clipsearch serve` (demo model, "
+            f"{args.count} pictures)\n"
+        )
         print("| requests | req/s | errors | RSS first (MB) | RSS peak (MB) | RSS last (MB) | growth |")
         print("|---|---|---|---|---|---|---|")
-        print(f"| {result.total} | {result.total / args.seconds:.1f} | {len(result.errors)} | "
-              f"{result.rss_mb[0]:.1f} | {max(result.rss_mb):.1f} | {result.rss_mb[-1]:.1f} | "
-              f"{result.growth * 100:+.1f}% |")
+        print(
+            f"| {result.total} | {result.total / args.seconds:.1f} | {len(result.errors)} | "
+            f"{result.rss_mb[0]:.1f} | {max(result.rss_mb):.1f} | {result.rss_mb[-1]:.1f} | "
+            f"{result.growth * 100:+.1f}% |"
+        )
         print("\nmix: " + ", ".join(f"{k} {v}" for k, v in sorted(result.requests.items())))
         for line in result.errors[:10]:
             print(f"error: {line}")
 
         trials = kill_trials(catalogue, work, args.trials, args.count)
         print(f"\n### kill -9 during `clipsearch index` ({args.count} pictures, batch size 16)\n")
-        print("| trial | killed after (s) | rows after kill | SQLite integrity | re-run: unchanged | final rows "
-              "| distinct keys | expected | ok |")
+        print(
+            "| trial | killed after (s) | rows after kill | SQLite integrity | re-run: unchanged | final rows "
+            "| distinct keys | expected | ok |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for t in trials:
-            print(f"| {t.n} | {t.killed_after_s:.2f} | {t.rows_after_kill} | {t.integrity} | {t.rerun_unchanged} "
-                  f"| {t.final_rows} | {t.final_distinct} | {t.expected} | {'yes' if t.ok() else '**NO**'} |")
+            print(
+                f"| {t.n} | {t.killed_after_s:.2f} | {t.rows_after_kill} | {t.integrity} | {t.rerun_unchanged} "
+                f"| {t.final_rows} | {t.final_distinct} | {t.expected} | {'yes' if t.ok() else '**NO**'} |"
+            )
     failed = (not result.ok()) or not all(t.ok() for t in trials)
     return 1 if failed else 0
 

@@ -18,9 +18,17 @@ from clipsearch.index import default_home, open_index
 from clipsearch.index.base import VectorIndex
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-USAGE_ERRORS = (errors.BadRequest, errors.NotFound, errors.ModelMismatch, errors.ModelUnavailable,
-                errors.ConfigError, errors.UnsupportedMediaType, errors.PayloadTooLarge,
-                errors.IndexCorrupt, errors.IndexReadOnly)
+USAGE_ERRORS = (
+    errors.BadRequest,
+    errors.NotFound,
+    errors.ModelMismatch,
+    errors.ModelUnavailable,
+    errors.ConfigError,
+    errors.UnsupportedMediaType,
+    errors.PayloadTooLarge,
+    errors.IndexCorrupt,
+    errors.IndexReadOnly,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,17 +39,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_index_options(p: argparse.ArgumentParser, model: bool = True) -> None:
-    p.add_argument("--index", help="embedded: index folder (default $CLIPSEARCH_HOME or XDG data dir); "
-                   "opensearch: index name")
+    p.add_argument(
+        "--index", help="embedded: index folder (default $CLIPSEARCH_HOME or XDG data dir); opensearch: index name"
+    )
     p.add_argument("--backend", choices=("embedded", "opensearch"), default="embedded")
-    p.add_argument("--opensearch-url", default=os.environ.get("CLIPSEARCH_OPENSEARCH_URL"),
-                   help="OpenSearch base URL (default $CLIPSEARCH_OPENSEARCH_URL)")
-    p.add_argument("--search-mode", choices=("exact", "approx"),
-                   default=os.environ.get("CLIPSEARCH_SEARCH_MODE", "exact"),
-                   help="embedded backend: exact cosine (default) or the opt-in approximate index")
+    p.add_argument(
+        "--opensearch-url",
+        default=os.environ.get("CLIPSEARCH_OPENSEARCH_URL"),
+        help="OpenSearch base URL (default $CLIPSEARCH_OPENSEARCH_URL)",
+    )
+    p.add_argument(
+        "--search-mode",
+        choices=("exact", "approx"),
+        default=os.environ.get("CLIPSEARCH_SEARCH_MODE", "exact"),
+        help="embedded backend: exact cosine (default) or the opt-in approximate index",
+    )
     if model:
-        p.add_argument("--model", help="ViT-B/32 (a new index's default; an existing index keeps its own), "
-                       "another CLIP name such as RN50, demo, or a checkpoint path; see `clipsearch models`")
+        p.add_argument(
+            "--model",
+            help="ViT-B/32 (a new index's default; an existing index keeps its own), "
+            "another CLIP name such as RN50, demo, or a checkpoint path; see `clipsearch models`",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,23 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="index images under folders or files")
     p.add_argument("paths", nargs="+", metavar="PATH")
     _add_index_options(p)
-    p.add_argument("--batch-size", type=_positive, default=32,
-                   help="pictures encoded and committed together (default 32)")
+    p.add_argument(
+        "--batch-size", type=_positive, default=32, help="pictures encoded and committed together (default 32)"
+    )
     p.add_argument("--workers", type=_positive, default=2, help="decoding threads")
 
     p = sub.add_parser("search", help="search by text or by an image")
     p.add_argument("text", nargs="?")
     p.add_argument("--image", help="an image file to search with")
     p.add_argument("-k", type=_positive, default=10, help="how many results (default 10)")
-    p.add_argument("--from", dest="offset", type=_non_negative, default=0,
-                   help="skip this many results first, for paging (default 0)")
+    p.add_argument(
+        "--from",
+        dest="offset",
+        type=_non_negative,
+        default=0,
+        help="skip this many results first, for paging (default 0)",
+    )
     p.add_argument("--min-score", type=float, help="only results with at least this cosine score (-1 to 1)")
     p.add_argument("--under", help="only results whose path or key starts with this prefix")
-    p.add_argument("--after", metavar="DATE",
-                   help="only pictures taken on or after DATE (inclusive): YYYY, YYYY-MM, YYYY-MM-DD or "
-                   "YYYY-MM-DDTHH:MM[:SS], as the camera's clock read (no time zone)")
-    p.add_argument("--before", metavar="DATE",
-                   help="only pictures taken before DATE (exclusive: --before 2020 ends on 2019-12-31)")
+    p.add_argument(
+        "--after",
+        metavar="DATE",
+        help="only pictures taken on or after DATE (inclusive): YYYY, YYYY-MM, YYYY-MM-DD or "
+        "YYYY-MM-DDTHH:MM[:SS], as the camera's clock read (no time zone)",
+    )
+    p.add_argument(
+        "--before", metavar="DATE", help="only pictures taken before DATE (exclusive: --before 2020 ends on 2019-12-31)"
+    )
     p.add_argument("--json", action="store_true", help="print the REST response object")
     _add_index_options(p)
 
@@ -83,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="check the embedded index's integrity; --repair fixes what it can")
     p.add_argument("--index", help="index folder (default $CLIPSEARCH_HOME or XDG data dir)")
-    p.add_argument("--repair", action="store_true",
-                   help="move a damaged file aside and keep what can be read; drop rows with unusable vectors "
-                   "so the next `clipsearch index` re-embeds them")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="move a damaged file aside and keep what can be read; drop rows with unusable vectors "
+        "so the next `clipsearch index` re-embeds them",
+    )
 
     p = sub.add_parser("forget", help="remove the index entries at or below a path (it need not exist any more)")
     p.add_argument("path", metavar="PATH", help="a file or folder, matched by whole path components")
@@ -101,10 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backfill", help="index images already in S3 (via the ingest queue or a batch transform)")
     p.add_argument("url", metavar="s3://BUCKET/PREFIX")
-    p.add_argument("--queue-url", default=os.environ.get("CLIPSEARCH_QUEUE_URL"),
-                   help="the ingest queue (stack output IngestQueueUrl; default $CLIPSEARCH_QUEUE_URL)")
-    p.add_argument("--batch-transform", action="store_true",
-                   help="encode with a SageMaker batch transform job, then bulk-load the vectors")
+    p.add_argument(
+        "--queue-url",
+        default=os.environ.get("CLIPSEARCH_QUEUE_URL"),
+        help="the ingest queue (stack output IngestQueueUrl; default $CLIPSEARCH_QUEUE_URL)",
+    )
+    p.add_argument(
+        "--batch-transform",
+        action="store_true",
+        help="encode with a SageMaker batch transform job, then bulk-load the vectors",
+    )
     p.add_argument("--sagemaker-model", help="model for the transform job (stack output TransformModelName)")
     p.add_argument("--instance-type", default="ml.m5.xlarge")
     p.add_argument("--output", help="s3:// URL for the transform output (default s3://BUCKET/_clipsearch-batch/JOB/)")
@@ -140,15 +177,15 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _open(args: argparse.Namespace, model: str | None = None, dim: int | None = None,
-          read_only: bool = False) -> VectorIndex:
+def _open(
+    args: argparse.Namespace, model: str | None = None, dim: int | None = None, read_only: bool = False
+) -> VectorIndex:
     options: dict[str, Any] = {}
     if read_only and args.backend == "embedded":
         options["read_only"] = True  # search, stats, serve: never create, migrate or write the index
     if args.backend == "opensearch":
         if not args.opensearch_url:
-            raise errors.ConfigError("--backend opensearch needs --opensearch-url or "
-                                     "CLIPSEARCH_OPENSEARCH_URL")
+            raise errors.ConfigError("--backend opensearch needs --opensearch-url or CLIPSEARCH_OPENSEARCH_URL")
         options["url"] = args.opensearch_url
         options["auth"] = os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")
     elif getattr(args, "search_mode", "exact") != "exact":
@@ -210,8 +247,16 @@ class _DownloadBar:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="downloading",
-                             file=sys.stderr, dynamic_ncols=True, disable=None)
+            self._bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="downloading",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                disable=None,
+            )
         self._bar.update(done - self._bar.n)
 
     def finish(self) -> None:
@@ -244,8 +289,7 @@ def _index(args: argparse.Namespace, encoder: Any) -> int:
     from clipsearch.ingest import index_paths
 
     index = _open(args, model=encoder.model, dim=encoder.dim)
-    bar = tqdm(total=0, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True,
-               disable=None)
+    bar = tqdm(total=0, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True, disable=None)
 
     def plan(n: int) -> None:
         bar.total = n
@@ -255,13 +299,22 @@ def _index(args: argparse.Namespace, encoder: Any) -> int:
         bar.write(f"warning: skipped {shown(path)}: {reason}", file=sys.stderr)
 
     def unlisted(folder: str, reason: str) -> None:
-        bar.write(f"warning: cannot list folder {shown(folder)}: {reason}; its indexed pictures are kept",
-                  file=sys.stderr)
+        bar.write(
+            f"warning: cannot list folder {shown(folder)}: {reason}; its indexed pictures are kept", file=sys.stderr
+        )
 
     try:
-        summary = index_paths(args.paths, encoder, index, batch_size=args.batch_size,
-                              workers=args.workers, on_skip=skipped, on_progress=bar.update,
-                              on_plan=plan, on_unlisted=unlisted)
+        summary = index_paths(
+            args.paths,
+            encoder,
+            index,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            on_skip=skipped,
+            on_progress=bar.update,
+            on_plan=plan,
+            on_unlisted=unlisted,
+        )
     finally:
         bar.close()
     ignored = ""
@@ -271,11 +324,14 @@ def _index(args: argparse.Namespace, encoder: Any) -> int:
     if summary.dated:
         ignored += f"; read the capture dates of {summary.dated} unchanged pictures indexed without them"
     if summary.unlisted:
-        ignored += (f"; {len(summary.unlisted)} folder(s) could not be listed, {summary.kept} of their "
-                    "indexed pictures kept")
-    print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, removed {summary.deleted}, "
-          f"skipped {len(summary.skipped)} of {summary.seen} images in {summary.seconds:.1f}s "
-          f"({summary.images_per_second:.1f} images/s); index holds {index.count()}{ignored}")
+        ignored += (
+            f"; {len(summary.unlisted)} folder(s) could not be listed, {summary.kept} of their indexed pictures kept"
+        )
+    print(
+        f"indexed {summary.indexed}, unchanged {summary.unchanged}, removed {summary.deleted}, "
+        f"skipped {len(summary.skipped)} of {summary.seen} images in {summary.seconds:.1f}s "
+        f"({summary.images_per_second:.1f} images/s); index holds {index.count()}{ignored}"
+    )
     return EXIT_OK
 
 
@@ -318,8 +374,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = _open_for_query(args)
     if args.min_score is not None and not -1.0 <= args.min_score <= 1.0:
         raise errors.BadRequest("--min-score must be a cosine between -1 and 1")
-    options: dict[str, Any] = {"k": args.k, "offset": args.offset, "min_score": args.min_score,
-                               "prefix": _prefix(args), "taken": date_range(args.after, args.before, prefix="--")}
+    options: dict[str, Any] = {
+        "k": args.k,
+        "offset": args.offset,
+        "min_score": args.min_score,
+        "prefix": _prefix(args),
+        "taken": date_range(args.after, args.before, prefix="--"),
+    }
     if args.image is not None:
         try:
             data = Path(args.image).read_bytes()
@@ -366,11 +427,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from clipsearch.server import serve
+    from clipsearch.http.server import serve
 
     index = _open_for_query(args)
-    serve(index, _encoder(index.model), host=args.host, port=args.port,
-          log=lambda line: print(line, file=sys.stderr, flush=True), max_body=args.max_body_mb * 1024 * 1024)
+    serve(
+        index,
+        _encoder(index.model),
+        host=args.host,
+        port=args.port,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        max_body=args.max_body_mb * 1024 * 1024,
+    )
     return EXIT_OK
 
 
@@ -392,8 +459,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"problem: {text(line)}", file=sys.stderr)
     if report.problems:
         if not args.repair:
-            print(f"clipsearch: {report.path}: {len(report.problems)} problem(s); run "
-                  f"`{repair_command(directory)}` to fix them", file=sys.stderr)
+            print(
+                f"clipsearch: {report.path}: {len(report.problems)} problem(s); run "
+                f"`{repair_command(directory)}` to fix them",
+                file=sys.stderr,
+            )
         return EXIT_FAILED
     rows = "" if report.rows is None else f", {report.rows} rows"
     print(f"{report.path}: {'repaired' if report.repaired else 'ok'}{rows}")
@@ -415,15 +485,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from clipsearch.demo import write_catalogue, write_query_picture
+    from clipsearch.demo.catalogue import write_catalogue, write_query_picture
 
     base = Path(args.dir).expanduser() if args.dir else default_home() / "demo"
     images = base / "images"
     try:
         written = write_catalogue(images, count=args.count)
     except OSError as e:
-        raise errors.ConfigError(f"cannot write the demo catalogue in {images}: {e.strerror or e}; give --dir "
-                                 "or set CLIPSEARCH_HOME to a writable folder") from None
+        raise errors.ConfigError(
+            f"cannot write the demo catalogue in {images}: {e.strerror or e}; give --dir "
+            "or set CLIPSEARCH_HOME to a writable folder"
+        ) from None
     print(f"demo catalogue: {written} shape pictures in {images}")
     index_dir = str(base / "index")
     common = ["--index", index_dir]
@@ -436,19 +508,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     query_picture = write_query_picture(base / "query-yellow-star.png")
     print(f"\nimage query: {query_picture} (drawn by a renderer the model never trained on)")
     main(["search", "--image", str(query_picture), "-k", "5", *common])
-    print(f"\nTry: clipsearch search \"a small green triangle\" --index {index_dir}")
+    print(f'\nTry: clipsearch search "a small green triangle" --index {index_dir}')
     print(f"     clipsearch serve --index {index_dir}")
     return EXIT_OK
 
 
 def cmd_package_model(args: argparse.Namespace) -> int:
-    from clipsearch.packaging import package_model
+    from clipsearch.sagemaker.packaging import package_model
 
     packaged = package_model(args.model, args.out)
-    print(f"wrote {packaged.path} ({packaged.size / 1e6:.1f} MB): {packaged.checkpoint}, code/inference.py, "
-          "code/lib (clip, ftfy, regex: no pip install at cold start)")
-    print(f"template parameters: ModelSpec={packaged.spec} ModelDimension={packaged.dim} "
-          f"ModelDataUrl=s3://YOUR-BUCKET/models/{packaged.path.name}")
+    print(
+        f"wrote {packaged.path} ({packaged.size / 1e6:.1f} MB): {packaged.checkpoint}, code/inference.py, "
+        "code/lib (clip, ftfy, regex: no pip install at cold start)"
+    )
+    print(
+        f"template parameters: ModelSpec={packaged.spec} ModelDimension={packaged.dim} "
+        f"ModelDataUrl=s3://YOUR-BUCKET/models/{packaged.path.name}"
+    )
     return EXIT_OK
 
 
@@ -456,7 +532,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from clipsearch import backfill, models
+    from clipsearch import models
+    from clipsearch.aws import backfill
 
     bucket, prefix = backfill.parse_s3_url(args.url)
     opened: list[VectorIndex] = []
@@ -470,20 +547,27 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         s3 = boto3.client("s3")
         if not args.batch_transform:
             if not args.queue_url:
-                raise errors.ConfigError("give --queue-url (stack output IngestQueueUrl) or set "
-                                         "CLIPSEARCH_QUEUE_URL")
+                raise errors.ConfigError("give --queue-url (stack output IngestQueueUrl) or set CLIPSEARCH_QUEUE_URL")
             summary = backfill.enqueue(s3, boto3.client("sqs"), args.queue_url, bucket, prefix)
             print(f"queued {summary.sent} of {summary.listed} images under {args.url} for the ingest function")
         else:
             if not args.sagemaker_model:
-                raise errors.ConfigError("--batch-transform needs --sagemaker-model (stack output "
-                                         "TransformModelName)")
+                raise errors.ConfigError("--batch-transform needs --sagemaker-model (stack output TransformModelName)")
             summary = backfill.batch_transform(
-                s3, boto3.client("sagemaker"), index_for, bucket, prefix, args.sagemaker_model,
-                args.instance_type, output_url=args.output,
-                on_status=lambda status: print(f"transform job: {status}", file=sys.stderr, flush=True))
-            print(f"indexed {summary.indexed} of {summary.listed} images under {args.url} "
-                  f"(transform job {summary.job or 'not needed'})")
+                s3,
+                boto3.client("sagemaker"),
+                index_for,
+                bucket,
+                prefix,
+                args.sagemaker_model,
+                args.instance_type,
+                output_url=args.output,
+                on_status=lambda status: print(f"transform job: {status}", file=sys.stderr, flush=True),
+            )
+            print(
+                f"indexed {summary.indexed} of {summary.listed} images under {args.url} "
+                f"(transform job {summary.job or 'not needed'})"
+            )
     except (BotoCoreError, ClientError) as e:
         raise errors.Unavailable(f"AWS call failed: {e}") from None
     finally:
@@ -511,10 +595,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "serve": cmd_serve, "check": cmd_check,
-            "forget": cmd_forget,
-            "demo": cmd_demo, "package-model": cmd_package_model, "backfill": cmd_backfill,
-            "models": cmd_models}
+COMMANDS = {
+    "index": cmd_index,
+    "search": cmd_search,
+    "stats": cmd_stats,
+    "serve": cmd_serve,
+    "check": cmd_check,
+    "forget": cmd_forget,
+    "demo": cmd_demo,
+    "package-model": cmd_package_model,
+    "backfill": cmd_backfill,
+    "models": cmd_models,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,8 +83,9 @@ class LocalEncoder:
 class SageMakerEncoder:
     """Calls a SageMaker endpoint that runs model_code (one endpoint, or one each for text/image)."""
 
-    def __init__(self, model: str, dim: int, text_endpoint: str, image_endpoint: str | None = None,
-                 client: Any = None) -> None:
+    def __init__(
+        self, model: str, dim: int, text_endpoint: str, image_endpoint: str | None = None, client: Any = None
+    ) -> None:
         self.model, self.dim = model, dim
         self._text_endpoint = text_endpoint
         self._image_endpoint = image_endpoint or text_endpoint
@@ -128,8 +129,10 @@ class SageMakerEncoder:
             raise _client_error(endpoint, e.response) from None
         except (ReadTimeoutError, ConnectTimeoutError):
             # One attempt: a cold or hung endpoint is the caller's 503 (or SQS's retry), not botocore's.
-            raise Unavailable(f"encoder endpoint {endpoint} did not answer in time (cold start or "
-                              "overloaded); retry later", retry_after=10) from None
+            raise Unavailable(
+                f"encoder endpoint {endpoint} did not answer in time (cold start or overloaded); retry later",
+                retry_after=10,
+            ) from None
         except BotoCoreError as e:
             raise Unavailable(f"encoder endpoint {endpoint} unreachable: {e}") from None
         try:
@@ -137,8 +140,9 @@ class SageMakerEncoder:
         except (ValueError, TypeError):
             raise Unavailable(f"encoder endpoint {endpoint} returned a malformed answer") from None
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise Unavailable(f"encoder endpoint {endpoint} returned vectors of shape {vectors.shape}, "
-                              f"expected (*, {self.dim})")
+            raise Unavailable(
+                f"encoder endpoint {endpoint} returned vectors of shape {vectors.shape}, expected (*, {self.dim})"
+            )
         return vectors
 
 
@@ -148,8 +152,10 @@ def _default_runtime() -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("sagemaker-runtime", config=Config(
-        retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=70))
+    return boto3.client(
+        "sagemaker-runtime",
+        config=Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=70),
+    )
 
 
 def _client_error(endpoint: str, response: Any) -> Exception:

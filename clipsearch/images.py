@@ -15,8 +15,19 @@ from PIL import Image
 from clipsearch.errors import BadImage
 from model_code.inference import MAX_PIXELS, MAX_SIDE, RAW_EXTENSIONS, decode_for_model
 
-__all__ = ["IMAGE_EXTENSIONS", "RAW_EXTENSIONS", "MAX_PIXELS", "MAX_SIDE", "MAX_TRANSPORT_BYTES", "load_bytes",
-           "load_file", "to_png", "to_transport", "is_image_name", "LoadedImage"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RAW_EXTENSIONS",
+    "MAX_PIXELS",
+    "MAX_SIDE",
+    "MAX_TRANSPORT_BYTES",
+    "load_bytes",
+    "load_file",
+    "to_png",
+    "to_transport",
+    "is_image_name",
+    "LoadedImage",
+]
 
 # "Maximum request payload size: 4 MB" for SageMaker Serverless Inference (SageMaker Developer Guide,
 # "Deploy models with Amazon SageMaker Serverless Inference", feature exclusions); InvokeEndpoint's
@@ -25,8 +36,10 @@ MAX_TRANSPORT_BYTES = 4 * 1024 * 1024
 
 # HEIC/HEIF through pillow-heif, AVIF through Pillow (11.3 on), camera RAW through its embedded preview
 # (rawpy, the `local` extra): without those libraries such files are skipped with the reason, not ignored.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif",
-                              ".avif"}) | RAW_EXTENSIONS
+IMAGE_EXTENSIONS = (
+    frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"})
+    | RAW_EXTENSIONS
+)
 
 
 def is_image_name(name: str) -> bool:

@@ -40,14 +40,40 @@ from model_code.inference import decode_for_model, read_capture_time
 # 400 MB; nothing larger can be a picture the decoder accepts, and reading it costs its size in memory.
 MAX_FILE_BYTES = 512 * 1024 * 1024
 # How a file starts when it is one of the formats the decoder reads; anything else is not read further.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
-               b"II+\x00", b"MM\x00+",
-               # Camera RAW that is not TIFF inside (DNG, CR2, NEF, ARW... are): Olympus ORF, Panasonic RW2,
-               # Fujifilm RAF, Sigma X3F, Minolta MRW.
-               b"IIRO", b"IIRS", b"MMOR", b"IIU\x00", b"FUJIFILM", b"FOVb", b"\x00MRM")
+_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    # Camera RAW that is not TIFF inside (DNG, CR2, NEF, ARW... are): Olympus ORF, Panasonic RW2,
+    # Fujifilm RAF, Sigma X3F, Minolta MRW.
+    b"IIRO",
+    b"IIRS",
+    b"MMOR",
+    b"IIU\x00",
+    b"FUJIFILM",
+    b"FOVb",
+    b"\x00MRM",
+)
 # ISO base media (HEIF, AVIF) brands: pictures, unlike the video brands of an .mp4 renamed .jpg.
-_PICTURE_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis",
-                   b"crx "}  # crx: Canon CR3
+_PICTURE_BRANDS = {
+    b"heic",
+    b"heix",
+    b"hevc",
+    b"hevx",
+    b"heim",
+    b"heis",
+    b"mif1",
+    b"msf1",
+    b"avif",
+    b"avis",
+    b"crx ",
+}  # crx: Canon CR3
 # Picture formats the decoder does not read: passed over in a walk, and counted by format.
 _OTHER_PICTURE_EXTENSIONS = frozenset({".svg", ".jxl", ".psd", ".ico", ".jp2"})
 LOCK_NAME = "indexer.lock"
@@ -112,8 +138,13 @@ def _reason(e: OSError) -> str:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -203,8 +234,7 @@ def _classify(entry: os.DirEntry[str], found: Walk) -> None:
             return
         mode = st.st_mode
     else:
-        mode = entry.stat(follow_symlinks=False).st_mode if not entry.is_file(follow_symlinks=False) \
-            else stat.S_IFREG
+        mode = entry.stat(follow_symlinks=False).st_mode if not entry.is_file(follow_symlinks=False) else stat.S_IFREG
     if not stat.S_ISREG(mode):
         if picture:
             found.skipped.append((entry.path, f"not a regular file ({_kind(mode)})"))
@@ -249,8 +279,9 @@ def has_picture_signature(head: bytes) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _PICTURE_BRANDS
 
 
-def read_picture_file(path: str | Path, limit: int = MAX_FILE_BYTES,
-                      head: int | None = None) -> tuple[bytes, os.stat_result]:
+def read_picture_file(
+    path: str | Path, limit: int = MAX_FILE_BYTES, head: int | None = None
+) -> tuple[bytes, os.stat_result]:
     """The bytes of a regular file that starts like a picture and is at most `limit` bytes; BadImage if not.
 
     Nothing but a regular file is opened (a FIFO would block, a device would never end), and a file
@@ -289,8 +320,9 @@ def _check_file(st: os.stat_result, limit: int) -> None:
     if st.st_size == 0:
         raise BadImage("empty image")
     if st.st_size > limit:
-        raise BadImage(f"file too large ({st.st_size / (1024 * 1024):,.0f} MB; the limit is "
-                       f"{limit // (1024 * 1024)} MB)")
+        raise BadImage(
+            f"file too large ({st.st_size / (1024 * 1024):,.0f} MB; the limit is {limit // (1024 * 1024)} MB)"
+        )
 
 
 def _load(path: Path) -> _Loaded:
@@ -303,9 +335,17 @@ def _load(path: Path) -> _Loaded:
     except BadImage as e:
         return _Loaded(path, None, error=str(e))
     # Capture time (CONTRACT §7): EXIF DateTimeOriginal, else the file's mtime as local wall-clock time.
-    return _Loaded(path, decoded.image, hashlib.sha256(data).hexdigest(), decoded.width, decoded.height,
-                   st.st_size, st.st_mtime, taken_at=decoded.taken_at or wall_clock(st.st_mtime),
-                   taken_offset=decoded.taken_offset)
+    return _Loaded(
+        path,
+        decoded.image,
+        hashlib.sha256(data).hexdigest(),
+        decoded.width,
+        decoded.height,
+        st.st_size,
+        st.st_mtime,
+        taken_at=decoded.taken_at or wall_clock(st.st_mtime),
+        taken_offset=decoded.taken_offset,
+    )
 
 
 EXIF_HEAD_BYTES = 256 * 1024
@@ -326,8 +366,7 @@ def capture_time_of(path: Path) -> tuple[str, str] | None:
     return (taken_at, offset) if taken_at else (wall_clock(st.st_mtime), "")
 
 
-def _fill_capture_times(index: VectorIndex, roots: list[Path], unchanged: list[Path],
-                        pool: ThreadPoolExecutor) -> int:
+def _fill_capture_times(index: VectorIndex, roots: list[Path], unchanged: list[Path], pool: ThreadPoolExecutor) -> int:
     """Give unchanged files indexed without a capture time (an index migrated from schema 1) theirs."""
     if not unchanged or not isinstance(index, Redatable):
         return 0
@@ -337,7 +376,7 @@ def _fill_capture_times(index: VectorIndex, roots: list[Path], unchanged: list[P
     todo = [p for p in unchanged if str(p) in undated]
     filled = 0
     for start in range(0, len(todo), 256):
-        batch = todo[start:start + 256]
+        batch = todo[start : start + 256]
         taken = {str(p): t for p, t in zip(batch, pool.map(capture_time_of, batch), strict=True) if t}
         filled += index.set_taken(taken)
     return filled
@@ -451,9 +490,16 @@ def index_paths(
     return summary
 
 
-def _encode_all(todo: list[Path], pool: ThreadPoolExecutor, encoder: Encoder, index: VectorIndex,
-                batch_size: int, summary: IngestSummary, skip: Callable[[str, str], None],
-                on_progress: Callable[[int], None] | None) -> None:
+def _encode_all(
+    todo: list[Path],
+    pool: ThreadPoolExecutor,
+    encoder: Encoder,
+    index: VectorIndex,
+    batch_size: int,
+    summary: IngestSummary,
+    skip: Callable[[str, str], None],
+    on_progress: Callable[[int], None] | None,
+) -> None:
     # Decoding runs ahead of the encoder by two batches, so IO and decode overlap the forward.
     pending: list[Future[_Loaded]] = []
     it = iter(todo)
@@ -476,10 +522,18 @@ def _encode_all(todo: list[Path], pool: ThreadPoolExecutor, encoder: Encoder, in
         if good:
             vectors = encoder.encode_images([item.image for item in good if item.image is not None])
             docs = [
-                Document(key=str(item.path), vector=vec, title=title_from_path(item.path),
-                         content_hash=item.data_hash, size=item.size, mtime=item.mtime,
-                         width=item.width, height=item.height, taken_at=item.taken_at,
-                         taken_offset=item.taken_offset)
+                Document(
+                    key=str(item.path),
+                    vector=vec,
+                    title=title_from_path(item.path),
+                    content_hash=item.data_hash,
+                    size=item.size,
+                    mtime=item.mtime,
+                    width=item.width,
+                    height=item.height,
+                    taken_at=item.taken_at,
+                    taken_offset=item.taken_offset,
+                )
                 for item, vec in zip(good, vectors, strict=True)
             ]
             result = index.upsert(docs)
@@ -528,8 +582,10 @@ def writer_lock(directory: str | Path, on_wait: Callable[[str], None] | None = N
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             if on_wait:
                 who = f" (pid {holder})" if holder.isdigit() else ""
-                on_wait(f"another clipsearch run{who} is writing to the index {directory}; waiting for it "
-                        "to finish (Ctrl-C to stop)")
+                on_wait(
+                    f"another clipsearch run{who} is writing to the index {directory}; waiting for it "
+                    "to finish (Ctrl-C to stop)"
+                )
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             os.ftruncate(fd, 0)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from clipsearch.errors import ClipsearchError, ModelUnavailable
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "demo" / "data"
 DEMO_CHECKPOINT = DATA_DIR / "demo.pt"
 DEMO = "demo"
 DEMO_DIM = 128  # the bundled demo's output dimension (tests/unit/test_download.py checks it against the file)
@@ -31,8 +31,15 @@ DOWNLOAD_TIMEOUT_S = 30  # per connect and per read: an unreachable host fails i
 
 # Output dimensions of the clip-anytorch models, so a dimension is known without loading weights.
 KNOWN_DIMS = {
-    "RN50": 1024, "RN101": 512, "RN50x4": 640, "RN50x16": 768, "RN50x64": 1024,
-    "ViT-B/32": 512, "ViT-B/16": 512, "ViT-L/14": 768, "ViT-L/14@336px": 768,
+    "RN50": 1024,
+    "RN101": 512,
+    "RN50x4": 640,
+    "RN50x16": 768,
+    "RN50x64": 1024,
+    "ViT-B/32": 512,
+    "ViT-B/16": 512,
+    "ViT-L/14": 768,
+    "ViT-L/14@336px": 768,
 }
 
 
@@ -106,9 +113,11 @@ def cached_path(name: str) -> Path:
 
 def unavailable_message(spec: str, reason: str) -> str:
     """The one line for a model that is neither cached nor downloadable, naming the ways forward."""
-    return (f"model {spec} is not cached and cannot be downloaded ({reason}); connect to the internet once "
-            f"to download it, or use --model demo to try the bundled demo, or "
-            f"--model /path/to/{spec.replace('/', '-')}.pt")
+    return (
+        f"model {spec} is not cached and cannot be downloaded ({reason}); connect to the internet once "
+        f"to download it, or use --model demo to try the bundled demo, or "
+        f"--model /path/to/{spec.replace('/', '-')}.pt"
+    )
 
 
 def ensure(spec: str, progress: DownloadProgress | None = None) -> ModelSource:
@@ -221,8 +230,9 @@ def _download(url: str, target: Path, expected: str, progress: DownloadProgress 
                 if progress:
                     progress.finish()
         if digest.hexdigest() != expected:
-            raise DownloadCorrupt(f"the downloaded file {target.name} was corrupt (SHA-256 mismatch) and has "
-                                  "been deleted; run again")
+            raise DownloadCorrupt(
+                f"the downloaded file {target.name} was corrupt (SHA-256 mismatch) and has been deleted; run again"
+            )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -238,14 +248,22 @@ def _sha256(path: Path) -> str:
 
 def listing() -> list[dict[str, Any]]:
     """Every spec `--model` takes by name, its dimension, and whether (and where) it is cached."""
-    rows: list[dict[str, Any]] = [{"spec": DEMO, "dim": DEMO_DIM, "cached": True, "path": str(DEMO_CHECKPOINT),
-                                   "default": False}]
+    rows: list[dict[str, Any]] = [
+        {"spec": DEMO, "dim": DEMO_DIM, "cached": True, "path": str(DEMO_CHECKPOINT), "default": False}
+    ]
     from model_code.inference import _import_clip
 
     for name in _import_clip().available_models():
         path = cached_path(name)
-        rows.append({"spec": name, "dim": KNOWN_DIMS.get(name), "cached": path.is_file(), "path": str(path),
-                     "default": name == DEFAULT})
+        rows.append(
+            {
+                "spec": name,
+                "dim": KNOWN_DIMS.get(name),
+                "cached": path.is_file(),
+                "path": str(path),
+                "default": name == DEFAULT,
+            }
+        )
     return rows
 
 

@@ -56,9 +56,11 @@ class SearchRequest:
         else:
             described = {"type": "image", "bytes": len(self.image or b"")}
         if self.taken:
-            described["filter"] = {name: _shown_time(value) for name, value in
-                                   (("taken_after", self.taken.after), ("taken_before", self.taken.before))
-                                   if value is not None}
+            described["filter"] = {
+                name: _shown_time(value)
+                for name, value in (("taken_after", self.taken.after), ("taken_before", self.taken.before))
+                if value is not None
+            }
         return described
 
 
@@ -69,19 +71,23 @@ def parse_time(name: str, value: Any) -> str:
     second they name. A time zone is refused: capture times are compared as the wall clock read (CONTRACT §7).
     """
     if not isinstance(value, str):
-        raise BadRequest(f"{name} must be an ISO date or date-time string such as \"2019-07-14\"")
+        raise BadRequest(f'{name} must be an ISO date or date-time string such as "2019-07-14"')
     text = value.strip()
     if _ZONE.search(text) and len(text) > 10:
-        raise BadRequest(f"{name} {value!r} has a time zone; capture times are compared as wall-clock times, "
-                         "so give it without one (\"2019-07-14T15:02:11\")")
+        raise BadRequest(
+            f"{name} {value!r} has a time zone; capture times are compared as wall-clock times, "
+            'so give it without one ("2019-07-14T15:02:11")'
+        )
     match = _ISO_DATE.fullmatch(text)
     if not match:
-        raise BadRequest(f"{name} {value!r} is not an ISO date or date-time: use YYYY, YYYY-MM, YYYY-MM-DD "
-                         "or YYYY-MM-DDTHH:MM[:SS]")
+        raise BadRequest(
+            f"{name} {value!r} is not an ISO date or date-time: use YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS]"
+        )
     parts = [int(p) if p is not None else d for p, d in zip(match.groups(), (0, 1, 1, 0, 0, 0), strict=True)]
     try:
-        when = datetime.datetime(parts[0], parts[1], parts[2]) + datetime.timedelta(hours=parts[3], minutes=parts[4],
-                                                                    seconds=parts[5])
+        when = datetime.datetime(parts[0], parts[1], parts[2]) + datetime.timedelta(
+            hours=parts[3], minutes=parts[4], seconds=parts[5]
+        )
         if (parts[3], parts[4], parts[5]) >= (24, 0, 0) or parts[4] > 59 or parts[5] > 59 or parts[0] < 1:
             raise ValueError("time out of range")
     except (ValueError, OverflowError):
@@ -138,8 +144,10 @@ def _options(payload: Mapping[str, Any], max_k: int) -> dict[str, Any]:
     flt = payload.get("filter")
     if flt is not None:
         if not isinstance(flt, dict) or set(flt) - set(FILTER_FIELDS):
-            raise BadRequest('filter must be an object like {"prefix": "family/2019/", "taken_after": '
-                             '"2019-06-01", "taken_before": "2019-09-01"}')
+            raise BadRequest(
+                'filter must be an object like {"prefix": "family/2019/", "taken_after": '
+                '"2019-06-01", "taken_before": "2019-09-01"}'
+            )
         prefix = flt.get("prefix")
         if prefix is not None and not isinstance(prefix, str):
             raise BadRequest("filter.prefix must be a string")
@@ -151,8 +159,11 @@ def _options(payload: Mapping[str, Any], max_k: int) -> dict[str, Any]:
 def _param_filter(params: Mapping[str, str]) -> dict[str, Any]:
     """The filter object of GET /search's (or a raw image POST's) prefix, after and before parameters."""
     # An empty prefix means none; an empty after= or before= is refused by parse_time, never dropped.
-    return {field: params[name] for name, field in PARAM_FILTERS.items()
-            if name in params and (params[name] or name != "prefix")}
+    return {
+        field: params[name]
+        for name, field in PARAM_FILTERS.items()
+        if name in params and (params[name] or name != "prefix")
+    }
 
 
 def _text(value: Any) -> str:
@@ -223,8 +234,7 @@ class SearchService:
         if encoder.dim != index.dim:
             from clipsearch.errors import ModelMismatch
 
-            raise ModelMismatch(f"model {encoder.model} gives dimension {encoder.dim}, "
-                                f"index has {index.dim}")
+            raise ModelMismatch(f"model {encoder.model} gives dimension {encoder.dim}, index has {index.dim}")
         self.encoder, self.index, self.url_for = encoder, index, url_for
 
     def search(self, req: SearchRequest) -> dict[str, Any]:
@@ -240,8 +250,9 @@ class SearchService:
                 raise NotFound(f"no indexed image with id {req.id!r}")
             vector, exclude = doc.vector, doc.id
         k = req.k + (1 if exclude else 0)
-        hits = self.index.search(vector, k=k, offset=req.offset, min_score=req.min_score, prefix=req.prefix,
-                                 taken=req.taken or None)
+        hits = self.index.search(
+            vector, k=k, offset=req.offset, min_score=req.min_score, prefix=req.prefix, taken=req.taken or None
+        )
         hits = [h for h in hits if h.id != exclude][: req.k]
         return {
             "query": req.describe(),
@@ -255,8 +266,14 @@ class SearchService:
     def _hit(self, hit: Hit) -> dict[str, Any]:
         # taken_at: wall-clock, with the EXIF offset appended when known (CONTRACT §7); null: not known yet.
         taken = hit.taken_at + hit.taken_offset if hit.taken_at else None
-        return {"id": hit.id, "key": display_text(hit.key), "score": round(hit.score, 6),
-                "title": display_text(hit.title), "url": self.url_for(hit), "taken_at": taken}
+        return {
+            "id": hit.id,
+            "key": display_text(hit.key),
+            "score": round(hit.score, 6),
+            "title": display_text(hit.title),
+            "url": self.url_for(hit),
+            "taken_at": taken,
+        }
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.index.model, "count": self.index.count()}

@@ -49,8 +49,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 GRAPH_AFTER_IMAGES = 256
 
 JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp", "image/heic", "image/heif",
-               "image/avif")
+IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp", "image/heic", "image/heif", "image/avif")
 DEFAULT_MODEL = "demo"
 TEXT, IMAGE = "TEXT", "IMAGE"
 
@@ -106,7 +105,7 @@ def _refusals_as_bad_input(fn: _Fn) -> _Fn:
 # Python (regex is compiled), recorded in the archive's manifest beside code/: on another Python the
 # folder stays off the path and model_fn says why, instead of failing on regex's import.
 _VENDORED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
-# The archive's manifest (clipsearch/packaging.py MANIFEST), at the top of the model directory.
+# The archive's manifest (clipsearch/sagemaker/packaging.py MANIFEST), at the top of the model directory.
 MANIFEST = "clipsearch-model.json"
 
 
@@ -125,8 +124,10 @@ def _vendored_mismatch(lib: str) -> str | None:
     running = f"{sys.version_info.major}.{sys.version_info.minor}"
     if built_for is None or built_for == running:
         return None
-    return (f"the model archive's libraries (code/lib) are built for Python {built_for}, but this image runs "
-            f"Python {running}: use a -py{built_for.replace('.', '')} inference image (InferenceImageUri)")
+    return (
+        f"the model archive's libraries (code/lib) are built for Python {built_for}, but this image runs "
+        f"Python {running}: use a -py{built_for.replace('.', '')} inference image (InferenceImageUri)"
+    )
 
 
 _VENDORED_MISMATCH = _vendored_mismatch(_VENDORED) if os.path.isdir(_VENDORED) else None
@@ -167,9 +168,15 @@ class DecodedImage:
 
 
 # The transpose that undoes each EXIF orientation (ImageOps.exif_transpose's table).
-_UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _ORIENTATION_TAG = 0x0112
 # EXIF 2.32: the Exif IFD pointer in IFD0, and in it DateTimeOriginal ("YYYY:MM:DD HH:MM:SS") and
 # OffsetTimeOriginal ("+HH:MM"), the capture time's offset from UTC.
@@ -216,9 +223,31 @@ def read_capture_time(data: bytes) -> tuple[str | None, str]:
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
 # Camera RAW files, known by name: most are TIFF inside, where Pillow would read a tiny thumbnail or
 # nothing. What is indexed is the camera's embedded JPEG preview, taken out with rawpy (LibRaw).
-RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf",
-                            ".rw2", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".rwl", ".erf", ".kdc", ".mrw",
-                            ".raw"})
+RAW_EXTENSIONS = frozenset(
+    {
+        ".dng",
+        ".cr2",
+        ".cr3",
+        ".nef",
+        ".nrw",
+        ".arw",
+        ".srf",
+        ".sr2",
+        ".raf",
+        ".orf",
+        ".rw2",
+        ".pef",
+        ".srw",
+        ".x3f",
+        ".3fr",
+        ".iiq",
+        ".rwl",
+        ".erf",
+        ".kdc",
+        ".mrw",
+        ".raw",
+    }
+)
 # LibRaw's `flip` (its sizes.flip) as the EXIF orientation that means the same turn.
 _FLIP_TO_ORIENTATION = {3: 3, 5: 8, 6: 6}
 
@@ -308,8 +337,7 @@ def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
     return _decode(data, max_side)[0]
 
 
-def _decode(data: bytes, max_side: int, name: str = ""
-            ) -> tuple[Image.Image, tuple[int, int], tuple[str | None, str]]:
+def _decode(data: bytes, max_side: int, name: str = "") -> tuple[Image.Image, tuple[int, int], tuple[str | None, str]]:
     if not data:
         raise ValueError("empty image")
     turn = 1
@@ -365,8 +393,7 @@ def _check_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise ValueError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS:,})")
     if min(width, height) < MIN_SIDE:
-        raise ValueError(f"image too small: {width}x{height} pixels (the shorter side must be at least "
-                         f"{MIN_SIDE})")
+        raise ValueError(f"image too small: {width}x{height} pixels (the shorter side must be at least {MIN_SIDE})")
 
 
 def centre_crop(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
@@ -414,6 +441,7 @@ def _convert_shrunk(img: Image.Image, max_side: int) -> Image.Image:
 
         mode = "L"
     else:
+
         def convert(band: Image.Image) -> Image.Image:
             return band.convert("RGBA")
 
@@ -472,8 +500,7 @@ def load_model(name: str, model_dir: str = "", encode_type: str | None = None) -
     path = next((c for c in candidates if c and os.path.isfile(c)), None)
     if path is None and name not in clip.available_models():
         raise ModelLoadError(
-            f"unknown model {name!r}: use demo, a CLIP name ({', '.join(clip.available_models())}) "
-            "or a checkpoint path"
+            f"unknown model {name!r}: use demo, a CLIP name ({', '.join(clip.available_models())}) or a checkpoint path"
         )
     try:
         with warnings.catch_warnings():
@@ -500,8 +527,14 @@ def prepare_model(name: str, model: Any, preprocess: Any, encode_type: str | Non
     model.eval()
     _lay_out_text_weights(model)
     torch.set_grad_enabled(False)
-    return ClipModel(name=name, model=model, preprocess=preprocess, dim=int(model.text_projection.shape[1]),
-                     context_length=int(model.context_length), encode_type=encode_type or None)
+    return ClipModel(
+        name=name,
+        model=model,
+        preprocess=preprocess,
+        dim=int(model.text_projection.shape[1]),
+        context_length=int(model.context_length),
+        encode_type=encode_type or None,
+    )
 
 
 def encode_texts(clip_model: ClipModel, texts: list[str]) -> np.ndarray:
@@ -660,8 +693,7 @@ def input_fn(body: bytes | str, content_type: str | None) -> dict[str, Any]:
         return {"kind": IMAGE, "images": [downscale(decode_image(data))]}
     if ctype not in JSON_TYPES:
         raise ValueError(
-            f"unsupported content type {content_type!r}; use application/json or one of "
-            + ", ".join(IMAGE_TYPES)
+            f"unsupported content type {content_type!r}; use application/json or one of " + ", ".join(IMAGE_TYPES)
         )
     try:
         payload = json.loads(body)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.fakes import FakeEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fakes import FakeEncoder  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +44,8 @@ def opensearch_url() -> str:
     """The real OpenSearch node that `make test` starts; its absence is a failure, not a skip."""
     url = os.environ.get("CLIPSEARCH_OPENSEARCH_URL")
     if not url:
-        pytest.fail("CLIPSEARCH_OPENSEARCH_URL is not set: run the suite with `make test`, which starts "
-                    "a real OpenSearch node (scripts/opensearch-local start)")
+        pytest.fail(
+            "CLIPSEARCH_OPENSEARCH_URL is not set: run the suite with `make test`, which starts "
+            "a real OpenSearch node (scripts/opensearch-local start)"
+        )
     return url

@@ -1,6 +1,6 @@
 """Train the bundled `demo` CLIP on generated pictures of coloured shapes (deterministic, CPU).
 
-    .venv/bin/python tools/train_demo_model.py          # train, evaluate, write clipsearch/data/demo.pt
+    .venv/bin/python tools/train_demo_model.py          # train, evaluate, write clipsearch/demo/data/demo.pt
     .venv/bin/python tools/train_demo_model.py --eval   # only evaluate an existing checkpoint
 
 The model is clip-anytorch's own `clip.model.CLIP` (ViT tower, real 49,408-token vocabulary), saved as an
@@ -29,7 +29,7 @@ from clip.model import CLIP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout, installed or not
-from clipsearch import shapes  # noqa: E402
+from clipsearch.demo import shapes  # noqa: E402
 
 DEFAULT_OUT = ROOT / "clipsearch" / "data" / "demo.pt"
 
@@ -298,9 +298,7 @@ def report(path: Path, seed: int, per_class: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint to write (or to evaluate)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

@@ -9,8 +9,7 @@ from typing import Any
 from clipsearch.errors import ConfigError
 from clipsearch.index.base import Document, Hit, IndexInfo, UpsertResult, VectorIndex, doc_id
 
-__all__ = ["Document", "Hit", "IndexInfo", "UpsertResult", "VectorIndex", "doc_id", "open_index",
-           "default_home"]
+__all__ = ["Document", "Hit", "IndexInfo", "UpsertResult", "VectorIndex", "doc_id", "open_index", "default_home"]
 
 BACKENDS = ("embedded", "opensearch")
 

@@ -83,14 +83,20 @@ class AnnHeader:
 
     def matches(self, other: AnnHeader) -> bool:
         return (self.format, self.generation, self.count, self.dim, self.ids_digest, self.options) == (
-            other.format, other.generation, other.count, other.dim, other.ids_digest, other.options)
+            other.format,
+            other.generation,
+            other.count,
+            other.dim,
+            other.ids_digest,
+            other.options,
+        )
 
 
 def ids_digest(ids: Sequence[str]) -> str:
     """A digest of the row order: the structure addresses vectors by matrix row."""
     h = hashlib.sha1()
     for start in range(0, len(ids), 65536):
-        h.update("\n".join(ids[start:start + 65536]).encode())
+        h.update("\n".join(ids[start : start + 65536]).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -112,8 +118,7 @@ PARALLEL_SCAN = 15
 class AnnIndex:
     """IVF lists of compact codes, addressed by matrix row, with an exact re-rank."""
 
-    def __init__(self, index: Any, nprobe: int, options: AnnOptions, trained_count: int,
-                 rerank: int = 0) -> None:
+    def __init__(self, index: Any, nprobe: int, options: AnnOptions, trained_count: int, rerank: int = 0) -> None:
         self.index = index
         if hasattr(index, "implem"):  # fast-scan codes
             index.implem = PARALLEL_SCAN
@@ -132,8 +137,15 @@ class AnnIndex:
         nlist = max(1, min(n // options.list_size, 65536))
         rng = np.random.default_rng(options.seed)
         sample = matrix[np.sort(rng.choice(n, min(n, nlist * options.train_per_list), replace=False))]
-        kmeans = faiss.Kmeans(dim, nlist, niter=options.train_iterations, spherical=True, seed=options.seed,
-                              max_points_per_centroid=options.train_per_list, min_points_per_centroid=1)
+        kmeans = faiss.Kmeans(
+            dim,
+            nlist,
+            niter=options.train_iterations,
+            spherical=True,
+            seed=options.seed,
+            max_points_per_centroid=options.train_per_list,
+            min_points_per_centroid=1,
+        )
         kmeans.train(sample)
         if nlist > HNSW_QUANTIZER_LISTS:
             quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
@@ -144,8 +156,9 @@ class AnnIndex:
         if options.codes == "pq4" and dim % 8 == 0:
             index = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, dim // 8, 4, faiss.METRIC_INNER_PRODUCT)
         elif options.codes in ("pq4", "sq8"):
-            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                                  faiss.METRIC_INNER_PRODUCT, False)
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
+            )
         else:
             raise ConfigError(f"unknown code type {options.codes!r}; use pq4 or sq8")
         index.train(sample)  # the quantizer is already trained: this fits the codes only
@@ -221,8 +234,9 @@ class AnnIndex:
 
     # -- searching ---------------------------------------------------------------------------
 
-    def search(self, q: np.ndarray, want: int, matrix: np.ndarray,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, q: np.ndarray, want: int, matrix: np.ndarray, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Up to `want` (row, exact score) pairs, best first; `allowed` is an optional boolean row mask."""
         faiss = _faiss()
         probe = self.nprobe
@@ -287,6 +301,11 @@ class AnnIndex:
     def info(self) -> dict[str, Any]:
         faiss = _faiss()
         kind = "pq4" if isinstance(self.index, faiss.IndexIVFPQFastScan) else "sq8"
-        return {"ann": "ivf-" + kind, "ann_lists": self.nlist, "ann_nprobe": self.nprobe, "ann_rerank": self.rerank,
-                "ann_useful": self.useful,
-                "ann_bytes_per_vector": int(self.index.code_size) + 8}  # codes + the int64 id in its list
+        return {
+            "ann": "ivf-" + kind,
+            "ann_lists": self.nlist,
+            "ann_nprobe": self.nprobe,
+            "ann_rerank": self.rerank,
+            "ann_useful": self.useful,
+            "ann_bytes_per_vector": int(self.index.code_size) + 8,
+        }  # codes + the int64 id in its list

@@ -48,8 +48,10 @@ class SchemaTooNew(ConfigError):
 def check_schema(found: int, supported: int, where: str) -> None:
     """Refuse an index whose schema is newer than this code writes; an older one is migrated by a write."""
     if found > supported:
-        raise SchemaTooNew(f"{where} has schema version {found}, newer than this clipsearch supports "
-                           f"({supported}); upgrade clipsearch to use it")
+        raise SchemaTooNew(
+            f"{where} has schema version {found}, newer than this clipsearch supports "
+            f"({supported}); upgrade clipsearch to use it"
+        )
 
 
 def wall_clock(when: float | datetime.datetime) -> str:
@@ -136,8 +138,14 @@ class IndexInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "index": self.name, "model": self.model, "dim": self.dim,
-                "count": self.count, **self.extra}
+        return {
+            "backend": self.backend,
+            "index": self.name,
+            "model": self.model,
+            "dim": self.dim,
+            "count": self.count,
+            **self.extra,
+        }
 
 
 @dataclass

@@ -76,13 +76,17 @@ CREATE INDEX IF NOT EXISTS images_key ON images (key);
 _COLUMNS = "id, key, bucket, title, content_hash, size, mtime, width, height, indexed_at"
 _DATE_COLUMNS = "taken_at, taken_offset"  # schema 2
 _MIGRATIONS = {  # version -> the statements that bring a file of that version to the next one
-    1: ["ALTER TABLE images ADD COLUMN taken_at TEXT",
-        "ALTER TABLE images ADD COLUMN taken_offset TEXT NOT NULL DEFAULT ''"],
+    1: [
+        "ALTER TABLE images ADD COLUMN taken_at TEXT",
+        "ALTER TABLE images ADD COLUMN taken_offset TEXT NOT NULL DEFAULT ''",
+    ],
 }
 SEARCH_MODES = ("exact", "approx")
 # Each write transaction bumps this, so a persisted ANN structure can tell whether it is stale.
-_BUMP_GENERATION = ("INSERT INTO meta (name, value) VALUES ('generation', '1') ON CONFLICT(name) "
-                    "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+_BUMP_GENERATION = (
+    "INSERT INTO meta (name, value) VALUES ('generation', '1') ON CONFLICT(name) "
+    "DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+)
 BUSY_TIMEOUT_S = 10  # how long a writer waits for another writer's lock before giving up
 
 
@@ -118,19 +122,22 @@ def storage_error(e: sqlite3.Error, path: Path) -> ClipsearchError:
     if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return IndexCorrupt(f"the index {path} is damaged ({detail}); run `{repair_command(path.parent)}`")
     if primary == _SQLITE_FULL or (primary == _SQLITE_IOERR and _disk_full(path.parent)):
-        return IndexUnavailable(f"the disk holding the index {path} is full; free some space and re-run "
-                                "(what was committed is kept)")
+        return IndexUnavailable(
+            f"the disk holding the index {path} is full; free some space and re-run (what was committed is kept)"
+        )
     if primary == _SQLITE_IOERR:
         return IndexUnavailable(f"I/O error on the index {path} ({detail}); check the disk, then re-run")
     if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
-        return IndexUnavailable(f"the index {path} is locked by another process (waited {BUSY_TIMEOUT_S} s); "
-                                "re-run when it has finished")
+        return IndexUnavailable(
+            f"the index {path} is locked by another process (waited {BUSY_TIMEOUT_S} s); re-run when it has finished"
+        )
     if primary in (_SQLITE_READONLY, _SQLITE_PERM):
-        return IndexReadOnly(f"the index {path} is read-only ({detail}); it can be searched, but indexing "
-                             "needs a writable --index folder")
+        return IndexReadOnly(
+            f"the index {path} is read-only ({detail}); it can be searched, but indexing "
+            "needs a writable --index folder"
+        )
     if primary == _SQLITE_CANTOPEN:
-        return ConfigError(f"cannot open the index {path} ({detail}); check that its folder exists and "
-                           "can be read")
+        return ConfigError(f"cannot open the index {path} ({detail}); check that its folder exists and can be read")
     return IndexUnavailable(f"the index {path} failed ({detail})")
 
 
@@ -159,7 +166,8 @@ def _writable(directory: Path) -> bool:
     """Whether SQLite can create and write files here (False on a read-only mount, even for root)."""
     names = [DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"]
     return os.access(directory, os.W_OK) and all(
-        os.access(directory / n, os.W_OK) for n in names if (directory / n).exists())
+        os.access(directory / n, os.W_OK) for n in names if (directory / n).exists()
+    )
 
 
 def _wal_has_content(db_path: Path) -> bool:
@@ -193,9 +201,10 @@ def _open_read_only(db_path: Path) -> tuple[sqlite3.Connection, bool]:
     """
     uri = "file:" + urllib.parse.quote(os.fsencode(db_path.absolute()))
     immutable = _read_only_mount(db_path.parent) and not _wal_has_content(db_path)
-    for flag in (["immutable=1"] if immutable else ["mode=ro", "immutable=1"]):
-        db = sqlite3.connect(f"{uri}?{flag}", uri=True, check_same_thread=False, isolation_level=None,
-                             timeout=BUSY_TIMEOUT_S)
+    for flag in ["immutable=1"] if immutable else ["mode=ro", "immutable=1"]:
+        db = sqlite3.connect(
+            f"{uri}?{flag}", uri=True, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
+        )
         db.text_factory = text_from_db
         try:
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
@@ -208,8 +217,10 @@ def _open_read_only(db_path: Path) -> tuple[sqlite3.Connection, bool]:
             if flag == "immutable=1" or not retry:
                 raise
             if _wal_has_content(db_path):
-                raise IndexReadOnly(f"the index {db_path} has commits in its -wal file that SQLite can only "
-                                    "read where it may write: open it once from a writable folder") from None
+                raise IndexReadOnly(
+                    f"the index {db_path} has commits in its -wal file that SQLite can only "
+                    "read where it may write: open it once from a writable folder"
+                ) from None
     raise AssertionError("unreachable")
 
 
@@ -257,8 +268,15 @@ class EmbeddedIndex:
 
     backend = "embedded"
 
-    def __init__(self, directory: str | Path, model: str | None = None, dim: int | None = None,
-                 search_mode: str = "exact", ann: dict[str, Any] | None = None, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        model: str | None = None,
+        dim: int | None = None,
+        search_mode: str = "exact",
+        ann: dict[str, Any] | None = None,
+        read_only: bool = False,
+    ) -> None:
         """Open or create the index; search_mode="approx" opts into the ANN structure (`ann`: its options).
 
         read_only: open for searching only; nothing is created, migrated or written, so a read-only mount,
@@ -286,11 +304,12 @@ class EmbeddedIndex:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise IndexReadOnly(f"cannot create the index folder {self.directory}: "
-                                    f"{e.strerror or e}") from None
+                raise IndexReadOnly(f"cannot create the index folder {self.directory}: {e.strerror or e}") from None
         elif not read_only and not _writable(self.directory):
-            raise IndexReadOnly(f"the index {self.directory} is on a read-only folder or mount; it can be "
-                                "searched, but indexing needs a writable --index folder")
+            raise IndexReadOnly(
+                f"the index {self.directory} is on a read-only folder or mount; it can be "
+                "searched, but indexing needs a writable --index folder"
+            )
         self._lock = threading.RLock()
         self._db, meta, self._identity, self._stamp = self._open(model, dim)
         self.model = meta["model"]
@@ -305,8 +324,9 @@ class EmbeddedIndex:
                 raise storage_error(e, self.path) from None
             raise
 
-    def _open(self, model: str | None, dim: int | None
-              ) -> tuple[sqlite3.Connection, dict[str, str], tuple[int, int], tuple[int, int, int] | None]:
+    def _open(
+        self, model: str | None, dim: int | None
+    ) -> tuple[sqlite3.Connection, dict[str, str], tuple[int, int], tuple[int, int, int] | None]:
         """Connect and read (or, writable and given a model, create) the meta record; the file's identity;
         and, for an `immutable=1` connection, the file's stamp (see _follow_replacement)."""
         db: sqlite3.Connection | None = None
@@ -317,8 +337,7 @@ class EmbeddedIndex:
                 db, immutable = _open_read_only(self.path)
                 stamp = before if immutable else None
             else:
-                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                     timeout=BUSY_TIMEOUT_S)
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
                 db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
                 if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     db.execute("PRAGMA journal_mode=WAL")
@@ -336,8 +355,10 @@ class EmbeddedIndex:
                 return db, meta, identity, stamp
             # An empty or half-created file (a crash while creating it) is treated as a new index.
             if self.read_only or model is None or dim is None:
-                raise NotFound(f"the index at {self.directory} is empty (a run stopped while creating it); "
-                               "run `clipsearch index PATH` to build it")
+                raise NotFound(
+                    f"the index at {self.directory} is empty (a run stopped while creating it); "
+                    "run `clipsearch index PATH` to build it"
+                )
             with _Transaction(db, self._lock):
                 # Another process may have created the index since the read above: use its record.
                 found = _read_meta(db)
@@ -346,8 +367,10 @@ class EmbeddedIndex:
                     return db, found, identity, stamp
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if "images" in tables and db.execute("SELECT COUNT(*) FROM images").fetchone()[0]:
-                    raise IndexCorrupt(f"the index {self.path} has pictures but no model record; run "
-                                       f"`{repair_command(self.directory)}`")
+                    raise IndexCorrupt(
+                        f"the index {self.path} has pictures but no model record; run "
+                        f"`{repair_command(self.directory)}`"
+                    )
                 db.execute("DROP TABLE IF EXISTS images")  # whatever a crash left of the schema
                 db.execute("DROP TABLE IF EXISTS meta")
                 for stmt in _SCHEMA.strip().split(";"):
@@ -355,8 +378,12 @@ class EmbeddedIndex:
                         db.execute(stmt)
                 db.executemany(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-                    [("schema_version", str(SCHEMA_VERSION)), ("model", model), ("dim", str(dim)),
-                     ("created_at", str(time.time()))],
+                    [
+                        ("schema_version", str(SCHEMA_VERSION)),
+                        ("model", model),
+                        ("dim", str(dim)),
+                        ("created_at", str(time.time())),
+                    ],
                 )
             return db, {"model": model, "dim": str(dim), "schema_version": str(SCHEMA_VERSION)}, identity, stamp
         except BaseException as e:
@@ -397,7 +424,7 @@ class EmbeddedIndex:
                     if dated:
                         taken.extend(r[3] for r in rows)
                     block = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
-                    self._buffer[start:start + len(rows)] = block.reshape(len(rows), self.dim)
+                    self._buffer[start : start + len(rows)] = block.reshape(len(rows), self.dim)
                 self._data_version = self._current_version()
             finally:
                 self._db.execute("COMMIT")
@@ -438,7 +465,8 @@ class EmbeddedIndex:
         except OSError:
             return False  # deleted and not re-created (yet): keep answering from what is open
         if (st.st_dev, st.st_ino) == self._identity and (
-                self._stamp is None or self._stamp == (st.st_size, st.st_mtime_ns, st.st_ino)):
+            self._stamp is None or self._stamp == (st.st_size, st.st_mtime_ns, st.st_ino)
+        ):
             return False
         try:
             db, meta, identity, stamp = self._open(None, None)
@@ -446,9 +474,11 @@ class EmbeddedIndex:
             return False  # still being created: keep the old one until it has its model record
         if (meta["model"], int(meta["dim"])) != (self.model, self.dim):
             db.close()
-            raise IndexUnavailable(f"the index {self.directory} was replaced by one built with model "
-                                   f"{meta['model']!r} (dim {meta['dim']}); this server encodes with "
-                                   f"{self.model!r}: restart it")
+            raise IndexUnavailable(
+                f"the index {self.directory} was replaced by one built with model "
+                f"{meta['model']!r} (dim {meta['dim']}); this server encodes with "
+                f"{self.model!r}: restart it"
+            )
         old, self._db, self._identity, self._stamp = self._db, db, identity, stamp
         old.close()
         return True
@@ -468,8 +498,23 @@ class EmbeddedIndex:
             if not np.isfinite(vec).all():
                 result.failed[d.id] = "vector has non-finite values (NaN or infinity); not stored"
                 continue
-            rows.append((d.id, d.key, d.bucket, d.title, d.content_hash, d.size, d.mtime, d.width,
-                         d.height, d.indexed_at or now, d.taken_at, d.taken_offset, vec.tobytes()))
+            rows.append(
+                (
+                    d.id,
+                    d.key,
+                    d.bucket,
+                    d.title,
+                    d.content_hash,
+                    d.size,
+                    d.mtime,
+                    d.width,
+                    d.height,
+                    d.indexed_at or now,
+                    d.taken_at,
+                    d.taken_offset,
+                    vec.tobytes(),
+                )
+            )
         if rows:
             self._check_writable_schema()
             with self._tx():
@@ -513,7 +558,7 @@ class EmbeddedIndex:
                     grown = np.empty((max(2 * self._buffer.shape[0], n + extra), self.dim), np.float32)
                     grown[:n] = self._buffer[:n]
                     self._buffer = grown
-                self._buffer[n:n + extra] = np.stack(new_vecs)
+                self._buffer[n : n + extra] = np.stack(new_vecs)
                 self._ids = self._ids + new_ids
                 self._keys = np.concatenate([self._keys, np.array(new_keys, dtype=object)])
                 self._taken = np.concatenate([self._taken, np.array(new_taken, dtype="datetime64[s]")])
@@ -541,14 +586,22 @@ class EmbeddedIndex:
     def get(self, id: str) -> Document | None:
         with self._lock:
             dates = _DATE_COLUMNS if self._schema >= 2 else "NULL, ''"
-            row = self._db.execute(f"SELECT {_COLUMNS}, vector, {dates} FROM images WHERE id = ?",
-                                   (id,)).fetchone()
+            row = self._db.execute(f"SELECT {_COLUMNS}, vector, {dates} FROM images WHERE id = ?", (id,)).fetchone()
         if row is None:
             return None
         return Document(
-            key=row[1], bucket=row[2], title=row[3], content_hash=row[4], size=row[5], mtime=row[6],
-            width=row[7], height=row[8], indexed_at=row[9],
-            vector=np.frombuffer(row[10], dtype=np.float32).copy(), taken_at=row[11], taken_offset=row[12],
+            key=row[1],
+            bucket=row[2],
+            title=row[3],
+            content_hash=row[4],
+            size=row[5],
+            mtime=row[6],
+            width=row[7],
+            height=row[8],
+            indexed_at=row[9],
+            vector=np.frombuffer(row[10], dtype=np.float32).copy(),
+            taken_at=row[11],
+            taken_offset=row[12],
         )
 
     @_sqlite_errors
@@ -590,8 +643,10 @@ class EmbeddedIndex:
     def _taken_rows(self, taken: DateRange) -> np.ndarray:
         """Rows whose capture time is on or after taken.after and before taken.before, ascending."""
         if self._schema < 2:
-            raise BadRequest(f"the index {self.directory} has no capture dates yet (it was written by an older "
-                             "clipsearch): run `clipsearch index` on its folders once to add them")
+            raise BadRequest(
+                f"the index {self.directory} has no capture dates yet (it was written by an older "
+                "clipsearch): run `clipsearch index` on its folders once to add them"
+            )
         mask = ~np.isnat(self._taken)
         if taken.after is not None:
             mask &= self._taken >= np.datetime64(taken.after, "s")
@@ -617,8 +672,9 @@ class EmbeddedIndex:
         floor = self._ann_options.min_rows
         return n >= floor and (allowed is None or len(allowed) > max(floor, n // 8))
 
-    def _ann_search(self, q: np.ndarray, want: int, matrix: np.ndarray,
-                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    def _ann_search(
+        self, q: np.ndarray, want: int, matrix: np.ndarray, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         ann = self._synced_ann(matrix)
         if not ann.useful:
             return None
@@ -640,14 +696,19 @@ class EmbeddedIndex:
                 rows = np.array(sorted(self._replaced), dtype=np.int64)
                 ann.replace(rows, matrix[rows])
             if ann.count < n:
-                ann.append(matrix[ann.count:n], ann.count)
+                ann.append(matrix[ann.count : n], ann.count)
         self._replaced.clear()
         self._ann, self._ann_reloads = ann, self._reloads
         return ann
 
     def _ann_header(self) -> ann_mod.AnnHeader:
-        return ann_mod.AnnHeader(generation=self._generation, count=len(self._ids), dim=self.dim,
-                                 ids_digest=ann_mod.ids_digest(self._ids), options=asdict(self._ann_options))
+        return ann_mod.AnnHeader(
+            generation=self._generation,
+            count=len(self._ids),
+            dim=self.dim,
+            ids_digest=ann_mod.ids_digest(self._ids),
+            options=asdict(self._ann_options),
+        )
 
     def _load_or_build_ann(self, matrix: np.ndarray) -> ann_mod.AnnIndex:
         header = self._ann_header()
@@ -687,8 +748,19 @@ class EmbeddedIndex:
         for id_, score in zip(wanted, scores, strict=True):
             r = found.get(id_)
             if r is not None:
-                hits.append(Hit(id=id_, key=r[1], score=max(-1.0, min(1.0, score)), title=r[2],
-                                bucket=r[3], width=r[4], height=r[5], taken_at=r[6], taken_offset=r[7]))
+                hits.append(
+                    Hit(
+                        id=id_,
+                        key=r[1],
+                        score=max(-1.0, min(1.0, score)),
+                        title=r[2],
+                        bucket=r[3],
+                        width=r[4],
+                        height=r[5],
+                        taken_at=r[6],
+                        taken_offset=r[7],
+                    )
+                )
         return hits
 
     @_sqlite_errors
@@ -744,8 +816,10 @@ class EmbeddedIndex:
 
     def _check_writable_schema(self) -> None:
         if self._schema < SCHEMA_VERSION:  # opened read-only (never migrated), yet asked to write
-            raise IndexReadOnly(f"the index {self.directory} was opened read-only and has an older schema; "
-                                "open it for writing (`clipsearch index`) to migrate it")
+            raise IndexReadOnly(
+                f"the index {self.directory} was opened read-only and has an older schema; "
+                "open it for writing (`clipsearch index`) to migrate it"
+            )
 
     @_sqlite_errors
     def count(self) -> int:
@@ -757,15 +831,20 @@ class EmbeddedIndex:
     @_sqlite_errors
     def info(self) -> IndexInfo:
         n = self.count()
-        extra: dict[str, Any] = {"bytes_per_vector": self.dim * 4, "path": str(self.directory / DB_NAME),
-                                 "search_mode": self.search_mode, "schema_version": self._schema}
+        extra: dict[str, Any] = {
+            "bytes_per_vector": self.dim * 4,
+            "path": str(self.directory / DB_NAME),
+            "search_mode": self.search_mode,
+            "schema_version": self._schema,
+        }
         with self._lock:
             if self._ann is not None:
                 extra.update(self._ann.info())
             if self._unreadable:
                 extra["unreadable_rows"] = len(self._unreadable)
-        return IndexInfo(backend=self.backend, name=str(self.directory), model=self.model, dim=self.dim,
-                         count=n, extra=extra)
+        return IndexInfo(
+            backend=self.backend, name=str(self.directory), model=self.model, dim=self.dim, count=n, extra=extra
+        )
 
     @_sqlite_errors
     def close(self) -> None:
@@ -783,8 +862,9 @@ def _prefix_end(prefix: str) -> str | None:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
 
 
-def _exact_top(matrix: np.ndarray, q: np.ndarray, want: int,
-               allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _exact_top(
+    matrix: np.ndarray, q: np.ndarray, want: int, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """The `want` best rows by inner product (in no order) and their scores; `allowed`: rows to consider."""
     if allowed is None:
         scores = matrix @ q
@@ -792,12 +872,12 @@ def _exact_top(matrix: np.ndarray, q: np.ndarray, want: int,
         # A narrow filter: score only its rows, gathered in blocks so no big copy is made.
         scores = np.empty(len(allowed), dtype=np.float32)
         for start in range(0, len(allowed), 16384):
-            block = allowed[start:start + 16384]
-            scores[start:start + len(block)] = matrix[block] @ q
+            block = allowed[start : start + 16384]
+            scores[start : start + len(block)] = matrix[block] @ q
     else:
         scores = (matrix @ q)[allowed]
     n = len(scores)
-    top = np.argpartition(scores, n - want)[n - want:] if want < n else np.arange(n)
+    top = np.argpartition(scores, n - want)[n - want :] if want < n else np.arange(n)
     return (top if allowed is None else allowed[top]), scores[top]
 
 
@@ -879,8 +959,9 @@ def check_index(directory: str | Path, repair: bool = False) -> CheckReport:
     if not path.exists():
         raise NotFound(f"no index at {directory}; nothing to check")
     if repair and not _writable(directory):
-        raise IndexReadOnly(f"the index {directory} is on a read-only folder or mount; copy it somewhere "
-                            "writable to repair it")
+        raise IndexReadOnly(
+            f"the index {directory} is on a read-only folder or mount; copy it somewhere writable to repair it"
+        )
     damage = _damage(path)
     if damage is not None:
         report.problems.append(f"the file is damaged: {damage}")
@@ -895,8 +976,11 @@ def check_index(directory: str | Path, repair: bool = False) -> CheckReport:
         meta = _read_meta(db)
         if meta is None or not {"model", "dim"} <= meta.keys():
             rows = 0 if meta is None else int(db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
-            report.problems.append("the file holds no index (empty or half-created: a run stopped while "
-                                   "creating it)" if not rows else f"{rows} rows but no model record")
+            report.problems.append(
+                "the file holds no index (empty or half-created: a run stopped while creating it)"
+                if not rows
+                else f"{rows} rows but no model record"
+            )
             db.close()
             if repair and not rows:
                 _remove_index_files(path)
@@ -913,23 +997,33 @@ def check_index(directory: str | Path, repair: bool = False) -> CheckReport:
     if schema < SCHEMA_VERSION:
         if repair:
             _migrate_file(path)
-            report.repaired.append(f"migrated the schema from version {schema} to {SCHEMA_VERSION}; the next "
-                                   "`clipsearch index` of its folders fills in the capture dates")
+            report.repaired.append(
+                f"migrated the schema from version {schema} to {SCHEMA_VERSION}; the next "
+                "`clipsearch index` of its folders fills in the capture dates"
+            )
         else:
-            report.notes.append(f"schema version {schema} (this clipsearch writes {SCHEMA_VERSION}): it has no "
-                                "capture dates; the next `clipsearch index` or `check --repair` migrates it")
+            report.notes.append(
+                f"schema version {schema} (this clipsearch writes {SCHEMA_VERSION}): it has no "
+                "capture dates; the next `clipsearch index` or `check --repair` migrates it"
+            )
     if unreadable:
-        report.problems.append(f"{len(unreadable)} rows have an unusable vector (wrong size, NaN or "
-                               f"infinity), e.g. {sorted(unreadable.values())[0]}")
+        report.problems.append(
+            f"{len(unreadable)} rows have an unusable vector (wrong size, NaN or "
+            f"infinity), e.g. {sorted(unreadable.values())[0]}"
+        )
         if repair:
             _drop_rows(directory, list(unreadable))
             report.rows -= len(unreadable)
             report.problems.pop()
-            report.repaired.append(f"dropped {len(unreadable)} rows with an unusable vector; the next "
-                                   "`clipsearch index` of their folders re-embeds them")
+            report.repaired.append(
+                f"dropped {len(unreadable)} rows with an unusable vector; the next "
+                "`clipsearch index` of their folders re-embeds them"
+            )
     if gone:
-        report.notes.append(f"{gone} entries name local files that are gone (a moved folder, an unmounted "
-                            "share?); `clipsearch index` of their folder removes them")
+        report.notes.append(
+            f"{gone} entries name local files that are gone (a moved folder, an unmounted "
+            "share?); `clipsearch index` of their folder removes them"
+        )
     return report
 
 
@@ -1002,8 +1096,10 @@ def _repair_damaged(directory: Path, report: CheckReport) -> None:
         if not {"model", "dim"} <= meta.keys():
             src.close()
             aside = _move_aside(path)
-            report.problems.append(f"its model record cannot be read, so nothing can be copied: moved it to "
-                                   f"{aside}; run `clipsearch index` on your folders to build the index again")
+            report.problems.append(
+                f"its model record cannot be read, so nothing can be copied: moved it to "
+                f"{aside}; run `clipsearch index` on your folders to build the index again"
+            )
             return
         work = directory / ".repair"
         if work.exists():
@@ -1014,11 +1110,24 @@ def _repair_damaged(directory: Path, report: CheckReport) -> None:
             saved = 0
             keys: list[str] = []
             for batch in _readable_rows(src, dated=dated):
-                docs = [Document(key=r[1], bucket=r[2], title=r[3], content_hash=r[4], size=r[5], mtime=r[6],
-                                 width=r[7], height=r[8], indexed_at=r[9],
-                                 vector=np.frombuffer(r[10], dtype=np.float32), taken_at=r[11],
-                                 taken_offset=r[12] or "")
-                        for r in batch if isinstance(r[10], bytes) and len(r[10]) == 4 * fresh.dim]
+                docs = [
+                    Document(
+                        key=r[1],
+                        bucket=r[2],
+                        title=r[3],
+                        content_hash=r[4],
+                        size=r[5],
+                        mtime=r[6],
+                        width=r[7],
+                        height=r[8],
+                        indexed_at=r[9],
+                        vector=np.frombuffer(r[10], dtype=np.float32),
+                        taken_at=r[11],
+                        taken_offset=r[12] or "",
+                    )
+                    for r in batch
+                    if isinstance(r[10], bytes) and len(r[10]) == 4 * fresh.dim
+                ]
                 saved += fresh.upsert(docs).written
                 keys.extend(d.key for d in docs if not d.bucket and os.path.isabs(d.key))
         finally:
@@ -1035,9 +1144,11 @@ def _repair_damaged(directory: Path, report: CheckReport) -> None:
     again = ""
     if keys:
         again = f" `clipsearch index {shlex.quote(os.path.commonpath(keys))} --index {shlex.quote(str(directory))}`"
-    report.repaired.append(f"copied the {saved} readable rows into a fresh index and moved the damaged file "
-                           f"to {aside}; re-run{again or ' `clipsearch index` on your folders'} to re-embed "
-                           "the pictures whose rows were lost")
+    report.repaired.append(
+        f"copied the {saved} readable rows into a fresh index and moved the damaged file "
+        f"to {aside}; re-run{again or ' `clipsearch index` on your folders'} to re-embed "
+        "the pictures whose rows were lost"
+    )
 
 
 def _settle(path: Path, expected: int) -> None:
@@ -1055,8 +1166,7 @@ def _settle(path: Path, expected: int) -> None:
             mode = db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
         finally:
             db.close()
-        check = sqlite3.connect("file:" + urllib.parse.quote(os.fsencode(path.absolute())) + "?immutable=1",
-                                uri=True)
+        check = sqlite3.connect("file:" + urllib.parse.quote(os.fsencode(path.absolute())) + "?immutable=1", uri=True)
         try:
             kept = int(check.execute("SELECT COUNT(*) FROM images").fetchone()[0])
         finally:
@@ -1069,9 +1179,11 @@ def _settle(path: Path, expected: int) -> None:
         _remove_index_files(path)
         with contextlib.suppress(OSError):
             path.parent.rmdir()
-        raise IndexUnavailable(f"the repair could not finish writing the new index ({failed}); the damaged "
-                               f"file {path.parent.parent / DB_NAME} is left as it was: free some disk "
-                               "space and re-run check --repair")
+        raise IndexUnavailable(
+            f"the repair could not finish writing the new index ({failed}); the damaged "
+            f"file {path.parent.parent / DB_NAME} is left as it was: free some disk "
+            "space and re-run check --repair"
+        )
 
 
 def _move_aside(path: Path) -> Path:

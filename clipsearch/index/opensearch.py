@@ -112,13 +112,16 @@ class OpenSearchIndex:
             self.url, self.service = "(client)", service or "es"
             self.client = client
         else:
-            self.url, self.client, self.service = _make_client(url, auth, username, password, region,
-                                                               service, timeout_s)
+            self.url, self.client, self.service = _make_client(
+                url, auth, username, password, region, service, timeout_s
+            )
         meta = self._load_meta()
         if meta is None:
             if model is None or dim is None:
-                raise NotFound(f"no OpenSearch index {name!r} at {self.url}; run `clipsearch index PATH "
-                               "--backend opensearch` first")
+                raise NotFound(
+                    f"no OpenSearch index {name!r} at {self.url}; run `clipsearch index PATH "
+                    "--backend opensearch` first"
+                )
             meta = self._create(model, dim, shards, replicas, refresh_interval)
         self.model = str(meta["model"])
         self.dim = int(meta["dim"])
@@ -134,8 +137,15 @@ class OpenSearchIndex:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[..., T], *args: Any,
-              expect: tuple[type[Exception], ...] = (), attempts: _Attempts | None = None, **kwargs: Any) -> T:
+    def _call(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        expect: tuple[type[Exception], ...] = (),
+        attempts: _Attempts | None = None,
+        **kwargs: Any,
+    ) -> T:
         """Run one client call, retrying 429/5xx/connection errors with jittered exponential backoff.
 
         Errors in `expect` reach the caller as they are; others become clipsearch's typed errors.
@@ -155,8 +165,10 @@ class OpenSearchIndex:
             except expect:
                 raise
             except (os_errors.AuthenticationException, os_errors.AuthorizationException) as e:
-                raise ConfigError(f"OpenSearch at {self.url} refused {what} ({e.status_code}); check "
-                                  "CLIPSEARCH_OPENSEARCH_AUTH and the credentials") from e
+                raise ConfigError(
+                    f"OpenSearch at {self.url} refused {what} ({e.status_code}); check "
+                    "CLIPSEARCH_OPENSEARCH_AUTH and the credentials"
+                ) from e
             except os_errors.NotFoundError as e:
                 raise NotFound(f"OpenSearch index {self.name!r} not found at {self.url}") from e
             except os_errors.TransportError as e:
@@ -167,8 +179,9 @@ class OpenSearchIndex:
                     raise Unavailable(f"OpenSearch at {self.url} unavailable for {what}: {_reason(e)}") from e
                 pause = self._pause(attempt)
                 if not self._fits(pause):
-                    raise Unavailable(f"OpenSearch at {self.url} unavailable for {what}: {_reason(e)} "
-                                      "(no time left to retry)") from e
+                    raise Unavailable(
+                        f"OpenSearch at {self.url} unavailable for {what}: {_reason(e)} (no time left to retry)"
+                    ) from e
             time.sleep(pause)
 
     def _pause(self, attempt: int) -> float:
@@ -180,8 +193,12 @@ class OpenSearchIndex:
 
     def _load_meta(self) -> dict[str, Any] | None:
         try:
-            mapping = self._call("reading the mapping", self.client.indices.get_mapping,
-                                 index=self.name, expect=(os_errors.NotFoundError,))
+            mapping = self._call(
+                "reading the mapping",
+                self.client.indices.get_mapping,
+                index=self.name,
+                expect=(os_errors.NotFoundError,),
+            )
         except os_errors.NotFoundError:
             return None
         body: dict[str, Any] = {}
@@ -189,8 +206,9 @@ class OpenSearchIndex:
             body = entry.get("mappings", {})
         meta = body.get("_meta", {}).get("clipsearch")
         if not meta:
-            raise ConfigError(f"OpenSearch index {self.name!r} exists but was not created by clipsearch; "
-                              "use another --index")
+            raise ConfigError(
+                f"OpenSearch index {self.name!r} exists but was not created by clipsearch; use another --index"
+            )
         return dict(meta)
 
     def _create(self, model: str, dim: int, shards: int, replicas: int, refresh_interval: str) -> dict:
@@ -198,14 +216,19 @@ class OpenSearchIndex:
             "schema_version": SCHEMA_VERSION,
             "model": model,
             "dim": dim,
-            "method": {"engine": self.engine, "space_type": "cosinesimil", "m": self.m,
-                       "ef_construction": self.ef_construction},
+            "method": {
+                "engine": self.engine,
+                "space_type": "cosinesimil",
+                "m": self.m,
+                "ef_construction": self.ef_construction,
+            },
             "created_at": time.time(),
         }
         settings: dict[str, Any] = {"index.knn": True}
         if self.service != "aoss":  # Serverless manages shards, replicas and refresh itself.
-            settings.update({"number_of_shards": shards, "number_of_replicas": replicas,
-                             "refresh_interval": refresh_interval})
+            settings.update(
+                {"number_of_shards": shards, "number_of_replicas": replicas, "refresh_interval": refresh_interval}
+            )
         body = {
             "settings": settings,
             "mappings": {
@@ -237,8 +260,13 @@ class OpenSearchIndex:
             },
         }
         try:
-            self._call("creating the index", self.client.indices.create, index=self.name, body=body,
-                       expect=(os_errors.RequestError,))
+            self._call(
+                "creating the index",
+                self.client.indices.create,
+                index=self.name,
+                body=body,
+                expect=(os_errors.RequestError,),
+            )
         except os_errors.RequestError as e:
             # Another process (a concurrent Lambda) created it first: use theirs, checked below.
             if "resource_already_exists_exception" not in str(e.error):
@@ -260,8 +288,12 @@ class OpenSearchIndex:
         if self.schema >= SCHEMA_VERSION:
             return
         meta = {**self._meta, "schema_version": SCHEMA_VERSION}
-        self._call("migrating the mapping", self.client.indices.put_mapping, index=self.name,
-                   body={"_meta": {"clipsearch": meta}, "properties": _DATE_FIELDS})
+        self._call(
+            "migrating the mapping",
+            self.client.indices.put_mapping,
+            index=self.name,
+            body={"_meta": {"clipsearch": meta}, "properties": _DATE_FIELDS},
+        )
         self._meta, self.schema = meta, SCHEMA_VERSION
 
     def upsert(self, docs: Sequence[Document]) -> UpsertResult:
@@ -276,10 +308,19 @@ class OpenSearchIndex:
                 result.failed[d.id] = f"vector has dimension {vec.shape[0]}, index has {self.dim}"
                 continue
             source = {
-                VECTOR_FIELD: vec.tolist(), "key": d.key, "bucket": d.bucket, "title": d.title,
-                "content_hash": d.content_hash, "size": d.size, "mtime": d.mtime, "width": d.width,
-                "height": d.height, "model": self.model, "indexed_at": d.indexed_at or now,
-                "taken_at": d.taken_at, "taken_offset": d.taken_offset,
+                VECTOR_FIELD: vec.tolist(),
+                "key": d.key,
+                "bucket": d.bucket,
+                "title": d.title,
+                "content_hash": d.content_hash,
+                "size": d.size,
+                "mtime": d.mtime,
+                "width": d.width,
+                "height": d.height,
+                "model": self.model,
+                "indexed_at": d.indexed_at or now,
+                "taken_at": d.taken_at,
+                "taken_offset": d.taken_offset,
             }
             action = json.dumps({"index": {"_index": self.name, "_id": d.id}})
             lines[d.id] = action + "\n" + json.dumps(source, separators=(",", ":")) + "\n"
@@ -290,8 +331,7 @@ class OpenSearchIndex:
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete by id; returns how many existed."""
-        lines = {i: json.dumps({"delete": {"_index": self.name, "_id": i}}) + "\n"
-                 for i in dict.fromkeys(ids)}
+        lines = {i: json.dumps({"delete": {"_index": self.name, "_id": i}}) + "\n" for i in dict.fromkeys(ids)}
         if not lines:
             return 0
         removed, failed = self._bulk(lines, count_result="deleted")
@@ -315,7 +355,7 @@ class OpenSearchIndex:
                     done += len(chunk)
                     continue
                 for item in resp["items"]:
-                    (op, res), = item.items()
+                    ((op, res),) = item.items()
                     id_, status = res.get("_id", ""), int(res.get("status", 0))
                     if 200 <= status < 300:
                         if count_result is None or res.get("result") == count_result:
@@ -372,18 +412,23 @@ class OpenSearchIndex:
 
     def get(self, id: str) -> Document | None:
         try:
-            resp = self._call("a get", self.client.get, index=self.name, id=id,
-                              expect=(os_errors.NotFoundError,))
+            resp = self._call("a get", self.client.get, index=self.name, id=id, expect=(os_errors.NotFoundError,))
         except os_errors.NotFoundError:
             return None
         s = resp["_source"]
         return Document(
-            key=s["key"], bucket=s.get("bucket", ""), title=s.get("title", ""),
-            content_hash=s.get("content_hash", ""), size=int(s.get("size", 0)),
-            mtime=float(s.get("mtime", 0)), width=int(s.get("width", 0)), height=int(s.get("height", 0)),
+            key=s["key"],
+            bucket=s.get("bucket", ""),
+            title=s.get("title", ""),
+            content_hash=s.get("content_hash", ""),
+            size=int(s.get("size", 0)),
+            mtime=float(s.get("mtime", 0)),
+            width=int(s.get("width", 0)),
+            height=int(s.get("height", 0)),
             indexed_at=float(s.get("indexed_at", 0)),
             vector=np.asarray(s[VECTOR_FIELD], dtype=np.float32),
-            taken_at=s.get("taken_at"), taken_offset=s.get("taken_offset") or "",
+            taken_at=s.get("taken_at"),
+            taken_offset=s.get("taken_offset") or "",
         )
 
     def search(
@@ -416,8 +461,10 @@ class OpenSearchIndex:
                 if int(meta.get("schema_version", 1)) >= 2:
                     self._meta, self.schema = meta, int(meta["schema_version"])
             if self.schema < 2:
-                raise BadRequest(f"OpenSearch index {self.name!r} has no capture dates yet (it was written by an "
-                                 "older clipsearch): run `clipsearch index` once to add them")
+                raise BadRequest(
+                    f"OpenSearch index {self.name!r} has no capture dates yet (it was written by an "
+                    "older clipsearch): run `clipsearch index` once to add them"
+                )
             bounds = {op: value for op, value in (("gte", taken.after), ("lt", taken.before)) if value}
             filters.append({"range": {"taken_at": {**bounds, "format": TAKEN_FORMAT}}})
         if len(filters) == 1:
@@ -437,10 +484,19 @@ class OpenSearchIndex:
         hits = []
         for h in resp["hits"]["hits"]:
             s = h.get("_source", {})
-            hits.append(Hit(id=h["_id"], key=s.get("key", ""), score=_score_to_cos(float(h["_score"])),
-                            title=s.get("title", ""), bucket=s.get("bucket", ""),
-                            width=int(s.get("width", 0)), height=int(s.get("height", 0)),
-                            taken_at=s.get("taken_at"), taken_offset=s.get("taken_offset") or ""))
+            hits.append(
+                Hit(
+                    id=h["_id"],
+                    key=s.get("key", ""),
+                    score=_score_to_cos(float(h["_score"])),
+                    title=s.get("title", ""),
+                    bucket=s.get("bucket", ""),
+                    width=int(s.get("width", 0)),
+                    height=int(s.get("height", 0)),
+                    taken_at=s.get("taken_at"),
+                    taken_offset=s.get("taken_offset") or "",
+                )
+            )
         return hits
 
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
@@ -450,8 +506,13 @@ class OpenSearchIndex:
         after: list[Any] | None = None
         self._see_own_writes()
         while True:
-            body: dict[str, Any] = {"size": 1000, "query": query, "_source": ["key", "size", "mtime"],
-                                    "sort": [{"key": "asc"}, {"bucket": "asc"}], "track_total_hits": False}
+            body: dict[str, Any] = {
+                "size": 1000,
+                "query": query,
+                "_source": ["key", "size", "mtime"],
+                "sort": [{"key": "asc"}, {"bucket": "asc"}],
+                "track_total_hits": False,
+            }
             if after is not None:
                 body["search_after"] = after
             hits = self._call("listing keys", self.client.search, index=self.name, body=body)["hits"]["hits"]
@@ -473,8 +534,13 @@ class OpenSearchIndex:
         after: list[Any] | None = None
         self._see_own_writes()
         while True:
-            body: dict[str, Any] = {"size": 1000, "query": query, "_source": ["key"],
-                                    "sort": [{"key": "asc"}, {"bucket": "asc"}], "track_total_hits": False}
+            body: dict[str, Any] = {
+                "size": 1000,
+                "query": query,
+                "_source": ["key"],
+                "sort": [{"key": "asc"}, {"bucket": "asc"}],
+                "track_total_hits": False,
+            }
             if after is not None:
                 body["search_after"] = after
             hits = self._call("listing undated keys", self.client.search, index=self.name, body=body)["hits"]["hits"]
@@ -492,8 +558,13 @@ class OpenSearchIndex:
         # A partial update re-parses the whole stored source, and a stored float such as indexed_at
         # 1796012688.3 comes back from that as "1.7960126883E9", which the epoch_second date format
         # refuses (measured on the local node). So indexed_at goes back with the update, as a decimal string.
-        got = self._call("reading documents", self.client.mget, index=self.name,
-                         body={"ids": list(wanted)}, params={"_source_includes": "indexed_at"})
+        got = self._call(
+            "reading documents",
+            self.client.mget,
+            index=self.name,
+            body={"ids": list(wanted)},
+            params={"_source_includes": "indexed_at"},
+        )
         lines = {}
         for entry in got.get("docs", []):
             if not entry.get("found"):
@@ -502,8 +573,12 @@ class OpenSearchIndex:
             doc: dict[str, Any] = {"taken_at": at, "taken_offset": offset}
             if entry.get("_source", {}).get("indexed_at") is not None:
                 doc["indexed_at"] = repr(float(entry["_source"]["indexed_at"]))
-            lines[entry["_id"]] = (json.dumps({"update": {"_index": self.name, "_id": entry["_id"]}}) + "\n"
-                                   + json.dumps({"doc": doc}) + "\n")
+            lines[entry["_id"]] = (
+                json.dumps({"update": {"_index": self.name, "_id": entry["_id"]}})
+                + "\n"
+                + json.dumps({"doc": doc})
+                + "\n"
+            )
         done, failed = self._bulk(lines)
         if failed:
             raise IndexError_(f"{len(failed)} capture-date updates failed, e.g. {next(iter(failed.values()))}")
@@ -515,17 +590,28 @@ class OpenSearchIndex:
 
     def info(self) -> IndexInfo:
         return IndexInfo(
-            backend=self.backend, name=self.name, model=self.model, dim=self.dim, count=self.count(),
-            extra={"schema_version": self.schema, "url": self.url, "engine": self.engine,
-                   "space_type": "cosinesimil", "m": self.m, "ef_construction": self.ef_construction,
-                   "ef_search": self.ef_search},
+            backend=self.backend,
+            name=self.name,
+            model=self.model,
+            dim=self.dim,
+            count=self.count(),
+            extra={
+                "schema_version": self.schema,
+                "url": self.url,
+                "engine": self.engine,
+                "space_type": "cosinesimil",
+                "m": self.m,
+                "ef_construction": self.ef_construction,
+                "ef_search": self.ef_search,
+            },
         )
 
     def drop(self) -> None:
         """Delete the whole OpenSearch index (tests and benchmarks)."""
         try:
-            self._call("deleting the index", self.client.indices.delete, index=self.name,
-                       expect=(os_errors.NotFoundError,))
+            self._call(
+                "deleting the index", self.client.indices.delete, index=self.name, expect=(os_errors.NotFoundError,)
+            )
         except os_errors.NotFoundError:
             pass
 
@@ -597,8 +683,10 @@ def _make_client(
         username = username or unquote(parts.username or "") or env.get("CLIPSEARCH_OPENSEARCH_USER")
         password = password or unquote(parts.password or "") or env.get("CLIPSEARCH_OPENSEARCH_PASSWORD")
         if not username or not password:
-            raise ConfigError("basic auth needs a user and password: put them in the URL or set "
-                              "CLIPSEARCH_OPENSEARCH_USER and CLIPSEARCH_OPENSEARCH_PASSWORD")
+            raise ConfigError(
+                "basic auth needs a user and password: put them in the URL or set "
+                "CLIPSEARCH_OPENSEARCH_USER and CLIPSEARCH_OPENSEARCH_PASSWORD"
+            )
         http_auth = (username, password)
     elif auth == "sigv4":
         http_auth = _sigv4_auth(host, region, service)

@@ -1,4 +1,4 @@
-"""Ingest Lambda: SQS batches of S3 notifications -> clipsearch.aws_ingest, with partial batch failures."""
+"""Ingest Lambda: SQS batches of S3 notifications -> clipsearch.aws.ingest, with partial batch failures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from clipsearch import aws_config
-from clipsearch.aws_ingest import build_ingestor
+from clipsearch.aws import config as aws_config
+from clipsearch.aws.ingest import build_ingestor
 
 logger = Logger()
 tracer = Tracer()
@@ -26,5 +26,6 @@ ingestor = build_ingestor(aws_config.from_env("ingest"), metrics)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
-    return process_partial_response(event=event, record_handler=ingestor.handle_record,
-                                    processor=processor, context=context)
+    return process_partial_response(
+        event=event, record_handler=ingestor.handle_record, processor=processor, context=context
+    )

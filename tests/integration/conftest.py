@@ -32,11 +32,16 @@ def aws_env(moto_url: str, endpoint: InvokeEndpointServer, monkeypatch: pytest.M
     """boto3 pointed at moto (S3) and the local SageMaker runtime, with test credentials."""
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": moto_url, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
-           # One attempt: a refused body reaches our code instead of botocore's retry loop.
-           "AWS_MAX_ATTEMPTS": "1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": moto_url,
+        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
+        # One attempt: a refused body reaches our code instead of botocore's retry loop.
+        "AWS_MAX_ATTEMPTS": "1",
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env

@@ -23,10 +23,13 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
-from fakes import LambdaContext, load_function
+from support.fakes import LambdaContext, load_function
 from support.sagemaker_endpoint import InvokeEndpointServer
 
-from clipsearch import aws_config, aws_ingest, aws_search, shapes
+from clipsearch.aws import config as aws_config
+from clipsearch.aws import ingest as aws_ingest
+from clipsearch.aws import search as aws_search
+from clipsearch.demo import shapes
 from clipsearch.errors import NotFound
 from clipsearch.images import load_file
 from clipsearch.index.base import doc_id
@@ -66,21 +69,34 @@ class Stack:
         Successful messages are deleted; failed ones become visible again at once (the visibility
         timeout, shortened). Returns (all message ids, failed message ids).
         """
-        messages = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
-                                            AttributeNames=["All"]).get("Messages", [])
+        messages = self.sqs.receive_message(
+            QueueUrl=self.queue_url, MaxNumberOfMessages=10, AttributeNames=["All"]
+        ).get("Messages", [])
         if not messages:
             return [], []
-        event = {"Records": [{
-            "messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
-            "attributes": m.get("Attributes", {}), "messageAttributes": {}, "md5OfBody": m["MD5OfBody"],
-            "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
-            "awsRegion": "us-east-1"} for m in messages]}
+        event = {
+            "Records": [
+                {
+                    "messageId": m["MessageId"],
+                    "receiptHandle": m["ReceiptHandle"],
+                    "body": m["Body"],
+                    "attributes": m.get("Attributes", {}),
+                    "messageAttributes": {},
+                    "md5OfBody": m["MD5OfBody"],
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
+                    "awsRegion": "us-east-1",
+                }
+                for m in messages
+            ]
+        }
         response = self.ingest.handler(event, context or LambdaContext("clipsearch-e2e"))
         failed = [f["itemIdentifier"] for f in response["batchItemFailures"]]
         for m in messages:
             if m["MessageId"] in failed:
-                self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=m["ReceiptHandle"],
-                                                   VisibilityTimeout=0)
+                self.sqs.change_message_visibility(
+                    QueueUrl=self.queue_url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
+                )
             else:
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=m["ReceiptHandle"])
         return [m["MessageId"] for m in messages], failed
@@ -95,8 +111,9 @@ class Stack:
                 return failures
         raise AssertionError("the queue did not drain")
 
-    def api(self, event_file: str, body: dict[str, Any] | None = None,
-            context: LambdaContext | None = None) -> tuple[int, dict[str, Any]]:
+    def api(
+        self, event_file: str, body: dict[str, Any] | None = None, context: LambdaContext | None = None
+    ) -> tuple[int, dict[str, Any]]:
         event = json.loads((ROOT / "events" / "api" / event_file).read_text())
         if body is not None:
             event["body"] = json.dumps(body)
@@ -105,24 +122,33 @@ class Stack:
 
 
 @pytest.fixture
-def stack(moto_url: str, endpoint: InvokeEndpointServer, opensearch_url: str,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+def stack(
+    moto_url: str, endpoint: InvokeEndpointServer, opensearch_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Stack]:
     index_name = f"clipsearch-aws-e2e-{uuid.uuid4().hex[:8]}"
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     env = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
+        "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1",
         # The standard per-service endpoint variables: the functions' clients have no endpoint_url.
-        "AWS_ENDPOINT_URL_S3": moto_url, "AWS_ENDPOINT_URL_SQS": moto_url,
+        "AWS_ENDPOINT_URL_S3": moto_url,
+        "AWS_ENDPOINT_URL_SQS": moto_url,
         "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
         # One attempt: a throttle reaches our code instead of botocore's retry loop.
         "AWS_MAX_ATTEMPTS": "1",
-        "CLIPSEARCH_ENDPOINT_NAME": ENDPOINT, "CLIPSEARCH_OPENSEARCH_URL": opensearch_url,
+        "CLIPSEARCH_ENDPOINT_NAME": ENDPOINT,
+        "CLIPSEARCH_OPENSEARCH_URL": opensearch_url,
         # SigV4 as on AWS: the local node (security plugin off) accepts the signed requests.
-        "CLIPSEARCH_OPENSEARCH_AUTH": "sigv4", "CLIPSEARCH_INDEX": index_name, "CLIPSEARCH_MODEL": "demo",
-        "CLIPSEARCH_DIM": "128", "CLIPSEARCH_BUCKET": BUCKET,
-        "POWERTOOLS_SERVICE_NAME": "clipsearch", "POWERTOOLS_METRICS_NAMESPACE": "clipsearch-e2e",
+        "CLIPSEARCH_OPENSEARCH_AUTH": "sigv4",
+        "CLIPSEARCH_INDEX": index_name,
+        "CLIPSEARCH_MODEL": "demo",
+        "CLIPSEARCH_DIM": "128",
+        "CLIPSEARCH_BUCKET": BUCKET,
+        "POWERTOOLS_SERVICE_NAME": "clipsearch",
+        "POWERTOOLS_METRICS_NAMESPACE": "clipsearch-e2e",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -130,16 +156,24 @@ def stack(moto_url: str, endpoint: InvokeEndpointServer, opensearch_url: str,
     run = uuid.uuid4().hex[:8]
     dlq_url = sqs.create_queue(QueueName=f"ingest-dlq-{run}")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue_url = sqs.create_queue(QueueName=f"ingest-{run}", Attributes={
-        "VisibilityTimeout": "1080",
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}),
-    })["QueueUrl"]
+    queue_url = sqs.create_queue(
+        QueueName=f"ingest-{run}",
+        Attributes={
+            "VisibilityTimeout": "1080",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}),
+        },
+    )["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     s3.create_bucket(Bucket=BUCKET)
-    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [
-        {"QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]})
-    stack = Stack(s3, sqs, queue_url, dlq_url, load_function("ingest"), load_function("search"), index_name,
-                  opensearch_url)
+    s3.put_bucket_notification_configuration(
+        Bucket=BUCKET,
+        NotificationConfiguration={
+            "QueueConfigurations": [{"QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]
+        },
+    )
+    stack = Stack(
+        s3, sqs, queue_url, dlq_url, load_function("ingest"), load_function("search"), index_name, opensearch_url
+    )
     # Configuring notifications sends an s3:TestEvent: it must be consumed without failing.
     assert stack.deliver_all() == []
     yield stack
@@ -172,15 +206,23 @@ def fetch(url: str) -> bytes:
 
 
 def test_given_picture_put_into_s3_when_pipeline_runs_then_search_finds_it_and_delete_removes_it(
-        stack: Stack, endpoint: InvokeEndpointServer, demo_encoder: Any, tmp_path: Path) -> None:
+    stack: Stack, endpoint: InvokeEndpointServer, demo_encoder: Any, tmp_path: Path
+) -> None:
     red_key = "catalogue/Red circle – été+1 (copy).jpg"
     red = picture("red", "circle", seed=1, fmt="JPEG")
-    stack.s3.put_object(Bucket=BUCKET, Key=red_key, Body=red, ContentType="image/jpeg",
-                        Metadata={"title": "A red circle", "description": "the one we look for"})
-    for n, (colour, shape) in enumerate([("blue", "square"), ("green", "triangle"), ("yellow", "star"),
-                                         ("purple", "square")]):
-        stack.s3.put_object(Bucket=BUCKET, Key=f"catalogue/{colour} {shape}.png",
-                            Body=picture(colour, shape, seed=10 + n))
+    stack.s3.put_object(
+        Bucket=BUCKET,
+        Key=red_key,
+        Body=red,
+        ContentType="image/jpeg",
+        Metadata={"title": "A red circle", "description": "the one we look for"},
+    )
+    for n, (colour, shape) in enumerate(
+        [("blue", "square"), ("green", "triangle"), ("yellow", "star"), ("purple", "square")]
+    ):
+        stack.s3.put_object(
+            Bucket=BUCKET, Key=f"catalogue/{colour} {shape}.png", Body=picture(colour, shape, seed=10 + n)
+        )
 
     assert stack.deliver_all() == []
 
@@ -222,7 +264,8 @@ def test_given_raw_image_query_when_searched_then_the_closest_picture_comes_firs
 
 
 def test_given_throttled_endpoint_when_batch_arrives_then_only_that_record_fails_and_nothing_is_lost(
-        stack: Stack, endpoint: InvokeEndpointServer) -> None:
+    stack: Stack, endpoint: InvokeEndpointServer
+) -> None:
     keys = ["t/one.png", "t/two.png"]
     for n, key in enumerate(keys):
         stack.s3.put_object(Bucket=BUCKET, Key=key, Body=picture("orange", "triangle", seed=50 + n))
@@ -265,11 +308,21 @@ def test_given_odd_keys_when_round_tripped_then_ingest_search_and_download_keep_
 
 
 def test_given_demo_package_when_served_then_endpoint_answers_text_like_the_local_encoder(
-        endpoint: InvokeEndpointServer, demo_encoder: Any) -> None:
-    client = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    answer = client.invoke_endpoint(EndpointName=ENDPOINT, Body=json.dumps({"inputs": ["a red circle"]}),
-                                    ContentType="application/json", Accept="application/json")
+    endpoint: InvokeEndpointServer, demo_encoder: Any
+) -> None:
+    client = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=endpoint.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # pragma: allowlist secret
+    )
+    answer = client.invoke_endpoint(
+        EndpointName=ENDPOINT,
+        Body=json.dumps({"inputs": ["a red circle"]}),
+        ContentType="application/json",
+        Accept="application/json",
+    )
     remote = np.asarray(json.loads(answer["Body"].read()), dtype=np.float32)
     assert float(np.max(np.abs(remote - demo_encoder.encode_texts(["a red circle"])))) <= 1e-4
 
@@ -285,12 +338,14 @@ def wait_for_calls(endpoint: InvokeEndpointServer, count: int, timeout_s: float)
 
 
 def test_given_endpoint_slower_than_the_time_left_when_searched_then_json_503_with_retry_after_in_one_attempt(
-        stack: Stack, endpoint: InvokeEndpointServer) -> None:
+    stack: Stack, endpoint: InvokeEndpointServer
+) -> None:
     # Leaves the endpoint a 2 s read timeout after the response reserve, its connect, its answer and
     # one index call; the endpoint answers only after 5 s (a cold start). botocore's legacy default
     # would retry the read timeout 4 times (boto3 guide, "Retries").
-    seconds = (aws_search.RESPONSE_RESERVE_S + aws_search.ENDPOINT_CONNECT_TIMEOUT_S + 1.0
-               + aws_search.INDEX_CALL_S + 2.5)
+    seconds = (
+        aws_search.RESPONSE_RESERVE_S + aws_search.ENDPOINT_CONNECT_TIMEOUT_S + 1.0 + aws_search.INDEX_CALL_S + 2.5
+    )
     before = len(endpoint.calls)
     endpoint.delay_s = 5.0
     try:
@@ -307,7 +362,8 @@ def test_given_endpoint_slower_than_the_time_left_when_searched_then_json_503_wi
 
 
 def test_given_slow_endpoint_when_a_batch_outlasts_the_time_left_then_the_rest_fail_as_items_and_are_redelivered(
-        stack: Stack, endpoint: InvokeEndpointServer) -> None:
+    stack: Stack, endpoint: InvokeEndpointServer
+) -> None:
     keys = [f"budget/{n}.png" for n in range(3)]
     for n, key in enumerate(keys):
         stack.s3.put_object(Bucket=BUCKET, Key=key, Body=picture("red", "square", seed=90 + n))

@@ -32,8 +32,9 @@ from urllib.parse import quote_plus
 import boto3
 import pytest
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
-from fakes import FakeEncoder, LambdaContext
-from images import (
+from moto import mock_aws
+from support.fakes import FakeEncoder, LambdaContext
+from support.images import (
     animated_gif,
     bad_files,
     cmyk_jpeg,
@@ -44,20 +45,24 @@ from images import (
     png_16bit,
     svg,
 )
-from moto import mock_aws
 
-from clipsearch.aws_config import AwsConfig
-from clipsearch.aws_ingest import Ingestor
-from clipsearch.aws_search import build_search_app
+from clipsearch.aws.config import AwsConfig
+from clipsearch.aws.ingest import Ingestor
+from clipsearch.aws.search import build_search_app
+from clipsearch.http.server import LocalServer, make_server
 from clipsearch.index.base import Document, doc_id
 from clipsearch.index.embedded import DB_NAME, EmbeddedIndex
-from clipsearch.server import LocalServer, make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "clipsearch-bad-inputs"
 CLI = [sys.executable, "-m", "clipsearch.cli"]
 REST, LAMBDA_SEARCH, LAMBDA_INGEST, SAGEMAKER, CLI_SURFACE = (
-    "REST server", "Lambda search", "Lambda ingest", "SageMaker handler", "CLI")
+    "REST server",
+    "Lambda search",
+    "Lambda ingest",
+    "SageMaker handler",
+    "CLI",
+)
 # Outcomes that add to an index; every other outcome must leave the indexes as they were.
 ADDS = ("indexed",)
 
@@ -102,7 +107,7 @@ BIG = "noise-40mb.png"
 TEXTS = {
     "empty text": "",
     "whitespace-only text": " \t\n ",
-    "100 KB text": ("a photo of a red circle on a beach " * 3000)[:100 * 1024],
+    "100 KB text": ("a photo of a red circle on a beach " * 3000)[: 100 * 1024],
     "emoji text": "🔴⭕ 🏖️🌊 red circle 😀",
     "right-to-left text (Arabic, Hebrew)": "دائرة حمراء على الشاطئ עיגול אדום",
 }
@@ -201,16 +206,28 @@ class Harness:
 
     # the search Lambda ---------------------------------------------------------------------------
 
-    def api(self, method: str, path: str, body: bytes | None = None, ctype: str = "",
-            query: dict[str, str] | None = None, binary: bool = False) -> str:
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        ctype: str = "",
+        query: dict[str, str] | None = None,
+        binary: bool = False,
+    ) -> str:
         event = json.loads((ROOT / "events" / "api" / "search-text.json").read_text())
         headers = {"Accept": "application/json", "Host": "example.execute-api.us-east-1.amazonaws.com"}
         if ctype:
             headers["Content-Type"] = ctype
-        event.update(httpMethod=method, path=path, resource=path, headers=headers,
-                     multiValueHeaders={k: [v] for k, v in headers.items()},
-                     queryStringParameters=query, multiValueQueryStringParameters=(
-                         {k: [v] for k, v in query.items()} if query else None))
+        event.update(
+            httpMethod=method,
+            path=path,
+            resource=path,
+            headers=headers,
+            multiValueHeaders={k: [v] for k, v in headers.items()},
+            queryStringParameters=query,
+            multiValueQueryStringParameters=({k: [v] for k, v in query.items()} if query else None),
+        )
         if body is None:
             event["body"], event["isBase64Encoded"] = None, False
         elif binary:
@@ -225,14 +242,22 @@ class Harness:
 
     def ingest(self, body: str, key: str | None = None) -> str:
         """One SQS record through the ingest handler, as functions/ingest/app.py runs it."""
-        record = {"messageId": "m-1", "receiptHandle": "r-1", "body": body, "attributes": {},
-                  "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
-                  "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest", "awsRegion": "us-east-1"}
+        record = {
+            "messageId": "m-1",
+            "receiptHandle": "r-1",
+            "body": body,
+            "attributes": {},
+            "messageAttributes": {},
+            "md5OfBody": "",
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
+            "awsRegion": "us-east-1",
+        }
         before = self.ingest_index.count()
         del self.ingest_log[:]
         processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
         with processor([record], self.ingestor.handle_record):
-            (status, result, _), = processor.process()
+            ((status, result, _),) = processor.process()
         if status == "fail":
             return f"failed, retried by SQS then dead-lettered: {result}"
         skipped = [line.split(": ", 1)[1] for line in self.ingest_log if line.startswith("skipped ")]
@@ -259,8 +284,11 @@ class Harness:
             source = models.resolve(models.DEMO)
             self._model = inference.load_model(source.name, source.model_dir)
         try:
-            vectors = json.loads(inference.output_fn(
-                inference.predict_fn(inference.input_fn(body, ctype), self._model), "application/json"))
+            vectors = json.loads(
+                inference.output_fn(
+                    inference.predict_fn(inference.input_fn(body, ctype), self._model), "application/json"
+                )
+            )
         except ValueError as e:
             return f"ValueError: {e}"
         return f"200: {len(vectors)} unit vector(s) of {len(vectors[0])} floats"
@@ -268,8 +296,13 @@ class Harness:
     # the CLI -------------------------------------------------------------------------------------
 
     def cli(self, *args: str) -> str:
-        proc = subprocess.run([*CLI, *args, "--index", str(self.cli_index)], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+        proc = subprocess.run(
+            [*CLI, *args, "--index", str(self.cli_index)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
         if "Traceback" in proc.stderr:
             return f"TRACEBACK: {proc.stderr}"
         if proc.returncode == 0:
@@ -299,11 +332,24 @@ def outcome(status: int, body: bytes) -> str:
 
 def notification(key: str, size: int, event: str = "ObjectCreated:Put", bucket: str = BUCKET) -> str:
     """An S3 event notification as S3 sends it: the key URL-encoded, '+' for spaces."""
-    return json.dumps({"Records": [{
-        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventName": event,
-        "eventTime": "2026-01-01T00:00:00.000Z",
-        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-               "object": {"key": quote_plus(key, safe="/"), "size": size, "sequencer": "0A"}}}]})
+    return json.dumps(
+        {
+            "Records": [
+                {
+                    "eventVersion": "2.1",
+                    "eventSource": "aws:s3",
+                    "awsRegion": "us-east-1",
+                    "eventName": event,
+                    "eventTime": "2026-01-01T00:00:00.000Z",
+                    "s3": {
+                        "s3SchemaVersion": "1.0",
+                        "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+                        "object": {"key": quote_plus(key, safe="/"), "size": size, "sequencer": "0A"},
+                    },
+                }
+            ]
+        }
+    )
 
 
 def cli_rows(index_dir: Path) -> tuple[int, int]:
@@ -324,15 +370,19 @@ def run_cli_index(work: Path, index_dir: Path) -> dict[str, str]:
     for item in IMAGES:
         (folder / item.name).write_bytes(item.data())
     before = cli_rows(index_dir)[0]
-    proc = subprocess.run([*CLI, "index", "--model", "demo", *(str(folder / i.name) for i in IMAGES),
-                           "--index", str(index_dir)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [*CLI, "index", "--model", "demo", *(str(folder / i.name) for i in IMAGES), "--index", str(index_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 0, proc.stderr
     results = {}
     for item in IMAGES:
         prefix = f"warning: skipped {(folder / item.name).resolve()}: "
-        reasons = [line[len(prefix):] for line in proc.stderr.splitlines() if line.startswith(prefix)]
+        reasons = [line[len(prefix) :] for line in proc.stderr.splitlines() if line.startswith(prefix)]
         results[item.name] = f"skipped: {reasons[0]}" if reasons else "indexed"
     added = cli_rows(index_dir)[0] - before
     results["_added"] = str(added)
@@ -355,22 +405,29 @@ def harness() -> Iterator[Harness]:
             path.write_bytes(picture(colour))
             from clipsearch.images import load_file
 
-            docs.append(Document(key=str(path), vector=encoder.encode_images([load_file(path).image])[0],
-                                 title=f"p{n}"))
+            docs.append(
+                Document(key=str(path), vector=encoder.encode_images([load_file(path).image])[0], title=f"p{n}")
+            )
         rest_index.upsert(docs)
         server_log: list[str] = []
         server = stack.enter_context(make_server(rest_index, encoder, port=0, log=server_log.append).start())
 
         for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SQS", "AWS_PROFILE"):
             os.environ.pop(name, None)
-        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                          AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         stack.enter_context(mock_aws())
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket=BUCKET)
-        config = AwsConfig(text_endpoint="e", image_endpoint="e", opensearch_url="http://127.0.0.1:1",
-                           opensearch_auth="none", index="bad-inputs", model=encoder.model, dim=encoder.dim,
-                           bucket=BUCKET)
+        config = AwsConfig(
+            text_endpoint="e",
+            image_endpoint="e",
+            opensearch_url="http://127.0.0.1:1",
+            opensearch_auth="none",
+            index="bad-inputs",
+            model=encoder.model,
+            dim=encoder.dim,
+            bucket=BUCKET,
+        )
         search_app = build_search_app(config, encoder=encoder, index=rest_index, s3=s3)
 
         ingest_index = EmbeddedIndex(work / "ingest-index", model=encoder.model, dim=encoder.dim)
@@ -386,8 +443,7 @@ def harness() -> Iterator[Harness]:
         ingestor = Ingestor(encoder=encoder, index=ingest_index, s3=s3)
 
         cli_index = work / "cli-index"
-        h = Harness(work, server, server_log, rest_index, search_app, ingestor, ingest_index, s3, ingest_log,
-                    cli_index)
+        h = Harness(work, server, server_log, rest_index, search_app, ingestor, ingest_index, s3, ingest_log, cli_index)
         assert h.put_and_ingest("existing/already indexed.png", picture((200, 200, 30))).startswith("indexed")
         yield h
 
@@ -473,15 +529,11 @@ def _cases() -> list[Case]:
     # Query texts.
     for label, text in TEXTS.items():
         empty = label in EMPTY_TEXTS
-        add(Case(REST, label, "400" if empty else "200",
-                 rest_post(json.dumps({"text": text}).encode())))
-        add(Case(LAMBDA_SEARCH, f"{label} (GET ?q=)", "400" if empty else "200",
-                 api_get({"q": text})))
+        add(Case(REST, label, "400" if empty else "200", rest_post(json.dumps({"text": text}).encode())))
+        add(Case(LAMBDA_SEARCH, f"{label} (GET ?q=)", "400" if empty else "200", api_get({"q": text})))
         # The handler encodes what it is given (the search layer refuses empty text before it is called).
-        add(Case(SAGEMAKER, label, "200",
-                 sagemaker(json.dumps({"inputs": [text]}).encode(), "application/json")))
-        add(Case(CLI_SURFACE, f"`search` {label}", "exit 2" if empty else "exit 0",
-                 cli("search", text, "--json")))
+        add(Case(SAGEMAKER, label, "200", sagemaker(json.dumps({"inputs": [text]}).encode(), "application/json")))
+        add(Case(CLI_SURFACE, f"`search` {label}", "exit 2" if empty else "exit 0", cli("search", text, "--json")))
 
     # Request fields and bodies, on both search hosts.
     for label, (body, status) in JSON_REQUESTS.items():
@@ -493,40 +545,108 @@ def _cases() -> list[Case]:
     for label, target in QUERY_STRINGS.items():
         add(Case(REST, label, "400", rest_get(target)))
     add(Case(LAMBDA_SEARCH, "isBase64Encoded body that is not base64", "400", _bad_base64_event))
-    add(Case(REST, "image path traversal, double-encoded", "404",
-             lambda h: h.http("GET", "/images/%252e%252e%252fetc%252fpasswd")))
-    add(Case(SAGEMAKER, "JSON images entry with bad base64", "ValueError",
-             lambda h: h.sagemaker(b'{"images": ["not base64!!"]}', "application/json")))
-    add(Case(SAGEMAKER, "JSON with both inputs and images", "ValueError",
-             lambda h: h.sagemaker(b'{"inputs": ["a"], "images": []}', "application/json")))
+    add(
+        Case(
+            REST,
+            "image path traversal, double-encoded",
+            "404",
+            lambda h: h.http("GET", "/images/%252e%252e%252fetc%252fpasswd"),
+        )
+    )
+    add(
+        Case(
+            SAGEMAKER,
+            "JSON images entry with bad base64",
+            "ValueError",
+            lambda h: h.sagemaker(b'{"images": ["not base64!!"]}', "application/json"),
+        )
+    )
+    add(
+        Case(
+            SAGEMAKER,
+            "JSON with both inputs and images",
+            "ValueError",
+            lambda h: h.sagemaker(b'{"inputs": ["a"], "images": []}', "application/json"),
+        )
+    )
     add(Case(SAGEMAKER, "text/csv content type", "ValueError", lambda h: h.sagemaker(b"a,b", "text/csv")))
-    add(Case(SAGEMAKER, "JSON nested 100000 deep", "ValueError",
-             lambda h: h.sagemaker(b"[" * DEEP + b"]" * DEEP, "application/json")))
+    add(
+        Case(
+            SAGEMAKER,
+            "JSON nested 100000 deep",
+            "ValueError",
+            lambda h: h.sagemaker(b"[" * DEEP + b"]" * DEEP, "application/json"),
+        )
+    )
 
     # CLI options.
     add(Case(CLI_SURFACE, "`search -k 0`", "exit 2", lambda h: h.cli("search", "red", "-k", "0")))
     add(Case(CLI_SURFACE, "`search --min-score nan`", "exit 2", lambda h: h.cli("search", "red", "--min-score", "nan")))
     add(Case(CLI_SURFACE, "`search --from -1`", "exit 2", lambda h: h.cli("search", "red", "--from", "-1")))
-    add(Case(CLI_SURFACE, "`search --image` a zero-byte file", "exit 2",
-             lambda h: h.cli("search", "--image", str(_file(h, "empty.jpg", b"")))))
+    add(
+        Case(
+            CLI_SURFACE,
+            "`search --image` a zero-byte file",
+            "exit 2",
+            lambda h: h.cli("search", "--image", str(_file(h, "empty.jpg", b""))),
+        )
+    )
 
     # S3 keys and notifications.
     for label, key in S3_KEYS.items():
-        add(Case(LAMBDA_INGEST, label, "indexed, key kept exactly",
-                 put(key, picture((90, 90, 200))), changes_index=True))
-    add(Case(LAMBDA_INGEST, "object deleted before its event is processed", "skipped: object no longer exists",
-             lambda h: h.ingest(notification("gone/deleted.png", 1234), "gone/deleted.png")))
-    add(Case(LAMBDA_INGEST, "folder marker key (ends in /)", "skipped: a folder marker",
-             lambda h: h.put_and_ingest("folder/", b"")))
-    add(Case(LAMBDA_INGEST, "key without extension, text/plain object", "skipped: content type",
-             lambda h: h.put_and_ingest("README", b"hello", "text/plain")))
-    add(Case(LAMBDA_INGEST, "s3:TestEvent", "no change",
-             lambda h: h.ingest(json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent",
-                                            "Bucket": BUCKET}))))
-    add(Case(LAMBDA_INGEST, "SQS body that is not JSON", "failed, retried by SQS then dead-lettered",
-             lambda h: h.ingest("definitely not an S3 notification")))
-    add(Case(LAMBDA_INGEST, "JSON body without Records", "failed, retried by SQS then dead-lettered",
-             lambda h: h.ingest('{"hello": "world"}')))
+        add(
+            Case(
+                LAMBDA_INGEST, label, "indexed, key kept exactly", put(key, picture((90, 90, 200))), changes_index=True
+            )
+        )
+    add(
+        Case(
+            LAMBDA_INGEST,
+            "object deleted before its event is processed",
+            "skipped: object no longer exists",
+            lambda h: h.ingest(notification("gone/deleted.png", 1234), "gone/deleted.png"),
+        )
+    )
+    add(
+        Case(
+            LAMBDA_INGEST,
+            "folder marker key (ends in /)",
+            "skipped: a folder marker",
+            lambda h: h.put_and_ingest("folder/", b""),
+        )
+    )
+    add(
+        Case(
+            LAMBDA_INGEST,
+            "key without extension, text/plain object",
+            "skipped: content type",
+            lambda h: h.put_and_ingest("README", b"hello", "text/plain"),
+        )
+    )
+    add(
+        Case(
+            LAMBDA_INGEST,
+            "s3:TestEvent",
+            "no change",
+            lambda h: h.ingest(json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": BUCKET})),
+        )
+    )
+    add(
+        Case(
+            LAMBDA_INGEST,
+            "SQS body that is not JSON",
+            "failed, retried by SQS then dead-lettered",
+            lambda h: h.ingest("definitely not an S3 notification"),
+        )
+    )
+    add(
+        Case(
+            LAMBDA_INGEST,
+            "JSON body without Records",
+            "failed, retried by SQS then dead-lettered",
+            lambda h: h.ingest('{"hello": "world"}'),
+        )
+    )
     return cases
 
 
@@ -579,7 +699,8 @@ def test_given_the_catalogue_then_it_holds_at_least_40_distinct_cases_on_every_s
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_given_a_bad_or_odd_input_when_sent_then_a_clear_answer_and_the_index_is_untouched(
-        h: Harness, case: Case) -> None:
+    h: Harness, case: Case
+) -> None:
     observed, unchanged = run_case(h, case)
 
     assert observed.startswith(case.expected), observed
@@ -588,8 +709,7 @@ def test_given_a_bad_or_odd_input_when_sent_then_a_clear_answer_and_the_index_is
         assert unchanged, f"{case.id} changed what is indexed"
 
 
-def test_given_every_image_input_when_the_cli_indexes_them_then_exactly_the_accepted_ones_are_added(
-        h: Harness) -> None:
+def test_given_every_image_input_when_the_cli_indexes_them_then_exactly_the_accepted_ones_are_added(h: Harness) -> None:
     h.cli_index_run(IMAGES[0].name)
 
     assert int(h._cli_run["_added"]) == sum(i.accepted for i in IMAGES)
@@ -615,7 +735,7 @@ def test_given_a_40_mb_photo_when_loaded_then_it_is_downscaled_to_the_transport_
 
 
 def test_given_an_odd_key_when_url_encoded_by_s3_then_the_notification_round_trips() -> None:
-    from clipsearch.aws_ingest import parse_notification
+    from clipsearch.aws.ingest import parse_notification
 
     for key in S3_KEYS.values():
         (event,) = parse_notification(notification(key, 1))

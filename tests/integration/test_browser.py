@@ -25,18 +25,25 @@ try:
 except ImportError:  # pragma: no cover - the browser fixture reports it
     expect = sync_playwright = None  # type: ignore[assignment]
 
-from clipsearch.demo import write_catalogue
+from clipsearch.demo.catalogue import write_catalogue
+from clipsearch.demo.shapes import render
+from clipsearch.http.server import LocalServer, make_server
 from clipsearch.index.embedded import EmbeddedIndex
 from clipsearch.ingest import index_paths
-from clipsearch.server import LocalServer, make_server
-from clipsearch.shapes import render
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-                  "--no-first-run", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 30_000
 # A Lambda behind API Gateway gets at most 6 MB per synchronous event, and a binary body travels in it as
 # base64 ("Invocation payload (request and response): 6 MB each for synchronous", Lambda quotas).
@@ -56,12 +63,18 @@ def _unavailable(reason: str) -> None:
 def _chromium() -> str:
     if sync_playwright is None:
         _unavailable("the playwright Python package is not installed (pip install playwright)")
-    for candidate in (os.environ.get("CLIPSEARCH_CHROMIUM"), shutil.which("chromium"),
-                      shutil.which("chromium-browser"), "/usr/bin/chromium"):
+    for candidate in (
+        os.environ.get("CLIPSEARCH_CHROMIUM"),
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        "/usr/bin/chromium",
+    ):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    _unavailable("Chromium not found: install Debian's package (apt-get install -y chromium) "
-                 "or set CLIPSEARCH_CHROMIUM to a Chromium binary")
+    _unavailable(
+        "Chromium not found: install Debian's package (apt-get install -y chromium) "
+        "or set CLIPSEARCH_CHROMIUM to a Chromium binary"
+    )
     raise AssertionError("unreachable")
 
 
@@ -97,8 +110,14 @@ def page(browser: Any, demo_server: LocalServer) -> Iterator[Any]:
     problems: list[str] = []
     tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     # A 4xx answer is logged by Chromium as "Failed to load resource"; the page shows those itself.
-    tab.on("console", lambda msg: problems.append(f"console: {msg.text}")
-           if msg.type == "error" and "Failed to load resource" not in msg.text else None)
+    tab.on(
+        "console",
+        lambda msg: (
+            problems.append(f"console: {msg.text}")
+            if msg.type == "error" and "Failed to load resource" not in msg.text
+            else None
+        ),
+    )
     tab.goto(demo_server.url + "/")
     expect(tab.locator("#health")).to_contain_text("96 pictures")
     yield tab

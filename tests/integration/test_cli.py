@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from images import bad_files
+from support.images import bad_files
 
-from clipsearch.demo import write_catalogue
+from clipsearch.demo.catalogue import write_catalogue
 from clipsearch.index.embedded import DB_NAME
 
 CLI = [sys.executable, "-m", "clipsearch.cli"]
 
 
 def run(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"clipsearch {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -138,9 +137,20 @@ def test_given_index_of_demo_when_other_model_requested_then_refused_with_one_li
 
 
 def test_given_uncached_model_offline_then_one_line_error_naming_the_fix(catalogue, tmp_path):
-    proc = run("index", str(catalogue), "--index", str(tmp_path / "idx"), "--model", "ViT-B/32",
-               env={"CLIPSEARCH_MODEL_CACHE": str(tmp_path / "cache"), "https_proxy": "http://127.0.0.1:9",
-                    "HTTPS_PROXY": "http://127.0.0.1:9"}, check=False)
+    proc = run(
+        "index",
+        str(catalogue),
+        "--index",
+        str(tmp_path / "idx"),
+        "--model",
+        "ViT-B/32",
+        env={
+            "CLIPSEARCH_MODEL_CACHE": str(tmp_path / "cache"),
+            "https_proxy": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+        },
+        check=False,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "--model demo" in proc.stderr and proc.stderr.strip().count("\n") == 0
@@ -149,5 +159,3 @@ def test_given_uncached_model_offline_then_one_line_error_naming_the_fix(catalog
 def test_given_missing_index_when_searching_then_clear_error(tmp_path):
     proc = run("search", "a red circle", "--index", str(tmp_path / "none"), check=False)
     assert proc.returncode == 2 and "clipsearch index" in proc.stderr and "Traceback" not in proc.stderr
-
-

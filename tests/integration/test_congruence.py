@@ -44,9 +44,18 @@ def corpus() -> tuple[list[Document], np.ndarray]:
     vectors = rng.standard_normal((N, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     docs = [
-        Document(key=f"{PREFIXES[i % len(PREFIXES)]}img{i:04d}.jpg", vector=vectors[i], bucket="photos",
-                 title=f"image {i}", size=i, mtime=float(i), width=32, height=24,
-                 taken_at=taken(i)[0], taken_offset=taken(i)[1])
+        Document(
+            key=f"{PREFIXES[i % len(PREFIXES)]}img{i:04d}.jpg",
+            vector=vectors[i],
+            bucket="photos",
+            title=f"image {i}",
+            size=i,
+            mtime=float(i),
+            width=32,
+            height=24,
+            taken_at=taken(i)[0],
+            taken_offset=taken(i)[1],
+        )
         for i in range(N)
     ]
     queries = rng.standard_normal((N_QUERIES, DIM)).astype(np.float32)
@@ -91,8 +100,7 @@ def assert_congruent(embedded: list[Hit], remote: list[Hit], what: str) -> None:
 def pair(opensearch_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     docs, _ = corpus()
     embedded = EmbeddedIndex(tmp_path_factory.mktemp("congruence"), model="fake", dim=DIM)
-    remote = OpenSearchIndex(f"cs-congruence-{uuid.uuid4().hex[:10]}", model="fake", dim=DIM,
-                             url=opensearch_url)
+    remote = OpenSearchIndex(f"cs-congruence-{uuid.uuid4().hex[:10]}", model="fake", dim=DIM, url=opensearch_url)
     p = Pair(embedded, remote)
     p.upsert(docs)
     yield p
@@ -180,8 +188,7 @@ def test_deletes_and_updates_stay_congruent(opensearch_url: str, tmp_path: Path)
     # GIVEN a fresh pair with the corpus (its own, so the shared one stays intact)
     docs, queries = corpus()
     embedded = EmbeddedIndex(tmp_path / "idx", model="fake", dim=DIM)
-    remote = OpenSearchIndex(f"cs-congruence-{uuid.uuid4().hex[:10]}", model="fake", dim=DIM,
-                             url=opensearch_url)
+    remote = OpenSearchIndex(f"cs-congruence-{uuid.uuid4().hex[:10]}", model="fake", dim=DIM, url=opensearch_url)
     try:
         p = Pair(embedded, remote)
         p.upsert(docs)
@@ -192,9 +199,18 @@ def test_deletes_and_updates_stay_congruent(opensearch_url: str, tmp_path: Path)
         moved = []
         for d in [d for d in docs[100:140] if d.id not in doomed][:20]:
             v = rng.standard_normal(DIM).astype(np.float32)
-            moved.append(Document(key=d.key, bucket=d.bucket, title=d.title + " (edited)", size=d.size,
-                                  mtime=d.mtime + 1, width=d.width, height=d.height,
-                                  vector=v / np.linalg.norm(v)))
+            moved.append(
+                Document(
+                    key=d.key,
+                    bucket=d.bucket,
+                    title=d.title + " (edited)",
+                    size=d.size,
+                    mtime=d.mtime + 1,
+                    width=d.width,
+                    height=d.height,
+                    vector=v / np.linalg.norm(v),
+                )
+            )
         p.upsert(moved)
         # THEN both backends still agree, deleted ids never come back, and counts agree
         assert embedded.count() == remote.count() == N - len(doomed)
@@ -235,11 +251,15 @@ DATE_RANGES = [
 
 @pytest.mark.parametrize(("after", "before"), DATE_RANGES)
 def test_date_filters_match_and_keep_exactly_the_wall_clock_range(
-        pair: Pair, queries: np.ndarray, after: str | None, before: str | None) -> None:
+    pair: Pair, queries: np.ndarray, after: str | None, before: str | None
+) -> None:
     # GIVEN capture times (some with offsets, some unknown); WHEN filtered by a wall-clock range
     docs, _ = corpus()
-    inside = {d.id for d in docs if d.taken_at is not None and (after is None or d.taken_at >= after)
-              and (before is None or d.taken_at < before)}
+    inside = {
+        d.id
+        for d in docs
+        if d.taken_at is not None and (after is None or d.taken_at >= after) and (before is None or d.taken_at < before)
+    }
     for i, q in enumerate(queries):
         embedded, remote = pair.search(q, k=10, taken=DateRange(after, before))
         # THEN both backends agree, every hit is in range as written (offsets never shift it), and the
@@ -255,8 +275,11 @@ def test_date_filters_match_and_keep_exactly_the_wall_clock_range(
 def test_date_prefix_min_score_and_pages_combined_match(pair: Pair, queries: np.ndarray) -> None:
     window = DateRange("2018-09-01T00:00:00", "2020-06-01T00:00:00")
     for i, q in enumerate(queries):
-        for kwargs in ({"k": 5, "offset": 3, "prefix": "family/"}, {"k": 20, "min_score": 0.0},
-                       {"k": 7, "offset": 7, "prefix": "work/", "min_score": -0.2}):
+        for kwargs in (
+            {"k": 5, "offset": 3, "prefix": "family/"},
+            {"k": 20, "min_score": 0.0},
+            {"k": 7, "offset": 7, "prefix": "work/", "min_score": -0.2},
+        ):
             embedded, remote = pair.search(q, taken=window, **kwargs)
             assert_congruent(embedded, remote, what=f"query {i} {kwargs} with dates")
 

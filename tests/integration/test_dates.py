@@ -80,8 +80,9 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`index` runs as a subprocess in ZONE (the mtime's local time); the other commands in this process,
     which loads the demo model once, through the same main() the console script calls."""
     if args[0] == "index":
-        proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "TZ": ZONE})
+        proc = subprocess.run(
+            [*CLI, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "TZ": ZONE}
+        )
     else:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -123,18 +124,24 @@ def test_given_photos_when_indexed_then_each_hit_carries_its_capture_time_from_e
     assert found(indexed) == TAKEN
 
 
-@pytest.mark.parametrize(("args", "names"), [
-    (["--after", "2019-06-01", "--before", "2019-09-01"], SUMMER_2019),
-    (["--after", "2019-06", "--before", "2019-09"], SUMMER_2019),
-    (["--after", "2019-06-01T00:00:01", "--before", "2019-08-31T23:59:59"], SUMMER_2019 - {"first-of-june.jpg",
-                                                                                         "late-august.jpg"}),
-    (["--after", "2019"], set(PHOTOS) - {"new-years-eve.JPG"}),
-    (["--before", "2019"], {"new-years-eve.JPG"}),
-    (["--after", "2020-01-01T00:00:00"], {"new-year.jpg"}),
-    (["--after", "2019-07-20T10:00", "--before", "2019-07-20T10:00:01"], {"no-clock.jpg", "scan.png"}),
-])
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--after", "2019-06-01", "--before", "2019-09-01"], SUMMER_2019),
+        (["--after", "2019-06", "--before", "2019-09"], SUMMER_2019),
+        (
+            ["--after", "2019-06-01T00:00:01", "--before", "2019-08-31T23:59:59"],
+            SUMMER_2019 - {"first-of-june.jpg", "late-august.jpg"},
+        ),
+        (["--after", "2019"], set(PHOTOS) - {"new-years-eve.JPG"}),
+        (["--before", "2019"], {"new-years-eve.JPG"}),
+        (["--after", "2020-01-01T00:00:00"], {"new-year.jpg"}),
+        (["--after", "2019-07-20T10:00", "--before", "2019-07-20T10:00:01"], {"no-clock.jpg", "scan.png"}),
+    ],
+)
 def test_given_after_and_before_when_searched_then_after_is_inclusive_and_before_exclusive_in_wall_clock_time(
-        indexed, args, names):
+    indexed, args, names
+):
     # the offsets never move a picture: late-august (-05:00) is 2019-09-01 in UTC, yet stays in summer
     assert set(found(indexed, *args)) == names
 
@@ -144,8 +151,9 @@ def test_given_search_help_then_it_says_after_is_inclusive_and_before_exclusive(
     assert "on or after DATE (inclusive)" in text and "before DATE (exclusive" in text
 
 
-@pytest.mark.parametrize("args", [["--after", "July"], ["--before", "2019-07-14T15:02:11+02:00"],
-                                  ["--after", "2020", "--before", "2019"]])
+@pytest.mark.parametrize(
+    "args", [["--after", "July"], ["--before", "2019-07-14T15:02:11+02:00"], ["--after", "2020", "--before", "2019"]]
+)
 def test_given_a_bad_date_when_searched_then_one_line_and_exit_2(indexed, args):
     proc = run("search", "a red square", "--index", str(indexed), *args, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -161,8 +169,12 @@ def http(server: Any, method: str, path: str, body: dict | None = None) -> tuple
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(str(host), int(port), timeout=60)
     try:
-        conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                     headers={"Content-Type": "application/json"} if body is not None else {})
+        conn.request(
+            method,
+            path,
+            body=json.dumps(body) if body is not None else None,
+            headers={"Content-Type": "application/json"} if body is not None else {},
+        )
         reply = conn.getresponse()
         return reply.status, json.loads(reply.read())
     finally:
@@ -170,12 +182,16 @@ def http(server: Any, method: str, path: str, body: dict | None = None) -> tuple
 
 
 def test_given_the_rest_api_when_filtered_by_date_then_post_and_get_agree_with_the_cli(indexed, demo_encoder):
-    from clipsearch.server import make_server
+    from clipsearch.http.server import make_server
 
     index = EmbeddedIndex(indexed, read_only=True)
     with make_server(index, demo_encoder, port=0).start() as server:
-        status, posted = http(server, "POST", "/search", {
-            "text": "a red square", "k": 50, "filter": {"taken_after": "2019-06-01", "taken_before": "2019-09"}})
+        status, posted = http(
+            server,
+            "POST",
+            "/search",
+            {"text": "a red square", "k": 50, "filter": {"taken_after": "2019-06-01", "taken_before": "2019-09"}},
+        )
         assert status == 200
         assert {Path(h["key"]).name: h["taken_at"] for h in posted["hits"]} == {n: TAKEN[n] for n in SUMMER_2019}
         assert posted["query"]["filter"] == {"taken_after": "2019-06-01", "taken_before": "2019-09-01"}
@@ -195,9 +211,17 @@ def v1_index(photos: Path, directory: Path, demo_encoder: Any) -> Path:
     for path in sorted(photos.iterdir()):
         st = path.stat()
         decoded = decode_for_model(path.read_bytes())
-        docs.append(Document(key=str(path), vector=demo_encoder.encode_images([decoded.image])[0],
-                             title=title_from_path(path), size=st.st_size, mtime=st.st_mtime,
-                             width=decoded.width, height=decoded.height))
+        docs.append(
+            Document(
+                key=str(path),
+                vector=demo_encoder.encode_images([decoded.image])[0],
+                title=title_from_path(path),
+                size=st.st_size,
+                mtime=st.st_mtime,
+                width=decoded.width,
+                height=decoded.height,
+            )
+        )
     return write_embedded_v1(directory, demo_encoder.model, demo_encoder.dim, docs)
 
 
@@ -210,7 +234,8 @@ def vectors(db_path: Path) -> dict[str, bytes]:
 
 
 def test_given_a_version_1_index_when_searched_then_it_answers_unchanged_and_the_next_index_run_dates_it(
-        photos, tmp_path, demo_encoder):
+    photos, tmp_path, demo_encoder
+):
     db_path = v1_index(photos, tmp_path / "v1", demo_encoder)
     before = db_path.read_bytes()
     stored = vectors(db_path)
@@ -240,7 +265,8 @@ def test_given_a_version_1_index_when_checked_and_repaired_then_repair_migrates_
 
 
 def test_given_an_index_from_a_newer_release_when_any_command_opens_it_then_one_line_and_exit_2(
-        photos, tmp_path, demo_encoder):
+    photos, tmp_path, demo_encoder
+):
     directory = tmp_path / "v3"
     db_path = v1_index(photos, directory, demo_encoder)
     db = sqlite3.connect(db_path)
@@ -272,25 +298,28 @@ def os_name(opensearch_url: str) -> Iterator[str]:
 
 @pytest.mark.opensearch
 def test_given_the_opensearch_backend_when_filtered_through_the_cli_then_the_same_pictures_as_embedded(
-        photos, indexed, os_name, opensearch_url):
+    photos, indexed, os_name, opensearch_url
+):
     backend = ["--backend", "opensearch", "--opensearch-url", opensearch_url, "--index", os_name]
     run("index", str(photos), "--model", "demo", *backend)
     for args in (["--after", "2019-06-01", "--before", "2019-09-01"], ["--before", "2019"], []):
         out = json.loads(run("search", "a red square", "-k", "50", "--json", *args, *backend).stdout)
-        embedded = json.loads(run("search", "a red square", "-k", "50", "--json", *args, "--index",
-                                  str(indexed)).stdout)
+        embedded = json.loads(
+            run("search", "a red square", "-k", "50", "--json", *args, "--index", str(indexed)).stdout
+        )
         assert [(Path(h["key"]).name, h["taken_at"]) for h in out["hits"]] == [
-            (Path(h["key"]).name, h["taken_at"]) for h in embedded["hits"]]
+            (Path(h["key"]).name, h["taken_at"]) for h in embedded["hits"]
+        ]
 
 
 @pytest.mark.opensearch
 def test_given_a_version_1_opensearch_index_when_searched_then_written_then_it_is_migrated_by_the_write(
-        os_name, opensearch_url):
+    os_name, opensearch_url
+):
     from clipsearch.index.opensearch import OpenSearchIndex
 
     rng = np.random.default_rng(4)
-    old = [Document(key=f"old/{i}.jpg", vector=(v := rng.standard_normal(16)) / np.linalg.norm(v))
-           for i in range(6)]
+    old = [Document(key=f"old/{i}.jpg", vector=(v := rng.standard_normal(16)) / np.linalg.norm(v)) for i in range(6)]
     raw = OpenSearchIndex(f"{os_name}-probe", model="fake", dim=16, url=opensearch_url)  # a client to borrow
     client = raw.client
     try:
@@ -322,8 +351,9 @@ def test_given_a_version_1_opensearch_index_when_searched_then_written_then_it_i
         assert reader.search(old[3].vector, k=10, taken=DateRange("2019-07-01T00:00:00", None)) == dated
         assert OpenSearchIndex(os_name, url=opensearch_url).info().extra["schema_version"] == 2
         # a newer release's index is refused, in one line
-        client.indices.put_mapping(index=os_name, body={"_meta": {"clipsearch": {
-            **mapping["_meta"]["clipsearch"], "schema_version": 3}}})
+        client.indices.put_mapping(
+            index=os_name, body={"_meta": {"clipsearch": {**mapping["_meta"]["clipsearch"], "schema_version": 3}}}
+        )
         with pytest.raises(SchemaTooNew, match="schema version 3"):
             OpenSearchIndex(os_name, url=opensearch_url)
     finally:
@@ -347,12 +377,13 @@ def tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_given_s3_uploads_when_ingested_then_taken_at_is_exif_else_last_modified_as_local_time(
-        aws: None, tokyo: None, tmp_path: Path) -> None:
+    aws: None, tokyo: None, tmp_path: Path
+) -> None:
     import boto3
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-    from fakes import FakeEncoder
+    from support.fakes import FakeEncoder
 
-    from clipsearch.aws_ingest import Ingestor
+    from clipsearch.aws.ingest import Ingestor
     from clipsearch.index.base import doc_id
 
     root = Path(__file__).resolve().parents[2]
@@ -369,7 +400,9 @@ def test_given_s3_uploads_when_ingested_then_taken_at_is_exif_else_last_modified
     doc = index.get(doc_id(bucket, key))
     assert doc is not None
     assert (doc.taken_at, doc.taken_offset) == (
-        modified.astimezone(ZoneInfo(ZONE)).replace(tzinfo=None).isoformat(timespec="seconds"), "")
+        modified.astimezone(ZoneInfo(ZONE)).replace(tzinfo=None).isoformat(timespec="seconds"),
+        "",
+    )
     # GIVEN an iPhone HEIC with its EXIF date and offset THEN those
     s3.put_object(Bucket=bucket, Key=key, Body=photo("x.heic", "2019:07:04 12:00:00", "+09:00", (30, 30, 200)))
     ingestor.handle_record(SQSRecord(record))

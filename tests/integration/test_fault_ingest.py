@@ -22,7 +22,8 @@ VALID = 60
 
 
 def test_given_faults_everywhere_when_60_images_are_ingested_then_each_is_indexed_once_and_only_junk_is_dead(
-        opensearch_url: str) -> None:
+    opensearch_url: str,
+) -> None:
     faults = Faults()
 
     report = run(VALID, opensearch_url, faults)

@@ -21,24 +21,32 @@ from pathlib import Path
 
 import pytest
 
-from clipsearch.demo import write_catalogue
+from clipsearch.demo.catalogue import write_catalogue
 from clipsearch.index.embedded import DB_NAME
 
 CLI = [sys.executable, "-m", "clipsearch.cli"]
 # Root lists any folder: the unlistable-folder runs drop the capabilities that let it.
-NO_DAC = (["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-           "--bounding-set=-dac_override,-dac_read_search", "--"]
-          if os.geteuid() == 0 and shutil.which("setpriv") else [])
+NO_DAC = (
+    ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    if os.geteuid() == 0 and shutil.which("setpriv")
+    else []
+)
 
 
 def start(*args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([*(prefix or []), *CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="surrogateescape",
-                            env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    return subprocess.Popen(
+        [*(prefix or []), *CLI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="surrogateescape",
+        env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
+    )
 
 
-def run(*args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None,
-        code: int = 0) -> subprocess.CompletedProcess:
+def run(
+    *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None, code: int = 0
+) -> subprocess.CompletedProcess:
     """Run the CLI; assert its exit status and that no traceback reached the user."""
     proc = start(*args, env=env, prefix=prefix)
     try:
@@ -67,7 +75,7 @@ def keys(index_dir: Path) -> set[str]:
 
 def warnings_for(stderr: str, path: str | Path) -> list[str]:
     prefix = f"warning: skipped {path}: "
-    return [line[len(prefix):] for line in stderr.splitlines() if line.startswith(prefix)]
+    return [line[len(prefix) :] for line in stderr.splitlines() if line.startswith(prefix)]
 
 
 def summary(stdout: str) -> str:
@@ -86,7 +94,7 @@ def pictures(tmp_path_factory) -> list[Path]:
 def copy_pictures(pictures: list[Path], folder: Path, n: int, start_at: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for src in pictures[start_at:start_at + n]:
+    for src in pictures[start_at : start_at + n]:
         shutil.copyfile(src, folder / src.name)
         out.append(folder / src.name)
     return out
@@ -126,7 +134,8 @@ def test_given_names_that_are_not_utf8_or_hold_a_newline_then_indexed_and_round_
 
 
 def test_given_loops_fifos_devices_and_a_huge_non_picture_then_each_skipped_by_name_and_the_run_finishes(
-        pictures, tmp_path):
+    pictures, tmp_path
+):
     folder = tmp_path / "hostile"
     good = copy_pictures(pictures, folder, 2)
     outside = copy_pictures(pictures, tmp_path / "elsewhere", 1, start_at=2)[0]
@@ -139,14 +148,18 @@ def test_given_loops_fifos_devices_and_a_huge_non_picture_then_each_skipped_by_n
     os.symlink("..", folder / "sub" / "up")  # a link back up the tree
     os.symlink("gone.png", folder / "dangling.png")
     os.mkfifo(folder / "fifo.jpg")
-    expected = {"loop-a.jpg": "symbolic link loop", "loop-b.jpg": "symbolic link loop",
-                "dangling.png": "broken symbolic link", "fifo.jpg": "not a regular file (a FIFO)",
-                "huge.jpg": "file too large"}
+    expected = {
+        "loop-a.jpg": "symbolic link loop",
+        "loop-b.jpg": "symbolic link loop",
+        "dangling.png": "broken symbolic link",
+        "fifo.jpg": "not a regular file (a FIFO)",
+        "huge.jpg": "file too large",
+    }
     if os.geteuid() == 0:
         os.mknod(folder / "zero.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero, named .jpg
         expected["zero.jpg"] = "not a regular file (a character device)"
     with open(folder / "huge.jpg", "wb") as f:
-        f.truncate(3 * 1024 ** 3)  # 3 GB, sparse: costs no disk; never to be read
+        f.truncate(3 * 1024**3)  # 3 GB, sparse: costs no disk; never to be read
     (folder / "notes.txt").write_text("not a picture")
     (folder / "layers.psd").write_bytes(b"8BPS\x00\x01")
     index_dir = tmp_path / "idx"
@@ -186,8 +199,9 @@ def test_given_a_folder_that_cannot_be_listed_then_it_is_named_and_its_pictures_
     finally:
         (folder / "locked").chmod(0o755)
     warned = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
-    assert warned == [f"warning: cannot list folder {folder / 'locked'}: Permission denied; its indexed "
-                      "pictures are kept"]
+    assert warned == [
+        f"warning: cannot list folder {folder / 'locked'}: Permission denied; its indexed pictures are kept"
+    ]
     line = summary(proc.stdout)
     assert line.startswith("indexed 0, unchanged 2, removed 0") and "3 of their indexed pictures kept" in line
     assert keys(index_dir) == before
@@ -279,8 +293,9 @@ def test_given_two_indexers_started_together_then_the_pictures_are_embedded_once
     index_dir = tmp_path / "idx"
     run("index", "--model", "demo", str(folder), "--index", str(index_dir), "--batch-size", "2")  # creates the index
     copy_pictures(pictures, folder / "new", 4, start_at=8)
-    procs = [start("index", "--model", "demo", str(folder), "--index", str(index_dir), "--batch-size", "1")
-             for _ in range(2)]
+    procs = [
+        start("index", "--model", "demo", str(folder), "--index", str(index_dir), "--batch-size", "1") for _ in range(2)
+    ]
     results = [(p.communicate(timeout=300), p.returncode) for p in procs]
     indexed = 0
     for (out, err), code in results:
@@ -297,15 +312,17 @@ def test_given_an_empty_index_when_searching_then_it_says_so_and_how_to_fill_it(
     run("index", "--model", "demo", str(empty), "--index", str(index_dir))
     assert keys(index_dir) == set()
     proc = run("search", "a red circle", "--index", str(index_dir))
-    assert proc.stdout.strip() == ("no results: the index is empty; fill it with "
-                                   f"`clipsearch index PATH --index {index_dir}`")
+    assert proc.stdout.strip() == (
+        f"no results: the index is empty; fill it with `clipsearch index PATH --index {index_dir}`"
+    )
     as_json = run("search", "a red circle", "--json", "--index", str(index_dir))
     assert json.loads(as_json.stdout)["hits"] == []
     assert as_json.stderr.strip().startswith("clipsearch: no results: the index is empty")
 
 
-@pytest.mark.parametrize("case", ["port out of range", "index is a file", "home not writable",
-                                  "demo home not writable"])
+@pytest.mark.parametrize(
+    "case", ["port out of range", "index is a file", "home not writable", "demo home not writable"]
+)
 def test_given_bad_arguments_or_settings_then_one_line_and_exit_2(case, pictures, tmp_path):
     folder = tmp_path / "pics"
     copy_pictures(pictures, folder, 1)
@@ -319,10 +336,18 @@ def test_given_bad_arguments_or_settings_then_one_line_and_exit_2(case, pictures
     if case == "port out of range":  # an index that opens, so the port is what fails
         run("index", "--model", "demo", str(folder), "--index", str(tmp_path / "idx"))
     args, env, prefix, expect = {
-        "port out of range": (["serve", "--port", "180003", "--index", str(tmp_path / "idx")], None, None,
-                              "180003 is not a port number"),
-        "index is a file": (["index", "--model", "demo", str(folder), "--index", str(a_file)], None, None,
-                            "--index takes a folder"),
+        "port out of range": (
+            ["serve", "--port", "180003", "--index", str(tmp_path / "idx")],
+            None,
+            None,
+            "180003 is not a port number",
+        ),
+        "index is a file": (
+            ["index", "--model", "demo", str(folder), "--index", str(a_file)],
+            None,
+            None,
+            "--index takes a folder",
+        ),
         "home not writable": (["index", "--model", "demo", str(folder)], home, NO_DAC, "Permission denied"),
         "demo home not writable": (["demo", "--count", "2"], home, NO_DAC, "Permission denied"),
     }[case]
@@ -334,7 +359,8 @@ def test_given_bad_arguments_or_settings_then_one_line_and_exit_2(case, pictures
 
 @pytest.mark.parametrize("command", ["index a new index", "forget", "check --repair"])
 def test_given_another_writer_holds_the_lock_then_index_forget_and_repair_wait_before_touching_the_index(
-        command, pictures, tmp_path):
+    command, pictures, tmp_path
+):
     folder = tmp_path / "pics"
     copy_pictures(pictures, folder, 3)
     index_dir = tmp_path / "idx"
@@ -343,8 +369,11 @@ def test_given_another_writer_holds_the_lock_then_index_forget_and_repair_wait_b
         args = ["index", "--model", "demo", str(folder), "--index", str(index_dir)]
     else:
         run("index", "--model", "demo", str(folder), "--index", str(index_dir))
-        args = ([command, str(folder), "--index", str(index_dir)] if command == "forget"
-                else ["check", "--repair", "--index", str(index_dir)])
+        args = (
+            [command, str(folder), "--index", str(index_dir)]
+            if command == "forget"
+            else ["check", "--repair", "--index", str(index_dir)]
+        )
     before = keys(index_dir)
 
     fd = _hold_writer_lock(index_dir)

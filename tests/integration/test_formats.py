@@ -1,6 +1,6 @@
 """The formats a phone or camera writes: HEIC/HEIF (pillow-heif), AVIF (Pillow 11.3+) and camera RAW (rawpy).
 
-Every fixture is made here from a shape picture (clipsearch.shapes): HEIC with pillow-heif, AVIF with
+Every fixture is made here from a shape picture (clipsearch.demo.shapes): HEIC with pillow-heif, AVIF with
 Pillow's own encoder, and a DNG written byte by byte (a TIFF with the DNG tags: an 8-bit JPEG preview in
 IFD0, as cameras store it, and a tiny 16-bit CFA raw image in a SubIFD), which LibRaw opens and whose
 preview rawpy's extract_thumb() returns. Each is indexed and then found by its text with the demo model,
@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.aws_ingest import CREATED, Ingestor, ObjectEvent
+from clipsearch.aws.ingest import CREATED, Ingestor, ObjectEvent
+from clipsearch.demo.shapes import render
 from clipsearch.encoders import SageMakerEncoder
+from clipsearch.http.server import make_server
 from clipsearch.images import is_image_name, load_bytes
 from clipsearch.index.base import doc_id
 from clipsearch.index.embedded import EmbeddedIndex
 from clipsearch.ingest import has_picture_signature
 from clipsearch.search import SearchRequest, SearchService, image_request
-from clipsearch.server import make_server
-from clipsearch.shapes import render
 from model_code.inference import decode_for_model
 
 pillow_heif = pytest.importorskip("pillow_heif")
@@ -42,10 +42,16 @@ BUCKET = "clipsearch-formats"
 ENDPOINT = "clipsearch-demo"
 DIM = 128  # the demo model
 # What each picture shows, by the file name a phone or camera gives it (upper-case extensions on purpose).
-PICTURES = {"IMG_0001.HEIC": ("red", "circle"), "IMG_0002.AVIF": ("blue", "square"),
-            "DSC_0003.DNG": ("yellow", "triangle")}
-DISTRACTORS = {"IMG_0004.JPG": ("green", "star"), "IMG_0005.JPG": ("purple", "square"),
-               "IMG_0006.JPG": ("orange", "triangle")}
+PICTURES = {
+    "IMG_0001.HEIC": ("red", "circle"),
+    "IMG_0002.AVIF": ("blue", "square"),
+    "DSC_0003.DNG": ("yellow", "triangle"),
+}
+DISTRACTORS = {
+    "IMG_0004.JPG": ("green", "star"),
+    "IMG_0005.JPG": ("purple", "square"),
+    "IMG_0006.JPG": ("orange", "triangle"),
+}
 
 
 # -- fixtures made here --------------------------------------------------------------------------
@@ -83,14 +89,15 @@ def little_tiff(ifds: list[list[Entry]], blobs: list[bytes]) -> bytes:
     def field(typ: int, values: Any, where: Any) -> bytes:
         if typ == 2:  # ASCII, given as bytes with its NUL
             return bytes(values)
-        return struct.pack("<" + _PACK[typ] * len(values), *(where(v) if isinstance(v, tuple) else v
-                                                             for v in values))
+        return struct.pack("<" + _PACK[typ] * len(values), *(where(v) if isinstance(v, tuple) else v for v in values))
 
     def padded(n: int) -> int:
         return n + n % 2
 
-    sizes = [2 + 12 * len(ifd) + 4 + sum(padded(len(d)) for d in (field(t, v, lambda _: 0) for _, t, v in ifd)
-                                         if len(d) > 4) for ifd in ifds]
+    sizes = [
+        2 + 12 * len(ifd) + 4 + sum(padded(len(d)) for d in (field(t, v, lambda _: 0) for _, t, v in ifd) if len(d) > 4)
+        for ifd in ifds
+    ]
     ifd_at = [8 + sum(sizes[:i]) for i in range(len(ifds))]
     blob_at = [8 + sum(sizes) + sum(padded(len(b)) for b in blobs[:i]) for i in range(len(blobs))]
 
@@ -121,18 +128,44 @@ def dng(preview: Image.Image | None, orientation: int = 1, side: int = 64) -> by
     """
     raw = (np.arange(side * side, dtype="<u2") % 1024).tobytes()
     model = b"clipsearch test camera\x00"
-    camera: list[Entry] = [(271, 2, b"Canon\x00"), (272, 2, model), (274, 3, [orientation]),
-                           (50706, 1, [1, 4, 0, 0]), (50708, 2, model)]
-    cfa: list[Entry] = [(256, 4, [side]), (257, 4, [side]), (258, 3, [16]), (259, 3, [1]), (262, 3, [32803]),
-                        (277, 3, [1]), (278, 4, [side]), (279, 4, [len(raw)]), (284, 3, [1]),
-                        (33421, 3, [2, 2]), (33422, 1, [0, 1, 1, 2])]
+    camera: list[Entry] = [
+        (271, 2, b"Canon\x00"),
+        (272, 2, model),
+        (274, 3, [orientation]),
+        (50706, 1, [1, 4, 0, 0]),
+        (50708, 2, model),
+    ]
+    cfa: list[Entry] = [
+        (256, 4, [side]),
+        (257, 4, [side]),
+        (258, 3, [16]),
+        (259, 3, [1]),
+        (262, 3, [32803]),
+        (277, 3, [1]),
+        (278, 4, [side]),
+        (279, 4, [len(raw)]),
+        (284, 3, [1]),
+        (33421, 3, [2, 2]),
+        (33422, 1, [0, 1, 1, 2]),
+    ]
     if preview is None:
         return little_tiff([[*camera, *cfa, (254, 4, [0]), (273, 4, [("blob", 0)])]], [raw])
     shown = jpeg(preview)
     width, height = preview.size
-    ifd0: list[Entry] = [*camera, (254, 4, [1]), (256, 4, [width]), (257, 4, [height]), (258, 3, [8, 8, 8]),
-                         (259, 3, [7]), (262, 3, [6]), (273, 4, [("blob", 0)]), (277, 3, [3]), (278, 4, [height]),
-                         (279, 4, [len(shown)]), (330, 4, [("ifd", 1)])]
+    ifd0: list[Entry] = [
+        *camera,
+        (254, 4, [1]),
+        (256, 4, [width]),
+        (257, 4, [height]),
+        (258, 3, [8, 8, 8]),
+        (259, 3, [7]),
+        (262, 3, [6]),
+        (273, 4, [("blob", 0)]),
+        (277, 3, [3]),
+        (278, 4, [height]),
+        (279, 4, [len(shown)]),
+        (330, 4, [("ifd", 1)]),
+    ]
     return little_tiff([ifd0, [*cfa, (254, 4, [0]), (273, 4, [("blob", 1)])]], [shown, raw])
 
 
@@ -152,8 +185,14 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(*args: str, code: int = 0, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """The CLI in a fresh interpreter; no traceback may reach the user."""
-    done = subprocess.run([*(prefix or CLI), *args], capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    done = subprocess.run(
+        [*(prefix or CLI), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == code, f"exit {done.returncode}, wanted {code}:\n{done.stderr}"
     return done
@@ -179,15 +218,37 @@ def stderr_line(err: str, name: str) -> str:
 # -- names and signatures ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["IMG_0001.HEIC", "img.heif", "IMG_0002.AVIF", "x.Avif", "DSC_0003.DNG",
-                                  "a.cr2", "b.NEF", "c.arw", "d.RAF", "e.orf", "f.RW2", "g.CR3"])
-def test_given_a_phone_or_camera_file_name_when_checked_then_it_is_an_image_name_whatever_its_case(
-        name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "IMG_0001.HEIC",
+        "img.heif",
+        "IMG_0002.AVIF",
+        "x.Avif",
+        "DSC_0003.DNG",
+        "a.cr2",
+        "b.NEF",
+        "c.arw",
+        "d.RAF",
+        "e.orf",
+        "f.RW2",
+        "g.CR3",
+    ],
+)
+def test_given_a_phone_or_camera_file_name_when_checked_then_it_is_an_image_name_whatever_its_case(name: str) -> None:
     assert is_image_name(name)
 
 
-@pytest.mark.parametrize("head", [b"IIRO\x08\x00\x00\x00", b"IIU\x00\x18\x00\x00\x00", b"FUJIFILMCCD-RAW ",
-                                  b"\x00\x00\x00\x18ftypcrx \x00\x00\x00\x01"], ids=["ORF", "RW2", "RAF", "CR3"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"IIRO\x08\x00\x00\x00",
+        b"IIU\x00\x18\x00\x00\x00",
+        b"FUJIFILMCCD-RAW ",
+        b"\x00\x00\x00\x18ftypcrx \x00\x00\x00\x01",
+    ],
+    ids=["ORF", "RW2", "RAF", "CR3"],
+)
 def test_given_the_start_of_a_raw_file_that_is_not_tiff_when_sniffed_then_it_passes(head: bytes) -> None:
     assert has_picture_signature(head)
 
@@ -202,7 +263,8 @@ def test_given_generated_heic_avif_and_dng_when_sniffed_then_each_passes_before_
 
 
 def test_given_heic_avif_and_dng_in_a_folder_when_indexed_then_each_is_found_by_its_text(
-        indexed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    indexed: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
     index_dir, done = indexed
     # The three formats and the three JPEGs are indexed; the RAW without a preview is skipped with the reason.
     assert done.stdout.splitlines()[-1].startswith("indexed 6,"), done.stdout
@@ -212,12 +274,14 @@ def test_given_heic_avif_and_dng_in_a_folder_when_indexed_then_each_is_found_by_
 
 
 def test_given_a_heic_picture_when_decoded_then_it_matches_the_same_picture_losslessly_stored(
-        demo_encoder: Any) -> None:
+    demo_encoder: Any,
+) -> None:
     img = shape("red", "circle", seed=11)
     png = io.BytesIO()
     img.save(png, format="PNG")
-    vectors = demo_encoder.encode_images([load_bytes(heic(img)), load_bytes(png.getvalue()),
-                                          load_bytes(avif(img)), load_bytes(dng(img), name="x.dng")])
+    vectors = demo_encoder.encode_images(
+        [load_bytes(heic(img)), load_bytes(png.getvalue()), load_bytes(avif(img)), load_bytes(dng(img), name="x.dng")]
+    )
     assert load_bytes(heic(img)).size == img.size
     assert float(vectors[0] @ vectors[1]) > 0.99  # HEIC (lossy, quality 90) against the PNG
     assert float(vectors[2] @ vectors[1]) > 0.99  # AVIF
@@ -232,14 +296,16 @@ def test_given_a_dng_whose_camera_was_turned_when_decoded_then_the_preview_is_up
 
 
 def test_given_a_heic_query_picture_when_searched_by_the_cli_then_the_heic_photo_comes_first(
-        indexed: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    indexed: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     query = tmp_path / "query.HEIC"
     query.write_bytes(heic(shape("red", "circle", seed=99)))  # another red circle
     assert top(indexed[0], "--image", str(query)) == "IMG_0001.HEIC"
 
 
 def test_given_a_heic_upload_when_posted_to_the_rest_server_then_the_heic_photo_comes_first(
-        indexed: tuple[Path, subprocess.CompletedProcess[str]], demo_encoder: Any) -> None:
+    indexed: tuple[Path, subprocess.CompletedProcess[str]], demo_encoder: Any
+) -> None:
     import http.client
 
     index = EmbeddedIndex(indexed[0], read_only=True)
@@ -247,8 +313,12 @@ def test_given_a_heic_upload_when_posted_to_the_rest_server_then_the_heic_photo_
         with make_server(index, demo_encoder, port=0).start() as server:
             host, port = server.server_address[:2]
             conn = http.client.HTTPConnection(str(host), int(port), timeout=60)
-            conn.request("POST", "/search?k=1", body=heic(shape("red", "circle", seed=98)),
-                         headers={"Content-Type": "image/heic"})
+            conn.request(
+                "POST",
+                "/search?k=1",
+                body=heic(shape("red", "circle", seed=98)),
+                headers={"Content-Type": "image/heic"},
+            )
             reply = conn.getresponse()
             status, body = reply.status, json.loads(reply.read())
             conn.close()
@@ -275,9 +345,17 @@ runpy.run_module("clipsearch.cli", run_name="__main__")
 
 
 def test_given_no_pillow_heif_and_no_rawpy_when_indexed_then_heic_and_raw_are_skipped_with_the_reason(
-        folder: Path, tmp_path: Path) -> None:
-    done = run("index", str(folder), "--index", str(tmp_path / "index"), "--model", "demo",
-               prefix=(sys.executable, "-c", WITHOUT_HEIF_AND_RAWPY))
+    folder: Path, tmp_path: Path
+) -> None:
+    done = run(
+        "index",
+        str(folder),
+        "--index",
+        str(tmp_path / "index"),
+        "--model",
+        "demo",
+        prefix=(sys.executable, "-c", WITHOUT_HEIF_AND_RAWPY),
+    )
 
     assert done.stdout.splitlines()[-1].startswith("indexed 4,"), done.stdout  # the AVIF and the JPEGs
     assert "HEIC/HEIF needs pillow-heif" in stderr_line(done.stderr, "IMG_0001.HEIC")
@@ -307,8 +385,8 @@ def encoder(aws_env: dict[str, str], sent: list[str]) -> SageMakerEncoder:
 
 
 def test_given_heic_and_avif_uploads_to_s3_when_ingested_then_they_are_indexed_and_found_by_text(
-        folder: Path, s3: Any, encoder: SageMakerEncoder, sent: list[str], tmp_path: Path,
-        demo_encoder: Any) -> None:
+    folder: Path, s3: Any, encoder: SageMakerEncoder, sent: list[str], tmp_path: Path, demo_encoder: Any
+) -> None:
     index = EmbeddedIndex(tmp_path / "index", model="demo", dim=DIM)
     try:
         names = ["IMG_0001.HEIC", "IMG_0002.AVIF", *DISTRACTORS]

@@ -21,14 +21,20 @@ CLI = [sys.executable, "-m", "clipsearch.cli"]
 @pytest.fixture
 def offline(tmp_path: Path) -> dict[str, str]:
     """An environment with an empty model cache, downloads refused at once, and its own home."""
-    return {**os.environ, "CLIPSEARCH_MODEL_CACHE": str(tmp_path / "cache"), models.URL_ENV: closed_port_url(),
-            "CLIPSEARCH_HOME": str(tmp_path / "home"), "TQDM_DISABLE": "1", "NO_PROXY": "127.0.0.1",
-            "no_proxy": "127.0.0.1"}
+    return {
+        **os.environ,
+        "CLIPSEARCH_MODEL_CACHE": str(tmp_path / "cache"),
+        models.URL_ENV: closed_port_url(),
+        "CLIPSEARCH_HOME": str(tmp_path / "home"),
+        "TQDM_DISABLE": "1",
+        "NO_PROXY": "127.0.0.1",
+        "no_proxy": "127.0.0.1",
+    }
 
 
 @pytest.fixture
 def pictures(tmp_path: Path) -> Path:
-    from clipsearch.demo import write_catalogue
+    from clipsearch.demo.catalogue import write_catalogue
 
     write_catalogue(tmp_path / "pictures", count=4)
     return tmp_path / "pictures"
@@ -53,7 +59,8 @@ def assert_names_the_ways_forward(line: str) -> None:
 
 @pytest.mark.parametrize("where", ["--index", "home"])
 def test_index_without_model_offline_and_uncached_exits_2_with_one_line_and_writes_nothing(
-        tmp_path, offline, pictures, where):
+    tmp_path, offline, pictures, where
+):
     index_args = ["--index", str(tmp_path / "idx")] if where == "--index" else []
     proc = run("index", str(pictures), *index_args, env=offline)
     assert proc.returncode == 2, proc.stderr
@@ -78,8 +85,7 @@ def test_search_and_serve_of_a_new_index_exit_2_with_one_line_and_create_nothing
 
 
 def test_an_existing_index_keeps_its_model_when_no_model_is_given(tmp_path, offline, pictures):
-    assert run("index", str(pictures), "--index", str(tmp_path / "idx"), "--model", "demo",
-               env=offline).returncode == 0
+    assert run("index", str(pictures), "--index", str(tmp_path / "idx"), "--model", "demo", env=offline).returncode == 0
     more = pictures / "more"
     more.mkdir()
     (more / "copy.png").write_bytes(next(pictures.glob("*.png")).read_bytes())
@@ -130,8 +136,13 @@ def test_a_first_download_draws_a_progress_bar_when_stderr_is_a_terminal(tmp_pat
     env = {name: value for name, value in offline.items() if name != "TQDM_DISABLE"}
     with serving({path: b"x" * 300_000}) as server:
         env[models.URL_ENV] = server.url + "/clip/models"
-        proc = subprocess.run([*CLI, "index", str(pictures), "--index", str(tmp_path / "idx")], stderr=slave,
-                              stdout=subprocess.DEVNULL, env=env, timeout=300)
+        proc = subprocess.run(
+            [*CLI, "index", str(pictures), "--index", str(tmp_path / "idx")],
+            stderr=slave,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            timeout=300,
+        )
     os.close(slave)
     drawn = b""
     with contextlib.suppress(OSError):  # EIO once everything written has been read

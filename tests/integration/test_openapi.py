@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeEncoder
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 from PIL import Image
+from support.fakes import FakeEncoder
 
+from clipsearch.http.server import LocalServer, make_server
 from clipsearch.index.base import Document
 from clipsearch.index.embedded import EmbeddedIndex
-from clipsearch.server import LocalServer, make_server
 
 ROOT = Path(__file__).resolve().parents[2]
-DOC: dict[str, Any] = json.loads(resources.files("clipsearch").joinpath("web", "openapi.json").read_text())
+DOC: dict[str, Any] = json.loads(resources.files("clipsearch.http").joinpath("web", "openapi.json").read_text())
 MAX_BODY = 256 * 1024
 
 
@@ -47,8 +47,9 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServe
         yield srv
 
 
-def call(server: LocalServer, method: str, path: str, body: bytes | None = None,
-         content_type: str | None = None) -> tuple[int, str, bytes]:
+def call(
+    server: LocalServer, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+) -> tuple[int, str, bytes]:
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
     try:
@@ -73,8 +74,14 @@ def response_schema(path: str, method: str, status: int, content_type: str) -> d
     return {**content[documented]["schema"], "components": DOC["components"]}
 
 
-def assert_documented(server: LocalServer, method: str, path: str, template: str | None = None,
-                      body: bytes | None = None, content_type: str | None = None) -> Any:
+def assert_documented(
+    server: LocalServer,
+    method: str,
+    path: str,
+    template: str | None = None,
+    body: bytes | None = None,
+    content_type: str | None = None,
+) -> Any:
     status, ctype, data = call(server, method, path, body, content_type)
     schema = response_schema(template or path.split("?")[0], method, status, ctype)
     if ctype.startswith("application/json"):
@@ -91,7 +98,7 @@ def png() -> bytes:
 
 
 def test_given_the_packaged_document_when_compared_then_docs_openapi_json_is_an_identical_copy():
-    packaged = resources.files("clipsearch").joinpath("web", "openapi.json").read_bytes()
+    packaged = resources.files("clipsearch.http").joinpath("web", "openapi.json").read_bytes()
 
     assert (ROOT / "docs" / "openapi.json").read_bytes() == packaged
 
@@ -110,25 +117,27 @@ def test_given_health_and_the_document_route_when_called_then_responses_match_th
     assert served_status == 200 and served == DOC
 
 
-@pytest.mark.parametrize("method, path, body, content_type, expected", [
-    ("GET", "/search?q=a%20red%20circle&k=3", None, None, 200),
-    ("GET", "/search?q=x&k=2&from=1&min_score=-1&prefix=%2F", None, None, 200),
-    ("POST", "/search", b'{"text": "a blue square", "k": 4, "filter": {"prefix": "/"}}', "application/json",
-     200),
-    ("POST", "/search?k=2", png(), "image/png", 200),
-    ("POST", "/search", json.dumps({"image": base64.b64encode(png()).decode()}).encode(), "application/json",
-     200),
-    ("GET", "/search", None, None, 400),
-    ("GET", "/search?q=x&k=0", None, None, 400),
-    ("POST", "/search", b"{", "application/json", 400),
-    ("POST", "/search", b'{"text": "a", "image": "b"}', "application/json", 400),
-    ("POST", "/search", b"not a picture", "image/jpeg", 400),
-    ("POST", "/search", b'{"id": "missing"}', "application/json", 404),
-    ("POST", "/search", b"x" * (MAX_BODY + 1), "image/png", 413),
-    ("POST", "/search", b"q=x", "text/plain", 415),
-])
+@pytest.mark.parametrize(
+    "method, path, body, content_type, expected",
+    [
+        ("GET", "/search?q=a%20red%20circle&k=3", None, None, 200),
+        ("GET", "/search?q=x&k=2&from=1&min_score=-1&prefix=%2F", None, None, 200),
+        ("POST", "/search", b'{"text": "a blue square", "k": 4, "filter": {"prefix": "/"}}', "application/json", 200),
+        ("POST", "/search?k=2", png(), "image/png", 200),
+        ("POST", "/search", json.dumps({"image": base64.b64encode(png()).decode()}).encode(), "application/json", 200),
+        ("GET", "/search", None, None, 400),
+        ("GET", "/search?q=x&k=0", None, None, 400),
+        ("POST", "/search", b"{", "application/json", 400),
+        ("POST", "/search", b'{"text": "a", "image": "b"}', "application/json", 400),
+        ("POST", "/search", b"not a picture", "image/jpeg", 400),
+        ("POST", "/search", b'{"id": "missing"}', "application/json", 404),
+        ("POST", "/search", b"x" * (MAX_BODY + 1), "image/png", 413),
+        ("POST", "/search", b"q=x", "text/plain", 415),
+    ],
+)
 def test_given_search_requests_when_answered_then_each_status_and_body_is_documented(
-        live_server, method, path, body, content_type, expected):
+    live_server, method, path, body, content_type, expected
+):
     status, payload = assert_documented(live_server, method, path, body=body, content_type=content_type)
 
     assert status == expected
@@ -142,8 +151,9 @@ def test_given_more_like_this_and_image_urls_when_called_then_they_match_the_doc
     _, first = assert_documented(live_server, "GET", "/search?q=anything&k=1")
     hit = first["hits"][0]
 
-    status, similar = assert_documented(live_server, "POST", "/search", content_type="application/json",
-                                        body=json.dumps({"id": hit["id"]}).encode())
+    status, similar = assert_documented(
+        live_server, "POST", "/search", content_type="application/json", body=json.dumps({"id": hit["id"]}).encode()
+    )
     image_status, image = assert_documented(live_server, "GET", hit["url"], template="/images/{id}")
     missing, _ = assert_documented(live_server, "GET", "/images/" + "0" * 40, template="/images/{id}")
 
@@ -154,26 +164,56 @@ def test_given_more_like_this_and_image_urls_when_called_then_they_match_the_doc
 
 # -- schemathesis ----------------------------------------------------------------------------------
 
-CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
-          "response_headers_conformance", "response_schema_conformance", "unsupported_method",
-          "allow_header_conformance"]
+CHECKS = [
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+    "unsupported_method",
+    "allow_header_conformance",
+]
 
 
 def test_given_the_live_server_when_schemathesis_runs_every_phase_then_no_5xx_and_no_schema_violation(
-        live_server, tmp_path):
+    live_server, tmp_path
+):
     """Examples, coverage, fuzzing and stateful phases, bounded by --max-examples (~20-60 s on 2 cores).
 
     One worker: schemathesis threads hit a CPython 3.11 race in ast.parse (via hypothesis), and the
     server resolves one request at a time anyway. A fixed seed makes a finding reproducible locally
     with the same command; change it to explore other inputs.
     """
-    command = [sys.executable, "-m", "schemathesis.cli", "run", f"{live_server.url}/openapi.json",
-               "--checks", ",".join(CHECKS), "--max-examples", "250", "--workers", "1", "--seed", "1",
-               "--request-timeout", "30", "--report", "junit",
-               "--report-junit-path", str(ROOT / "test-artifacts" / "schemathesis-junit.xml")]
+    command = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{live_server.url}/openapi.json",
+        "--checks",
+        ",".join(CHECKS),
+        "--max-examples",
+        "250",
+        "--workers",
+        "1",
+        "--seed",
+        "1",
+        "--request-timeout",
+        "30",
+        "--report",
+        "junit",
+        "--report-junit-path",
+        str(ROOT / "test-artifacts" / "schemathesis-junit.xml"),
+    ]
 
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=540,
-                         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"})
+    run = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+    )
 
     assert run.returncode == 0, f"schemathesis found problems:\n{run.stdout[-8000:]}\n{run.stderr[-2000:]}"
     # A warning (not a failure) is expected: query options on POST /search apply to raw image bodies,
@@ -188,7 +228,8 @@ def test_given_the_live_server_when_schemathesis_runs_every_phase_then_no_5xx_an
 
 
 def test_given_the_serve_command_when_run_then_it_serves_page_and_api_logs_each_request_and_stops_on_ctrl_c(
-        tmp_path, demo_encoder):
+    tmp_path, demo_encoder
+):
     """`clipsearch serve` as a user runs it: a real process, the demo model, port 0, then Ctrl-C.
 
     demo_encoder is asked for only so that a missing demo checkpoint fails here first, with its reason.
@@ -197,15 +238,25 @@ def test_given_the_serve_command_when_run_then_it_serves_page_and_api_logs_each_
     import signal
     import threading
 
-    from clipsearch.demo import write_catalogue
+    from clipsearch.demo.catalogue import write_catalogue
 
     write_catalogue(tmp_path / "images", count=8)
     env = {**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")}
     cli = [sys.executable, "-m", "clipsearch.cli"]
-    subprocess.run([*cli, "index", str(tmp_path / "images"), "--index", str(tmp_path / "index"),
-                    "--model", "demo"], check=True, capture_output=True, env=env, timeout=300)
-    proc = subprocess.Popen([*cli, "serve", "--index", str(tmp_path / "index"), "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    subprocess.run(
+        [*cli, "index", str(tmp_path / "images"), "--index", str(tmp_path / "index"), "--model", "demo"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    proc = subprocess.Popen(
+        [*cli, "serve", "--index", str(tmp_path / "index"), "--port", "0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     lines: queue.Queue[str] = queue.Queue()
 
     def read_lines() -> None:

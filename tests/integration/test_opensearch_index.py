@@ -29,9 +29,18 @@ def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
 
 def docs_for(vectors: np.ndarray, prefix: str = "photos/", bucket: str = "images") -> list[Document]:
     return [
-        Document(key=f"{prefix}{i:04d}.jpg", vector=v, bucket=bucket, title=f"photo {i}",
-                 content_hash=f"h{i}", size=1000 + i, mtime=1.7e9 + i, width=64, height=48,
-                 indexed_at=1.7e9)
+        Document(
+            key=f"{prefix}{i:04d}.jpg",
+            vector=v,
+            bucket=bucket,
+            title=f"photo {i}",
+            content_hash=f"h{i}",
+            size=1000 + i,
+            mtime=1.7e9 + i,
+            width=64,
+            height=48,
+            indexed_at=1.7e9,
+        )
         for i, v in enumerate(vectors)
     ]
 
@@ -87,8 +96,13 @@ class RecordingClient:
             (rejected if id_ in self.reject_ids_once else kept).append((id_, action + source))
         resp = self._real.bulk(body="".join(t for _, t in kept)) if kept else {"items": []}
         items = list(resp["items"]) + [
-            {"index": {"_id": i, "status": 429, "error": {"type": "es_rejected_execution_exception",
-                                                          "reason": "queue full"}}}
+            {
+                "index": {
+                    "_id": i,
+                    "status": 429,
+                    "error": {"type": "es_rejected_execution_exception", "reason": "queue full"},
+                }
+            }
             for i, _ in rejected
         ]
         self.reject_ids_once.clear()
@@ -178,10 +192,14 @@ def test_get_round_trips_every_field(make_index) -> None:
     idx.upsert([doc])
     got = idx.get(doc.id)
     assert got is not None
-    assert (got.key, got.bucket, got.title, got.content_hash) == (
-        doc.key, doc.bucket, doc.title, doc.content_hash)
+    assert (got.key, got.bucket, got.title, got.content_hash) == (doc.key, doc.bucket, doc.title, doc.content_hash)
     assert (got.size, got.mtime, got.width, got.height, got.indexed_at) == (
-        doc.size, doc.mtime, doc.width, doc.height, doc.indexed_at)
+        doc.size,
+        doc.mtime,
+        doc.width,
+        doc.height,
+        doc.indexed_at,
+    )
     np.testing.assert_allclose(got.vector, doc.vector, atol=1e-7)
     assert idx.get("no-such-id") is None
 
@@ -225,8 +243,10 @@ def test_a_bulk_call_failing_with_503_then_succeeding_is_retried(make_index) -> 
     idx = make_index(backoff_s=0.01)
     recording = RecordingClient(idx.client)
     idx.client = recording
-    recording.fail_calls_with = [os_errors.TransportError(503, "unavailable", {}),
-                                 os_errors.ConnectionError("N/A", "connection reset", None)]
+    recording.fail_calls_with = [
+        os_errors.TransportError(503, "unavailable", {}),
+        os_errors.ConnectionError("N/A", "connection reset", None),
+    ]
     result = idx.upsert(docs_for(unit(np.random.default_rng(6), 3)))
     assert recording.bulk_calls == 3
     assert result.written == 3
@@ -236,8 +256,9 @@ def test_an_unreachable_node_is_unavailable_after_retries() -> None:
     # GIVEN a URL where nothing listens
     # WHEN the index is opened THEN, after the retries, the typed Unavailable error comes out
     with pytest.raises(Unavailable, match="unavailable"):
-        OpenSearchIndex("x", model="fake", dim=DIM, url="http://127.0.0.1:9", max_retries=1, backoff_s=0.01,
-                        timeout_s=2)
+        OpenSearchIndex(
+            "x", model="fake", dim=DIM, url="http://127.0.0.1:9", max_retries=1, backoff_s=0.01, timeout_s=2
+        )
 
 
 class SecondsLeft:
@@ -304,8 +325,7 @@ def test_with_a_deadline_no_attempt_starts_and_no_backoff_sleeps_past_it(make_in
 def test_with_too_little_time_left_opening_the_index_sends_nothing() -> None:
     # Opening reads the mapping (and may create the index): those are calls under the deadline too.
     with pytest.raises(Unavailable, match="too little time left for OpenSearch reading the mapping"):
-        OpenSearchIndex("x", model="fake", dim=DIM, url="http://127.0.0.1:9", timeout_s=10.0,
-                        deadline=SecondsLeft(5.0))
+        OpenSearchIndex("x", model="fake", dim=DIM, url="http://127.0.0.1:9", timeout_s=10.0, deadline=SecondsLeft(5.0))
 
 
 def test_delete_removes_documents_and_counts_only_those_that_existed(make_index) -> None:
@@ -325,8 +345,9 @@ def test_scores_are_cosine_similarities_from_minus_one_to_one(make_index) -> Non
     idx = make_index()
     e0 = np.eye(DIM, dtype=np.float32)[0]
     e1 = np.eye(DIM, dtype=np.float32)[1]
-    idx.upsert([Document(key="same", vector=e0), Document(key="opposite", vector=-e0),
-                Document(key="orthogonal", vector=e1)])
+    idx.upsert(
+        [Document(key="same", vector=e0), Document(key="opposite", vector=-e0), Document(key="orthogonal", vector=e1)]
+    )
     idx.refresh()
     # WHEN the first is the query
     hits = {h.key: h.score for h in idx.search(e0, k=3)}
@@ -430,8 +451,7 @@ def test_sigv4_signs_for_es_or_aoss_in_the_host_region(url, service, region, mon
 
 
 def test_basic_auth_takes_credentials_from_the_url_and_hides_them(monkeypatch) -> None:
-    clean, client, _ = _make_client("https://user:p%40ss@search.example:9200", "basic", None, None, None,
-                                    None, 5.0)
+    clean, client, _ = _make_client("https://user:p%40ss@search.example:9200", "basic", None, None, None, None, 5.0)
     assert clean == "https://search.example:9200"
     assert client.transport.connection_pool.connections[0].session.auth == ("user", "p@ss")
     monkeypatch.delenv("CLIPSEARCH_OPENSEARCH_USER", raising=False)

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image, ImageChops
 from support.sagemaker_endpoint import SERVERLESS_MAX_BODY_BYTES, InvokeEndpointServer
 
-from clipsearch.aws_ingest import CREATED, MAX_OBJECT_BYTES, Ingestor, ObjectEvent
+from clipsearch.aws.ingest import CREATED, MAX_OBJECT_BYTES, Ingestor, ObjectEvent
 from clipsearch.encoders import SageMakerEncoder
 from clipsearch.images import load_bytes, load_file
 from clipsearch.index.base import doc_id
@@ -93,8 +93,13 @@ def panoramas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", ["40000x1000", "24000x2000"])
 def test_given_a_noisy_panorama_when_ingested_through_the_serverless_stand_in_then_it_is_indexed_under_4_mb(
-    name: str, panoramas: dict[str, Path], s3: Any, encoder: SageMakerEncoder, index: EmbeddedIndex,
-    bodies: list[int], demo_encoder: Any,
+    name: str,
+    panoramas: dict[str, Path],
+    s3: Any,
+    encoder: SageMakerEncoder,
+    index: EmbeddedIndex,
+    bodies: list[int],
+    demo_encoder: Any,
 ) -> None:
     data = panoramas[name].read_bytes()
     key = f"panoramas/{panoramas[name].name}"
@@ -112,7 +117,9 @@ def test_given_a_noisy_panorama_when_ingested_through_the_serverless_stand_in_th
 
 
 def test_given_several_big_pictures_in_one_call_when_encoded_then_each_request_fits_and_vectors_keep_their_order(
-    encoder: SageMakerEncoder, bodies: list[int], demo_encoder: Any,
+    encoder: SageMakerEncoder,
+    bodies: list[int],
+    demo_encoder: Any,
 ) -> None:
     # Downscaled pictures at the 2:1 limit, pure noise: ~1.2 MB each as PNG, ~1.6 MB as base64 in JSON.
     rng = np.random.default_rng(5)
@@ -129,15 +136,21 @@ def test_given_several_big_pictures_in_one_call_when_encoded_then_each_request_f
 
 
 def test_given_a_big_picture_as_a_search_query_when_searched_then_the_endpoint_body_fits_and_it_finds_itself(
-    panoramas: dict[str, Path], encoder: SageMakerEncoder, index: EmbeddedIndex, bodies: list[int],
+    panoramas: dict[str, Path],
+    encoder: SageMakerEncoder,
+    index: EmbeddedIndex,
+    bodies: list[int],
     demo_encoder: Any,
 ) -> None:
     from clipsearch.index.base import Document
 
-    docs = [Document(key=name, vector=demo_encoder.encode_images([load_file(path).image])[0])
-            for name, path in panoramas.items()]
-    docs.append(Document(key="square.png", vector=demo_encoder.encode_images(
-        [Image.new("RGB", (300, 300), (200, 40, 40))])[0]))
+    docs = [
+        Document(key=name, vector=demo_encoder.encode_images([load_file(path).image])[0])
+        for name, path in panoramas.items()
+    ]
+    docs.append(
+        Document(key="square.png", vector=demo_encoder.encode_images([Image.new("RGB", (300, 300), (200, 40, 40))])[0])
+    )
     index.upsert(docs)
     query = panoramas["24000x2000"].read_bytes()
 
@@ -157,7 +170,7 @@ def test_given_a_big_picture_as_a_search_query_when_searched_then_the_endpoint_b
 # process would report the parent's size (proc(5): VmHWM is the peak resident set of this process).
 INGEST_ONCE = """
 import re, sys, boto3
-from clipsearch.aws_ingest import CREATED, Ingestor, ObjectEvent
+from clipsearch.aws.ingest import CREATED, Ingestor, ObjectEvent
 from clipsearch.encoders import SageMakerEncoder
 from clipsearch.index.embedded import EmbeddedIndex
 bucket, key, folder = sys.argv[1:4]
@@ -178,8 +191,11 @@ def ingest_memory_size_mb() -> int:
     from samtranslator.yaml_helper import yaml_parse
 
     template = yaml_parse((ROOT / "template.yaml").read_text())
-    ingest = next(r for r in template["Resources"].values()
-                  if r["Type"] == "AWS::Serverless::Function" and "ingest" in str(r["Properties"].get("CodeUri")))
+    ingest = next(
+        r
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::Serverless::Function" and "ingest" in str(r["Properties"].get("CodeUri"))
+    )
     size = ingest["Properties"].get("MemorySize") or template["Globals"]["Function"]["MemorySize"]
     return int(size)
 
@@ -188,8 +204,14 @@ def ingest_peak_mb(s3: Any, key: str, data: bytes, folder: Path) -> tuple[int, i
     """(MB after the imports, peak MB) of a fresh interpreter that ingests `data` from S3 once."""
     assert len(data) <= MAX_OBJECT_BYTES  # else ingest skips it unread
     s3.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType="image/" + key.rsplit(".", 1)[-1])
-    out = subprocess.run([sys.executable, "-c", INGEST_ONCE, BUCKET, key, str(folder)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", INGEST_ONCE, BUCKET, key, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     imports_mb, peak_mb = (int(v) for v in out.stdout.split())
     print(json.dumps({"key": key, "imports_mb": imports_mb, "peak_mb": peak_mb}))
@@ -197,7 +219,9 @@ def ingest_peak_mb(s3: Any, key: str, data: bytes, folder: Path) -> tuple[int, i
 
 
 def test_given_a_100_mp_camera_jpeg_when_ingested_then_peak_memory_is_a_fraction_of_the_functions_memory(
-    s3: Any, aws_env: dict[str, str], tmp_path: Path,
+    s3: Any,
+    aws_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     # 12000 x 8333 (99.996 MP, under the 100 MP limit), stored turned as a camera does (EXIF orientation 6).
     exif = Image.Exif()
@@ -215,7 +239,9 @@ def test_given_a_100_mp_camera_jpeg_when_ingested_then_peak_memory_is_a_fraction
 
 
 def test_given_a_100_mp_png_with_transparency_when_ingested_then_peak_memory_fits_the_functions_memory(
-    s3: Any, aws_env: dict[str, str], tmp_path: Path,
+    s3: Any,
+    aws_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     # PNG has no reduced-scale decode: all 100 MP of RGBA (400 MB) are decoded whatever happens next.
     img = Image.new("RGBA", (10_000, 9999), (0, 0, 0, 0))
@@ -232,5 +258,6 @@ def test_given_a_100_mp_png_with_transparency_when_ingested_then_peak_memory_fit
 
 
 def test_given_the_stand_in_endpoint_when_started_then_it_refuses_what_serverless_refuses(
-        endpoint: InvokeEndpointServer) -> None:
+    endpoint: InvokeEndpointServer,
+) -> None:
     assert endpoint.max_body_bytes == SERVERLESS_MAX_BODY_BYTES == 4 * 1024 * 1024

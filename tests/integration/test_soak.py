@@ -25,10 +25,15 @@ def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_given_8_clients_for_5_seconds_when_served_then_no_errors_and_memory_stays_flat(
-        catalogue: Path, tmp_path: Path) -> None:
+    catalogue: Path, tmp_path: Path
+) -> None:
     index_dir = tmp_path / "index"
-    subprocess.run([*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)], check=True,
-                   capture_output=True, env=_env())
+    subprocess.run(
+        [*CLI, "index", "--model", "demo", str(catalogue), "--index", str(index_dir)],
+        check=True,
+        capture_output=True,
+        env=_env(),
+    )
 
     result = soak(index_dir, tmp_path, clients=8, seconds=5, warmup_s=3)
 
@@ -38,7 +43,8 @@ def test_given_8_clients_for_5_seconds_when_served_then_no_errors_and_memory_sta
 
 
 def test_given_two_kill_9_trials_when_indexing_then_consistent_and_exact_after_rerun(
-        catalogue: Path, tmp_path: Path) -> None:
+    catalogue: Path, tmp_path: Path
+) -> None:
     trials = kill_trials(catalogue, tmp_path, trials=2, expected=COUNT)
 
     for t in trials:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipsearch.demo import write_catalogue
+from clipsearch.demo.catalogue import write_catalogue
 from clipsearch.index.base import Document
 from clipsearch.index.embedded import DB_NAME, EmbeddedIndex
 
@@ -68,8 +68,9 @@ def assert_same(after: Content, before: Content) -> None:
     assert after.keys() == before.keys()
     for id_, (key, vector) in before.items():
         assert after[id_][0] == key
-        np.testing.assert_allclose(np.frombuffer(after[id_][1], np.float32), np.frombuffer(vector, np.float32),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.frombuffer(after[id_][1], np.float32), np.frombuffer(vector, np.float32), atol=1e-5
+        )
 
 
 def top_keys(index_dir: Path, text: str = "a red circle", k: int = 5) -> list[str]:
@@ -119,7 +120,8 @@ def mount_point(tmp_path) -> Iterator[Path]:
 
 
 def test_given_a_full_disk_then_search_works_and_index_fails_with_one_line_and_nothing_lost(
-        built, mount_point, new_pictures):
+    built, mount_point, new_pictures
+):
     index_src, _, before = built
     size = (index_src / DB_NAME).stat().st_size + 256 * 1024
     mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point))
@@ -150,7 +152,8 @@ def test_given_a_full_disk_then_search_works_and_index_fails_with_one_line_and_n
 
 
 def test_given_a_read_only_mount_then_search_and_check_work_and_index_is_refused(
-        built, copy, mount_point, new_pictures):
+    built, copy, mount_point, new_pictures
+):
     _, _, before = built
     mount("--bind", str(copy), str(mount_point))
     mount("-o", "remount,ro,bind", str(mount_point))
@@ -170,8 +173,7 @@ def _damage(path: Path, start: int, length: int) -> None:
         f.write(bytes(range(256)) * (length // 256))
 
 
-def test_given_a_damaged_copy_then_one_line_names_check_repair_and_repair_then_index_restores_it(
-        built, copy):
+def test_given_a_damaged_copy_then_one_line_names_check_repair_and_repair_then_index_restores_it(built, copy):
     _, catalogue, before = built
     db = copy / DB_NAME
     size = db.stat().st_size
@@ -218,13 +220,14 @@ def test_given_a_file_that_is_not_a_database_then_exit_2_names_check_repair_and_
 @pytest.fixture
 def lock_holder(copy) -> Iterator[subprocess.Popen]:
     """Another process holding the index's write lock (BEGIN EXCLUSIVE) until the test ends."""
-    code = ("import sqlite3, sys\n"
-            f"db = sqlite3.connect({str(copy / DB_NAME)!r}, isolation_level=None)\n"
-            "db.execute('BEGIN EXCLUSIVE')\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    code = (
+        "import sqlite3, sys\n"
+        f"db = sqlite3.connect({str(copy / DB_NAME)!r}, isolation_level=None)\n"
+        "db.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
     yield holder
     assert holder.stdin is not None
@@ -233,7 +236,8 @@ def lock_holder(copy) -> Iterator[subprocess.Popen]:
 
 
 def test_given_another_writer_holds_the_lock_then_search_answers_and_index_fails_with_one_line(
-        built, copy, lock_holder, new_pictures):
+    built, copy, lock_holder, new_pictures
+):
     _, _, before = built
     assert top_keys(copy) == top_keys(built[0])
     proc = run("index", str(new_pictures), "--index", str(copy), "--model", "demo")
@@ -274,8 +278,7 @@ def test_given_an_empty_or_half_created_index_then_search_says_so_and_index_buil
     assert top_keys(index_dir) == top_keys(built[0])
 
 
-def test_given_a_row_with_a_nan_vector_then_it_never_ranks_first_check_reports_it_and_index_reembeds_it(
-        built, copy):
+def test_given_a_row_with_a_nan_vector_then_it_never_ranks_first_check_reports_it_and_index_reembeds_it(built, copy):
     _, catalogue, before = built
     victim = sorted(before)[0]
     db = sqlite3.connect(copy / DB_NAME)
@@ -316,15 +319,20 @@ def test_given_check_on_a_missing_index_or_bad_usage_then_exit_2(tmp_path):
 
 
 # Another user: reads the index folder (755) but cannot write it. Root can write anywhere, so it drops to nobody.
-OTHER_USER = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-              if os.geteuid() == 0 and shutil.which("setpriv") else None)
-_READER = ("import sys\n"
-           "import numpy as np\n"
-           "from clipsearch.index.embedded import EmbeddedIndex\n"
-           "index = EmbeddedIndex(sys.argv[1], read_only=True)\n"
-           "q = np.ones(index.dim, np.float32) / np.sqrt(index.dim)\n"
-           "for _ in sys.stdin:\n"
-           "    print(len(index.search(q, k=1000)), index.count(), flush=True)\n")
+OTHER_USER = (
+    ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    if os.geteuid() == 0 and shutil.which("setpriv")
+    else None
+)
+_READER = (
+    "import sys\n"
+    "import numpy as np\n"
+    "from clipsearch.index.embedded import EmbeddedIndex\n"
+    "index = EmbeddedIndex(sys.argv[1], read_only=True)\n"
+    "q = np.ones(index.dim, np.float32) / np.sqrt(index.dim)\n"
+    "for _ in sys.stdin:\n"
+    "    print(len(index.search(q, k=1000)), index.count(), flush=True)\n"
+)
 
 
 def _counts(reader: subprocess.Popen) -> str:
@@ -355,8 +363,13 @@ def test_given_a_reader_that_cannot_write_the_folder_then_it_sees_the_owners_com
         writer = EmbeddedIndex(index_dir, model="fake", dim=8)  # its -wal is empty until it writes
 
         def reader() -> subprocess.Popen:
-            proc = subprocess.Popen([*OTHER_USER, sys.executable, "-c", _READER, str(index_dir)], text=True,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                [*OTHER_USER, sys.executable, "-c", _READER, str(index_dir)],
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             readers.append(proc)
             return proc
 

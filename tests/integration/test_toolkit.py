@@ -25,7 +25,7 @@ from support.sagemaker_endpoint import (
     unpack_model,
 )
 
-from clipsearch import backfill
+from clipsearch.aws import backfill
 from clipsearch.encoders import SageMakerEncoder
 from clipsearch.errors import BadRequest
 from clipsearch.images import load_file
@@ -43,9 +43,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def runtime(endpoint: InvokeEndpointServer) -> Any:
-    return boto3.client("sagemaker-runtime", endpoint_url=endpoint.url, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing",  # pragma: allowlist secret
-                        config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
+    return boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=endpoint.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # pragma: allowlist secret
+        config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
+    )
 
 
 def local_refusal(body: bytes, content_type: str) -> str:
@@ -59,10 +64,12 @@ def local_refusal(body: bytes, content_type: str) -> str:
 
 
 def test_given_an_image_the_model_refuses_when_invoked_then_model_error_424_with_original_status_400(
-        runtime: Any) -> None:
+    runtime: Any,
+) -> None:
     with pytest.raises(ClientError) as info:
-        runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=b"not an image", ContentType="image/png",
-                                Accept="application/json")
+        runtime.invoke_endpoint(
+            EndpointName=ENDPOINT, Body=b"not an image", ContentType="image/png", Accept="application/json"
+        )
 
     response: Any = info.value.response  # ModelError's own fields sit beside Error (botocore's parser)
     assert response["ResponseMetadata"]["HTTPStatusCode"] == 424
@@ -74,11 +81,13 @@ def test_given_an_image_the_model_refuses_when_invoked_then_model_error_424_with
 
 
 def test_given_a_handler_raising_a_plain_value_error_when_served_by_the_toolkit_then_it_answers_500(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What model_code answered before BadInput: the toolkit makes any other exception a server error.
     (tmp_path / "plain_value_error.py").write_text(
         "def model_fn(model_dir):\n    return object()\n\n"
-        "def input_fn(body, content_type):\n    raise ValueError('refused, but plainly')\n")
+        "def input_fn(body, content_type):\n    raise ValueError('refused, but plainly')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     container = ServingContainer(tmp_path, program="plain_value_error.py")
 
@@ -113,9 +122,11 @@ def test_given_an_input_the_endpoint_refuses_when_the_encoder_reports_it_then_no
 
 
 def test_given_a_good_request_when_invoked_through_the_toolkit_then_vectors_as_model_code_gives_them(
-        runtime: Any, demo_encoder: Any) -> None:
-    answer = runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=json.dumps({"inputs": ["a red circle"]}),
-                                     ContentType="application/json")
+    runtime: Any, demo_encoder: Any
+) -> None:
+    answer = runtime.invoke_endpoint(
+        EndpointName=ENDPOINT, Body=json.dumps({"inputs": ["a red circle"]}), ContentType="application/json"
+    )
 
     assert answer["ContentType"] == "application/json"
     remote = np.asarray(json.loads(answer["Body"].read()), dtype=np.float32)
@@ -175,7 +186,8 @@ def transform_models() -> dict[str, dict[str, str]]:
 
 
 def test_given_a_camera_original_when_the_transform_job_is_created_then_its_payload_limit_admits_it(
-        camera_original: Path) -> None:
+    camera_original: Path,
+) -> None:
     job = transform_job()
     size = camera_original.stat().st_size
     assert size > 6 * MIB  # the old MaxPayloadInMB, and the API's default
@@ -188,7 +200,8 @@ def test_given_a_camera_original_when_the_transform_job_is_created_then_its_payl
 
 @pytest.mark.parametrize("model", sorted(transform_models()))
 def test_given_a_camera_original_when_the_transform_container_receives_it_then_it_is_encoded(
-        model: str, camera_original: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model: str, camera_original: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("MODEL_NAME", "ENCODE_TYPE"):
         monkeypatch.delenv(name, raising=False)
     job = transform_job()
@@ -196,8 +209,9 @@ def test_given_a_camera_original_when_the_transform_container_receives_it_then_i
     assert len(photo) > TORCHSERVE_MAX_REQUEST_SIZE  # TorchServe's default would refuse it with 413
     container = ServingContainer(model_dir, transform_models()[model])
 
-    status, body, _ = container.invoke(photo, {"Content-Type": job["TransformInput"]["ContentType"],
-                                               "Accept": job["TransformOutput"]["Accept"]})
+    status, body, _ = container.invoke(
+        photo, {"Content-Type": job["TransformInput"]["ContentType"], "Accept": job["TransformOutput"]["Accept"]}
+    )
 
     assert status == 200, f"the container answered {status} (TS_MAX_REQUEST_SIZE in {model}'s Environment?)"
     local = inference.load_model("demo", str(model_dir))
@@ -223,9 +237,17 @@ def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_the
     key = "photos/panorama.tif"
     control = RecordingSageMaker()
 
-    summary = backfill.batch_transform(ListedBucket({key: backfill.MAX_PAYLOAD_MB * MIB + 1}), control,
-                                       lambda dim: pytest.fail("nothing to index"), "bucket", "photos/",
-                                       "clip", "ml.m5.xlarge", job="job-1", poll_s=0)
+    summary = backfill.batch_transform(
+        ListedBucket({key: backfill.MAX_PAYLOAD_MB * MIB + 1}),
+        control,
+        lambda dim: pytest.fail("nothing to index"),
+        "bucket",
+        "photos/",
+        "clip",
+        "ml.m5.xlarge",
+        job="job-1",
+        poll_s=0,
+    )
 
     assert control.jobs == []  # one record over MaxPayloadInMB would fail the whole job
     assert summary.listed == 1 and [k for k, _ in summary.failed] == [key]

@@ -38,7 +38,7 @@ def serving(files: dict[str, bytes]) -> Iterator[CheckpointServer]:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             for start in range(0, len(body), 64 * 1024):  # several reads, so progress moves in steps
-                self.wfile.write(body[start:start + 64 * 1024])
+                self.wfile.write(body[start : start + 64 * 1024])
 
         def log_message(self, *args: object) -> None:
             pass

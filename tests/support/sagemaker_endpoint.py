@@ -79,8 +79,9 @@ class ServingContainer:
     archive's code/lib; a cold-start test passes "inference.py" with model_dir/code on sys.path.
     """
 
-    def __init__(self, model_dir: Path, environment: Mapping[str, str] | None = None,
-                 program: str = "model_code.inference") -> None:
+    def __init__(
+        self, model_dir: Path, environment: Mapping[str, str] | None = None, program: str = "model_code.inference"
+    ) -> None:
         env = dict(environment or {})
         self.model_dir = model_dir
         self.max_request_size = int(env.get("TS_MAX_REQUEST_SIZE", TORCHSERVE_MAX_REQUEST_SIZE))
@@ -140,8 +141,8 @@ def model_error(endpoint: str, status: int, body: bytes) -> dict[str, Any]:
     group = f"/aws/sagemaker/Endpoints/{endpoint}"
     return {
         "Message": f'Received {kind} error ({status}) from primary with message "{text}". See '
-                   f"https://{REGION}.console.aws.amazon.com/cloudwatch/home?region={REGION}#logEventViewer:"
-                   f"group={group} in account {ACCOUNT} for more information.",
+        f"https://{REGION}.console.aws.amazon.com/cloudwatch/home?region={REGION}#logEventViewer:"
+        f"group={group} in account {ACCOUNT} for more information.",
         "OriginalStatusCode": status,
         "OriginalMessage": text,
         "LogStreamArn": f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{group}:log-stream:AllTraffic/local",
@@ -160,9 +161,14 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         if self.server.delay_s:
             time.sleep(self.server.delay_s)
         if len(body) > self.server.max_body_bytes:
-            return self._send(400, {"message": f"Request payload size {len(body)} exceeds the serverless "
-                                               f"limit of {self.server.max_body_bytes} bytes"},
-                              "ValidationError")
+            return self._send(
+                400,
+                {
+                    "message": f"Request payload size {len(body)} exceeds the serverless "
+                    f"limit of {self.server.max_body_bytes} bytes"
+                },
+                "ValidationError",
+            )
         # SageMaker passes the request's Content-Type and Accept on to the container.
         forwarded = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
         with self.server.lock:
@@ -195,7 +201,7 @@ class _InvokeHandler(BaseHTTPRequestHandler):
 
 def unpack_model(work: Path, spec: str = "demo") -> Path:
     """Package `spec` as `clipsearch package-model` does and unpack it as SageMaker does (/opt/ml/model)."""
-    from clipsearch.packaging import package_model  # here: a cold-start subprocess imports this module
+    from clipsearch.sagemaker.packaging import package_model  # here: a cold-start subprocess imports this module
 
     packaged = package_model(spec, work / "model.tar.gz")
     model_dir = work / "model"
@@ -205,9 +211,11 @@ def unpack_model(work: Path, spec: str = "demo") -> Path:
 
 
 @contextmanager
-def running_endpoint(work: Path, environment: Mapping[str, str] | None = None,
-                     make: Callable[[Path, Mapping[str, str] | None], InvokeEndpointServer] = InvokeEndpointServer,
-                     ) -> Iterator[InvokeEndpointServer]:
+def running_endpoint(
+    work: Path,
+    environment: Mapping[str, str] | None = None,
+    make: Callable[[Path, Mapping[str, str] | None], InvokeEndpointServer] = InvokeEndpointServer,
+) -> Iterator[InvokeEndpointServer]:
     """Package the demo model as `clipsearch package-model` does and serve it on loopback."""
     server = make(unpack_model(work), environment)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -33,8 +33,7 @@ CREATE INDEX IF NOT EXISTS images_key ON images (key);
 """
 
 
-def write_embedded_v1(directory: Path, model: str, dim: int, docs: Sequence[Document],
-                      schema_version: int = 1) -> Path:
+def write_embedded_v1(directory: Path, model: str, dim: int, docs: Sequence[Document], schema_version: int = 1) -> Path:
     """An embedded index folder as version 1 wrote it (WAL, the meta record, one row per document)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "index.sqlite"
@@ -42,14 +41,36 @@ def write_embedded_v1(directory: Path, model: str, dim: int, docs: Sequence[Docu
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(EMBEDDED_V1)
-        db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)",
-                       [("schema_version", str(schema_version)), ("model", model), ("dim", str(dim)),
-                        ("created_at", str(time.time())), ("generation", "1")])
+        db.executemany(
+            "INSERT INTO meta (name, value) VALUES (?, ?)",
+            [
+                ("schema_version", str(schema_version)),
+                ("model", model),
+                ("dim", str(dim)),
+                ("created_at", str(time.time())),
+                ("generation", "1"),
+            ],
+        )
         db.executemany(
             "INSERT INTO images (id, key, bucket, title, content_hash, size, mtime, width, height, indexed_at, "
             "vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(d.id, d.key, d.bucket, d.title, d.content_hash, d.size, d.mtime, d.width, d.height, time.time(),
-              np.asarray(d.vector, dtype=np.float32).tobytes()) for d in docs])
+            [
+                (
+                    d.id,
+                    d.key,
+                    d.bucket,
+                    d.title,
+                    d.content_hash,
+                    d.size,
+                    d.mtime,
+                    d.width,
+                    d.height,
+                    time.time(),
+                    np.asarray(d.vector, dtype=np.float32).tobytes(),
+                )
+                for d in docs
+            ],
+        )
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
@@ -58,18 +79,29 @@ def write_embedded_v1(directory: Path, model: str, dim: int, docs: Sequence[Docu
 
 def opensearch_v1_body(model: str, dim: int, schema_version: int = 1) -> dict[str, Any]:
     """The create-index body version 1 of clipsearch/index/opensearch.py sent (lucene HNSW, cosine)."""
-    meta = {"schema_version": schema_version, "model": model, "dim": dim,
-            "method": {"engine": "lucene", "space_type": "cosinesimil", "m": 16, "ef_construction": 128},
-            "created_at": time.time()}
+    meta = {
+        "schema_version": schema_version,
+        "model": model,
+        "dim": dim,
+        "method": {"engine": "lucene", "space_type": "cosinesimil", "m": 16, "ef_construction": 128},
+        "created_at": time.time(),
+    }
     return {
         "settings": {"index.knn": True, "number_of_shards": 1, "number_of_replicas": 0},
         "mappings": {
             "_meta": {"clipsearch": meta},
             "dynamic": "strict",
             "properties": {
-                "vector": {"type": "knn_vector", "dimension": dim,
-                           "method": {"name": "hnsw", "engine": "lucene", "space_type": "cosinesimil",
-                                      "parameters": {"m": 16, "ef_construction": 128}}},
+                "vector": {
+                    "type": "knn_vector",
+                    "dimension": dim,
+                    "method": {
+                        "name": "hnsw",
+                        "engine": "lucene",
+                        "space_type": "cosinesimil",
+                        "parameters": {"m": 16, "ef_construction": 128},
+                    },
+                },
                 "key": {"type": "keyword"},
                 "bucket": {"type": "keyword"},
                 "title": {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 512}}},
@@ -87,6 +119,16 @@ def opensearch_v1_body(model: str, dim: int, schema_version: int = 1) -> dict[st
 
 def opensearch_v1_source(d: Document, model: str) -> dict[str, Any]:
     """A document as version 1 wrote it (no capture time)."""
-    return {"vector": np.asarray(d.vector, dtype=np.float32).tolist(), "key": d.key, "bucket": d.bucket,
-            "title": d.title, "content_hash": d.content_hash, "size": d.size, "mtime": d.mtime,
-            "width": d.width, "height": d.height, "model": model, "indexed_at": time.time()}
+    return {
+        "vector": np.asarray(d.vector, dtype=np.float32).tolist(),
+        "key": d.key,
+        "bucket": d.bucket,
+        "title": d.title,
+        "content_hash": d.content_hash,
+        "size": d.size,
+        "mtime": d.mtime,
+        "width": d.width,
+        "height": d.height,
+        "model": model,
+        "indexed_at": time.time(),
+    }

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from images import jpeg_with_orientation
 from PIL import Image
+from support.images import jpeg_with_orientation
 
+from clipsearch.demo.shapes import render
 from clipsearch.errors import BadImage
 from clipsearch.images import MAX_TRANSPORT_BYTES, load_bytes, load_file, to_png, to_transport
-from clipsearch.shapes import render
 from model_code import inference
 from model_code.inference import MAX_ASPECT, MAX_SIDE, MIN_SIDE, decode_for_model, decode_image, downscale
 
@@ -45,6 +45,7 @@ def banded(size: tuple[int, int]) -> Image.Image:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height but whose pixel data is garbage: decoding it would fail."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -57,8 +58,9 @@ def shapes_scene(size: tuple[int, int], seed: int = 7) -> Image.Image:
     rng = np.random.default_rng(seed)
     background = Image.fromarray(rng.integers(90, 166, (size[1], size[0], 3), dtype=np.uint8))
     side = min(size)
-    background.paste(render("blue", "star", "large", rng=rng, image_size=side), ((size[0] - side) // 2,
-                                                                                 (size[1] - side) // 2))
+    background.paste(
+        render("blue", "star", "large", rng=rng, image_size=side), ((size[0] - side) // 2, (size[1] - side) // 2)
+    )
     return background
 
 
@@ -116,8 +118,7 @@ def test_given_a_wide_picture_when_cropped_then_the_demo_model_vector_is_unchang
 ) -> None:
     # What CLIP saw before: the whole picture downscaled (short side 448), then its own centre crop.
     picture = shapes_scene(size)
-    whole = picture.resize((round(size[0] * MAX_SIDE / size[1]), MAX_SIDE), Image.Resampling.BICUBIC,
-                           reducing_gap=3.0)
+    whole = picture.resize((round(size[0] * MAX_SIDE / size[1]), MAX_SIDE), Image.Resampling.BICUBIC, reducing_gap=3.0)
     cropped = decode_for_model(encoded(picture)).image
     assert cropped.size == (896, 448)
 
@@ -275,7 +276,8 @@ def converted_then_shrunk(data: bytes) -> np.ndarray:
 @pytest.mark.parametrize("size", [(1200, 900), (3000, 2800)], ids=["kept-whole", "reduced"])
 @pytest.mark.parametrize("kind", ["palette+transparency", "I;16", "I", "F"])
 def test_given_a_picture_whose_conversion_is_large_when_decoded_then_pixels_agree_with_converting_first(
-        kind: str, size: tuple[int, int]) -> None:
+    kind: str, size: tuple[int, int]
+) -> None:
     if kind == "palette+transparency":
         img, transparent = palette_with_transparency(size)
         assert np.mean(np.asarray(img) == transparent) > 0.01  # the transparency shows in the test
@@ -314,7 +316,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(("kind", "bytes_per_pixel"), [("palette+transparency", 1), ("I;16", 2)])
 def test_given_a_50_mp_picture_whose_conversion_is_large_when_decoded_then_it_is_shrunk_before_converted(
-        kind: str, bytes_per_pixel: int, tmp_path: Path) -> None:
+    kind: str, bytes_per_pixel: int, tmp_path: Path
+) -> None:
     # Converted at full size, a palette picture becomes RGBA (4 bytes a pixel, then the composite and RGB)
     # and a 16-bit one float32 twice: ~12 bytes a pixel over the picture, 1.3 GB at MAX_PIXELS, past the
     # 1024 MB ingest function. Shrunk first, only a band of rows is converted at a time.
@@ -328,8 +331,14 @@ def test_given_a_50_mp_picture_whose_conversion_is_large_when_decoded_then_it_is
     path.write_bytes(data)
     del data
 
-    done = subprocess.run([sys.executable, "-c", DECODE_ONCE, str(path)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", DECODE_ONCE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
 
     assert done.returncode == 0, done.stderr[-2000:]
     before_mb, peak_mb = (int(v) for v in done.stdout.split())

@@ -33,8 +33,16 @@ def unit(v) -> np.ndarray:
 def corpus(n: int = 50, seed: int = 1) -> list[Document]:
     rng = np.random.default_rng(seed)
     folders = ["a/", "b/", "a/x/"]
-    return [Document(key=f"{folders[i % 3]}img{i:03d}.jpg", vector=unit(rng.standard_normal(DIM)),
-                     title=f"image {i}", size=i, mtime=float(i)) for i in range(n)]
+    return [
+        Document(
+            key=f"{folders[i % 3]}img{i:03d}.jpg",
+            vector=unit(rng.standard_normal(DIM)),
+            title=f"image {i}",
+            size=i,
+            mtime=float(i),
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -252,14 +260,17 @@ def test_given_the_index_replaced_by_another_model_then_a_reader_refuses_with_on
         reader.search(np.eye(DIM, dtype=np.float32)[0], k=5)
 
 
-@pytest.mark.parametrize(("message", "code", "error", "words"), [
-    ("database or disk is full", 13, IndexUnavailable, "full"),
-    ("disk I/O error", 10 | (3 << 8), IndexUnavailable, "I/O error"),
-    ("database is locked", 5, IndexUnavailable, "locked by another process"),
-    ("database disk image is malformed", 11, IndexCorrupt, "clipsearch check --repair --index"),
-    ("file is not a database", 26, IndexCorrupt, "clipsearch check --repair --index"),
-    ("attempt to write a readonly database", 8, IndexReadOnly, "read-only"),
-])
+@pytest.mark.parametrize(
+    ("message", "code", "error", "words"),
+    [
+        ("database or disk is full", 13, IndexUnavailable, "full"),
+        ("disk I/O error", 10 | (3 << 8), IndexUnavailable, "I/O error"),
+        ("database is locked", 5, IndexUnavailable, "locked by another process"),
+        ("database disk image is malformed", 11, IndexCorrupt, "clipsearch check --repair --index"),
+        ("file is not a database", 26, IndexCorrupt, "clipsearch check --repair --index"),
+        ("attempt to write a readonly database", 8, IndexReadOnly, "read-only"),
+    ],
+)
 def test_given_an_sqlite_error_then_it_becomes_a_typed_error_with_one_line(tmp_path, message, code, error, words):
     e = sqlite3.OperationalError(message)
     e.sqlite_errorcode = code  # type: ignore[attr-defined]
@@ -274,8 +285,9 @@ def test_given_check_then_healthy_index_is_ok_and_nan_rows_are_dropped_by_repair
     idx.close()
     assert check_index(path).healthy
     db = sqlite3.connect(path / DB_NAME)
-    db.execute("UPDATE images SET vector = ? WHERE id = ?", (np.full(DIM, np.inf, np.float32).tobytes(),
-                                                              corpus()[7].id))
+    db.execute(
+        "UPDATE images SET vector = ? WHERE id = ?", (np.full(DIM, np.inf, np.float32).tobytes(), corpus()[7].id)
+    )
     db.commit()
     db.close()
     report = check_index(path)
@@ -338,6 +350,7 @@ def test_given_a_key_that_is_not_utf8_then_check_and_repair_read_it(tmp_path):
 
 # -- capture time (taken_at) and the schema version --------------------------------------------------
 
+
 def dated_corpus(n: int = 60, seed: int = 3) -> list[Document]:
     """Documents a day apart from 2019-05-20 at noon; every seventh has no capture time."""
     import datetime
@@ -347,25 +360,34 @@ def dated_corpus(n: int = 60, seed: int = 3) -> list[Document]:
     docs = []
     for i in range(n):
         taken = None if i % 7 == 3 else (start + datetime.timedelta(days=i)).isoformat()
-        docs.append(Document(key=f"{'ab'[i % 2]}/img{i:03d}.jpg", vector=unit(rng.standard_normal(DIM)),
-                             taken_at=taken, taken_offset="+02:00" if i % 3 == 0 and taken else ""))
+        docs.append(
+            Document(
+                key=f"{'ab'[i % 2]}/img{i:03d}.jpg",
+                vector=unit(rng.standard_normal(DIM)),
+                taken_at=taken,
+                taken_offset="+02:00" if i % 3 == 0 and taken else "",
+            )
+        )
     return docs
 
 
 def in_range(d: Document, after: str | None, before: str | None) -> bool:
-    return d.taken_at is not None and (after is None or d.taken_at >= after) and (
-        before is None or d.taken_at < before)
+    return d.taken_at is not None and (after is None or d.taken_at >= after) and (before is None or d.taken_at < before)
 
 
-@pytest.mark.parametrize(("after", "before", "prefix"), [
-    ("2019-06-01T12:00:00", "2019-06-10T12:00:00", None),  # both bounds fall exactly on a picture
-    ("2019-06-15T00:00:00", None, None),
-    (None, "2019-05-25T12:00:01", "a/"),
-    ("2019-07-01T00:00:00", "2019-07-02T00:00:00", "b/"),
-    ("2030-01-01T00:00:00", None, None),
-])
+@pytest.mark.parametrize(
+    ("after", "before", "prefix"),
+    [
+        ("2019-06-01T12:00:00", "2019-06-10T12:00:00", None),  # both bounds fall exactly on a picture
+        ("2019-06-15T00:00:00", None, None),
+        (None, "2019-05-25T12:00:01", "a/"),
+        ("2019-07-01T00:00:00", "2019-07-02T00:00:00", "b/"),
+        ("2030-01-01T00:00:00", None, None),
+    ],
+)
 def test_given_capture_times_when_searched_by_date_then_exactly_the_pictures_in_range_rank_as_a_full_scan(
-        tmp_path, after, before, prefix):
+    tmp_path, after, before, prefix
+):
     from clipsearch.index.base import DateRange
 
     docs = dated_corpus()
@@ -404,10 +426,16 @@ def test_given_approximate_mode_when_searched_by_date_then_only_pictures_in_rang
     rng = np.random.default_rng(5)
     n = 3000
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
-    docs = [Document(key=f"k{i:05d}", vector=unit(vectors[i]),
-                     taken_at=f"{2000 + i % 20}-06-01T00:00:00") for i in range(n)]
-    idx = EmbeddedIndex(tmp_path / "idx", model="fake", dim=DIM, search_mode="approx",
-                        ann={"min_rows": 0, "list_size": 48, "calibration_queries": 100})
+    docs = [
+        Document(key=f"k{i:05d}", vector=unit(vectors[i]), taken_at=f"{2000 + i % 20}-06-01T00:00:00") for i in range(n)
+    ]
+    idx = EmbeddedIndex(
+        tmp_path / "idx",
+        model="fake",
+        dim=DIM,
+        search_mode="approx",
+        ann={"min_rows": 0, "list_size": 48, "calibration_queries": 100},
+    )
     idx.upsert(docs)
     taken = DateRange("2005-01-01T00:00:00", "2015-01-01T00:00:00")  # half the pictures
     for q in vectors[:5]:
@@ -435,8 +463,7 @@ def test_given_a_version_1_index_when_searched_read_only_then_it_answers_and_is_
     assert path.read_bytes() == before
 
 
-def test_given_a_version_1_index_when_opened_for_writing_then_it_is_migrated_and_its_dates_can_be_filled(
-        tmp_path):
+def test_given_a_version_1_index_when_opened_for_writing_then_it_is_migrated_and_its_dates_can_be_filled(tmp_path):
     from support.schema_v1 import write_embedded_v1
 
     from clipsearch.index.base import DateRange
@@ -504,7 +531,8 @@ def test_given_a_page_damaged_then_repair_keeps_every_row_not_on_that_page(tmp_p
 
 
 def test_given_the_rebuilt_file_not_checkpointed_at_close_then_repair_fails_with_one_line_and_keeps_the_file(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     path = tmp_path / "idx"
     idx = open_index("embedded", str(path), model="fake", dim=DIM)
     idx.upsert(corpus(3000))
@@ -568,8 +596,9 @@ def test_given_another_process_creates_the_index_first_then_its_model_record_is_
     thread.join(1.0)  # the second reads the empty file and waits for the write lock
     first.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
     first.execute("CREATE TABLE images (id TEXT PRIMARY KEY, key TEXT NOT NULL, vector BLOB NOT NULL)")
-    first.executemany("INSERT INTO meta VALUES (?, ?)",
-                      [("schema_version", "2"), ("model", "fake-a"), ("dim", str(DIM))])
+    first.executemany(
+        "INSERT INTO meta VALUES (?, ?)", [("schema_version", "2"), ("model", "fake-a"), ("dim", str(DIM))]
+    )
     first.execute("COMMIT")
     thread.join(30)
     first.close()

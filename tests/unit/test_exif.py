@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from images import jpeg_with_orientation, upright
 from PIL import Image
+from support.images import jpeg_with_orientation, upright
 
 from clipsearch.images import load_bytes
 from model_code import inference
@@ -23,7 +23,8 @@ def pixels(img: Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_given_rotated_pixels_with_their_orientation_tag_when_loaded_then_the_upright_picture_comes_back(
-        orientation: int) -> None:
+    orientation: int,
+) -> None:
     plain = load_bytes(jpeg_with_orientation(upright(), 1))
 
     tagged = load_bytes(jpeg_with_orientation(upright(), orientation))

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from images import bad_files, picture, png_bomb
+from support.images import bad_files, picture, png_bomb
 
 from clipsearch import models
 from model_code import inference
@@ -52,8 +52,9 @@ def test_given_base64_images_when_invoked_then_one_vector_per_image(model):
     assert_unit_vectors(out, 2, model.dim)
 
 
-@pytest.mark.parametrize("ctype,fmt", [("application/x-image", "PNG"), ("image/jpeg", "JPEG"),
-                                        ("image/png", "PNG"), ("image/webp", "WEBP")])
+@pytest.mark.parametrize(
+    "ctype,fmt", [("application/x-image", "PNG"), ("image/jpeg", "JPEG"), ("image/png", "PNG"), ("image/webp", "WEBP")]
+)
 def test_given_raw_image_body_when_invoked_then_one_vector(model, ctype, fmt):
     out = invoke(model, picture(fmt=fmt), ctype)
     assert_unit_vectors(out, 1, model.dim)
@@ -144,8 +145,9 @@ except ValueError as e:
 
 
 def test_given_no_toolkit_when_model_code_refuses_an_input_then_bad_input_is_a_plain_value_error():
-    done = subprocess.run([sys.executable, "-c", WITHOUT_TOOLKIT], capture_output=True, text=True, timeout=120,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TOOLKIT], capture_output=True, text=True, timeout=120, check=False
+    )
 
     assert done.returncode == 0, done.stderr[-2000:]
     refused = json.loads(done.stdout)

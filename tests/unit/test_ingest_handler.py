@@ -19,12 +19,14 @@ import pytest
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from botocore.exceptions import ClientError, ReadTimeoutError
-from fakes import FakeClock, FakeEncoder, LambdaContext, load_function
 from PIL import Image, ImageDraw
+from support.fakes import FakeClock, FakeEncoder, LambdaContext, load_function
 
-from clipsearch import aws_config, aws_ingest, backfill
-from clipsearch.aws_config import Deadline
-from clipsearch.aws_ingest import Ingestor, parse_notification
+from clipsearch.aws import backfill
+from clipsearch.aws import config as aws_config
+from clipsearch.aws import ingest as aws_ingest
+from clipsearch.aws.config import Deadline
+from clipsearch.aws.ingest import Ingestor, parse_notification
 from clipsearch.encoders import SageMakerEncoder
 from clipsearch.errors import ConfigError, Unavailable
 from clipsearch.index.base import Document, UpsertResult, doc_id, wall_clock
@@ -41,8 +43,9 @@ def load_event(name: str) -> dict[str, Any]:
     return json.loads((EVENTS / name).read_text())
 
 
-def picture(colour: tuple[int, int, int] = (220, 30, 30), size: tuple[int, int] = (900, 600),
-            fmt: str = "JPEG") -> bytes:
+def picture(
+    colour: tuple[int, int, int] = (220, 30, 30), size: tuple[int, int] = (900, 600), fmt: str = "JPEG"
+) -> bytes:
     img = Image.new("RGB", size, (250, 250, 250))
     ImageDraw.Draw(img).ellipse([size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4], fill=colour)
     buf = io.BytesIO()
@@ -88,10 +91,12 @@ def log_lines() -> Iterator[list[str]]:
 
 def run_batch(ingestor: Ingestor, event: dict[str, Any]) -> list[str]:
     """Run a batch the way functions/ingest/app.py does; returns the failed message ids."""
-    result = process_partial_response(event=event, record_handler=ingestor.handle_record,
-                                      processor=BatchProcessor(event_type=EventType.SQS,
-                                                               raise_on_entire_batch_failure=False),
-                                      context=None)
+    result = process_partial_response(
+        event=event,
+        record_handler=ingestor.handle_record,
+        processor=BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False),
+        context=None,
+    )
     return [f["itemIdentifier"] for f in result["batchItemFailures"]]
 
 
@@ -138,7 +143,8 @@ def test_given_s3_test_event_when_parsed_then_nothing_to_do() -> None:
 
 
 def test_given_put_event_when_ingested_then_document_has_decoded_key_title_and_downscaled_vector(
-        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
     data = picture()
     s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=data, Metadata={"title": "Sunset at the pool"})
     ingestor = Ingestor(FakeEncoder(), index, s3, metrics)
@@ -165,7 +171,8 @@ def test_given_same_event_twice_when_ingested_then_exactly_one_document(s3: Any,
 
 
 def test_given_indexed_image_when_delete_event_then_document_is_removed(
-        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
     s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
     ingestor = Ingestor(FakeEncoder(), index, s3, metrics)
     run_batch(ingestor, load_event("put.json"))
@@ -183,7 +190,8 @@ def test_given_s3_test_event_when_handled_then_ignored_without_failure(s3: Any, 
 
 
 def test_given_non_image_key_when_handled_then_skipped_with_one_log_line_and_a_metric(
-        s3: Any, index: EmbeddedIndex, metrics: Metrics, log_lines: list[str]) -> None:
+    s3: Any, index: EmbeddedIndex, metrics: Metrics, log_lines: list[str]
+) -> None:
     encoder = FakeEncoder()
 
     assert run_batch(Ingestor(encoder, index, s3, metrics), load_event("not-an-image.json")) == []
@@ -195,7 +203,8 @@ def test_given_non_image_key_when_handled_then_skipped_with_one_log_line_and_a_m
 
 
 def test_given_undecodable_image_when_handled_then_skipped_not_retried(
-        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
     s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=b"\xff\xd8\xff\xe0 truncated jpeg")
 
     assert run_batch(Ingestor(FakeEncoder(), index, s3, metrics), load_event("put.json")) == []
@@ -204,13 +213,15 @@ def test_given_undecodable_image_when_handled_then_skipped_not_retried(
 
 
 def test_given_object_deleted_before_processing_when_handled_then_skipped(
-        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
     assert run_batch(Ingestor(FakeEncoder(), index, s3, metrics), load_event("put.json")) == []
     assert index.count() == 0 and counted(metrics, "ObjectsSkipped") == 1
 
 
 def test_given_mixed_batch_when_handled_then_each_record_gets_its_own_outcome(
-        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
     s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
 
     # put, test event, non-image, delete of the same key
@@ -221,7 +232,8 @@ def test_given_mixed_batch_when_handled_then_each_record_gets_its_own_outcome(
 
 
 def test_given_throttled_endpoint_when_batch_handled_then_only_that_record_fails_and_retry_indexes_it(
-        s3: Any, index: EmbeddedIndex) -> None:
+    s3: Any, index: EmbeddedIndex
+) -> None:
     s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
     s3.put_object(Bucket=BUCKET, Key="b/blue.png", Body=picture((30, 30, 220), fmt="PNG"))
     event = load_event("put.json")
@@ -249,16 +261,22 @@ def test_given_index_refuses_document_when_handled_then_record_fails(s3: Any, tm
 
 
 def test_given_poison_message_when_handled_then_it_fails_towards_the_dead_letter_queue(
-        s3: Any, index: EmbeddedIndex) -> None:
+    s3: Any, index: EmbeddedIndex
+) -> None:
     event = load_event("poison.json")
     assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == [event["Records"][0]["messageId"]]
 
 
 def test_given_non_ascii_title_encoded_as_rfc2047_when_ingested_then_title_is_decoded(
-        s3: Any, index: EmbeddedIndex) -> None:
+    s3: Any, index: EmbeddedIndex
+) -> None:
     title = "Été à la plage"
-    s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture(),
-                  Metadata={"title": Header(title, "utf-8").encode(), "description": "ignored"})
+    s3.put_object(
+        Bucket=BUCKET,
+        Key=ODD_KEY,
+        Body=picture(),
+        Metadata={"title": Header(title, "utf-8").encode(), "description": "ignored"},
+    )
 
     run_batch(Ingestor(FakeEncoder(), index, s3), load_event("put.json"))
 
@@ -273,8 +291,7 @@ def test_given_only_a_description_when_ingested_then_it_is_the_title(s3: Any, in
     assert doc is not None and doc.title == "Two people by a pool"
 
 
-def test_given_no_metadata_when_ingested_then_title_comes_from_the_file_name(
-        s3: Any, index: EmbeddedIndex) -> None:
+def test_given_no_metadata_when_ingested_then_title_comes_from_the_file_name(s3: Any, index: EmbeddedIndex) -> None:
     s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
     run_batch(Ingestor(FakeEncoder(), index, s3), load_event("put.json"))
     doc = index.get(doc_id(BUCKET, ODD_KEY))
@@ -282,13 +299,20 @@ def test_given_no_metadata_when_ingested_then_title_comes_from_the_file_name(
 
 
 def test_given_key_without_extension_but_image_content_type_when_ingested_then_indexed(
-        s3: Any, index: EmbeddedIndex) -> None:
+    s3: Any, index: EmbeddedIndex
+) -> None:
     s3.put_object(Bucket=BUCKET, Key="scans/0001", Body=picture(), ContentType="image/jpeg")
     s3.put_object(Bucket=BUCKET, Key="scans/0002", Body=b"plain text", ContentType="text/plain")
-    event = {"Records": [
-        {**load_event("put.json")["Records"][0], "messageId": key,
-         "body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, 10)))}
-        for key in ("scans/0001", "scans/0002")]}
+    event = {
+        "Records": [
+            {
+                **load_event("put.json")["Records"][0],
+                "messageId": key,
+                "body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, 10))),
+            }
+            for key in ("scans/0001", "scans/0002")
+        ]
+    }
 
     assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == []
 
@@ -315,23 +339,30 @@ def put_batch(s3: Any, keys: list[str]) -> dict[str, Any]:
     template = load_event("put.json")["Records"][0]
     for key in keys:
         s3.put_object(Bucket=BUCKET, Key=key, Body=picture())
-    return {"Records": [{**template, "messageId": key,
-                         "body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, 10)))}
-                        for key in keys]}
+    return {
+        "Records": [
+            {**template, "messageId": key, "body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, 10)))}
+            for key in keys
+        ]
+    }
 
 
 def test_given_slow_endpoint_when_time_runs_short_then_remaining_records_fail_as_items_not_as_a_timeout(
-        s3: Any, index: EmbeddedIndex, metrics: Metrics) -> None:
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
     clock = FakeClock()
-    ingestor = Ingestor(SlowEncoder(clock, seconds=30.0), index, s3, metrics,
-                        deadline=Deadline(clock=clock), record_min_s=50.0)
+    ingestor = Ingestor(
+        SlowEncoder(clock, seconds=30.0), index, s3, metrics, deadline=Deadline(clock=clock), record_min_s=50.0
+    )
     keys = [f"slow/{n}.jpg" for n in range(4)]
     context = LambdaContext(timeout_s=100.0, clock=clock)
 
-    result = process_partial_response(event=put_batch(s3, keys), record_handler=ingestor.handle_record,
-                                      processor=BatchProcessor(event_type=EventType.SQS,
-                                                               raise_on_entire_batch_failure=False),
-                                      context=context)
+    result = process_partial_response(
+        event=put_batch(s3, keys),
+        record_handler=ingestor.handle_record,
+        processor=BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False),
+        context=context,
+    )
 
     # 100 s: two records of 30 s start with 100 and 70 s left; at 40 s left the rest are not started.
     assert [f["itemIdentifier"] for f in result["batchItemFailures"]] == keys[2:]
@@ -341,15 +372,15 @@ def test_given_slow_endpoint_when_time_runs_short_then_remaining_records_fail_as
 
 @pytest.mark.parametrize(("spare_s", "failed"), [(-1.0, 2), (1.0, 0)])
 def test_given_ingest_module_when_less_than_one_records_worst_case_is_left_then_no_record_starts(
-        s3: Any, index: EmbeddedIndex, monkeypatch: pytest.MonkeyPatch, spare_s: float, failed: int) -> None:
+    s3: Any, index: EmbeddedIndex, monkeypatch: pytest.MonkeyPatch, spare_s: float, failed: int
+) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     module = load_function("ingest")
     # The deployed budget (S3, decode, the endpoint's shortest read, OpenSearch); local stand-ins.
     module.ingestor.encoder, module.ingestor.index = FakeEncoder(), index
     keys = ["late/a.jpg", "late/b.jpg"]
-    context = LambdaContext(timeout_s=aws_ingest.RECORD_MIN_S + aws_ingest.END_RESERVE_S + spare_s,
-                            clock=FakeClock())
+    context = LambdaContext(timeout_s=aws_ingest.RECORD_MIN_S + aws_ingest.END_RESERVE_S + spare_s, clock=FakeClock())
 
     response = module.handler(put_batch(s3, keys), context)
 
@@ -374,8 +405,13 @@ class EndpointClients:
         clients = self
 
         class Client:
-            def invoke_endpoint(self, EndpointName: str, Body: bytes, ContentType: str,  # noqa: N803
-                                Accept: str) -> dict[str, Any]:
+            def invoke_endpoint(
+                self,
+                EndpointName: str,
+                Body: bytes,
+                ContentType: str,  # noqa: N803
+                Accept: str,
+            ) -> dict[str, Any]:
                 clients.calls.append(read_timeout_s)
                 if clients.errors:
                     raise clients.errors.pop(0)
@@ -397,12 +433,15 @@ class SlowS3:
 
 
 def throttling(code: str = "ThrottlingException") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "Rate exceeded"},
-                        "ResponseMetadata": {"HTTPStatusCode": 400}}, "InvokeEndpoint")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "Rate exceeded"}, "ResponseMetadata": {"HTTPStatusCode": 400}},
+        "InvokeEndpoint",
+    )
 
 
-def fake_model_ingestor(index: EmbeddedIndex, clients: EndpointClients, clock: FakeClock | None = None,
-                        s3: Any = None) -> Ingestor:
+def fake_model_ingestor(
+    index: EmbeddedIndex, clients: EndpointClients, clock: FakeClock | None = None, s3: Any = None
+) -> Ingestor:
     """build_ingestor's ingestor (its endpoint budget and retries) over the fake model and a local index."""
     config = aws_config.from_env("ingest", {**ENV, "CLIPSEARCH_MODEL": "fake", "CLIPSEARCH_DIM": "16"})
     deadline = Deadline(reserve_s=aws_ingest.END_RESERVE_S, clock=clock) if clock else None
@@ -414,24 +453,27 @@ def fake_model_ingestor(index: EmbeddedIndex, clients: EndpointClients, clock: F
 
 
 def test_given_record_starting_with_its_worst_case_left_when_s3_and_decode_take_theirs_then_endpoint_gets_its_minimum(
-        s3: Any, index: EmbeddedIndex) -> None:
+    s3: Any, index: EmbeddedIndex
+) -> None:
     clock = FakeClock()
     clients = EndpointClients()
-    ingestor = fake_model_ingestor(index, clients, clock,
-                                   SlowS3(s3, clock, aws_ingest.S3_CALL_S + aws_ingest.DECODE_S))
+    ingestor = fake_model_ingestor(index, clients, clock, SlowS3(s3, clock, aws_ingest.S3_CALL_S + aws_ingest.DECODE_S))
     context = LambdaContext(timeout_s=aws_ingest.RECORD_MIN_S + aws_ingest.END_RESERVE_S, clock=clock)
 
-    result = process_partial_response(event=put_batch(s3, ["edge/a.jpg"]), record_handler=ingestor.handle_record,
-                                      processor=BatchProcessor(event_type=EventType.SQS,
-                                                               raise_on_entire_batch_failure=False),
-                                      context=context)
+    result = process_partial_response(
+        event=put_batch(s3, ["edge/a.jpg"]),
+        record_handler=ingestor.handle_record,
+        processor=BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False),
+        context=context,
+    )
 
     assert result["batchItemFailures"] == [] and index.count() == 1
     assert clients.calls == [aws_ingest.ENDPOINT_MIN_READ_S]
 
 
 def test_given_endpoint_throttles_once_when_record_is_handled_then_it_is_retried_in_the_same_invocation(
-        s3: Any, index: EmbeddedIndex) -> None:
+    s3: Any, index: EmbeddedIndex
+) -> None:
     clients = EndpointClients(errors=[throttling()])
     ingestor = fake_model_ingestor(index, clients)
 
@@ -439,12 +481,16 @@ def test_given_endpoint_throttles_once_when_record_is_handled_then_it_is_retried
     assert len(clients.calls) == 2 and index.count() == 1
 
 
-@pytest.mark.parametrize("error", [
-    ReadTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com/endpoints/clip/invocations"),
-    throttling("ModelError"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ReadTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com/endpoints/clip/invocations"),
+        throttling("ModelError"),
+    ],
+)
 def test_given_endpoint_read_timeout_or_model_error_when_record_is_handled_then_it_fails_without_a_retry(
-        s3: Any, index: EmbeddedIndex, error: Exception) -> None:
+    s3: Any, index: EmbeddedIndex, error: Exception
+) -> None:
     clients = EndpointClients(errors=[error])
     ingestor = fake_model_ingestor(index, clients)
 
@@ -456,8 +502,9 @@ def test_given_endpoint_keeps_throttling_when_called_then_retries_stop_in_time_a
     clock = FakeClock()
     deadline = Deadline(clock=clock)
     clients = EndpointClients(errors=[throttling("ModelNotReadyException")] * 10)
-    runtime = aws_config.EndpointRuntime(deadline, 20.0, connect_timeout_s=2.0, factory=clients,
-                                         attempts=10, sleep=clock.advance)
+    runtime = aws_config.EndpointRuntime(
+        deadline, 20.0, connect_timeout_s=2.0, factory=clients, attempts=10, sleep=clock.advance
+    )
     encoder = SageMakerEncoder("fake", 16, "clip", client=runtime)
     deadline.start(LambdaContext(timeout_s=8.0, clock=clock))
 
@@ -473,14 +520,20 @@ def test_given_an_invocation_running_down_when_the_endpoint_is_called_each_secon
     clock = FakeClock()
     deadline = Deadline(reserve_s=aws_ingest.END_RESERVE_S, clock=clock)
     clients = EndpointClients()
-    runtime = aws_config.EndpointRuntime(deadline, aws_ingest.ENDPOINT_MAX_READ_S, reserve_s=aws_ingest.INDEX_CALL_S,
-                                         connect_timeout_s=aws_ingest.ENDPOINT_CONNECT_S,
-                                         min_read_timeout_s=aws_ingest.ENDPOINT_MIN_READ_S, factory=clients)
+    runtime = aws_config.EndpointRuntime(
+        deadline,
+        aws_ingest.ENDPOINT_MAX_READ_S,
+        reserve_s=aws_ingest.INDEX_CALL_S,
+        connect_timeout_s=aws_ingest.ENDPOINT_CONNECT_S,
+        min_read_timeout_s=aws_ingest.ENDPOINT_MIN_READ_S,
+        factory=clients,
+    )
     for _ in range(2):  # two invocations, each from time to spare down to the last record that fits
         deadline.start(LambdaContext(timeout_s=150.0, clock=clock))
         while runtime.read_timeout_s() >= aws_ingest.ENDPOINT_MIN_READ_S:
-            runtime.invoke_endpoint(EndpointName="clip", Body=picture(), ContentType="image/jpeg",
-                                    Accept="application/json")
+            runtime.invoke_endpoint(
+                EndpointName="clip", Body=picture(), ContentType="image/jpeg", Accept="application/json"
+            )
             clock.advance(1.0)
 
     assert len(clients.calls) > 100
@@ -509,8 +562,9 @@ def test_given_complete_environment_when_read_then_config_matches_contract() -> 
 
 def test_given_two_endpoint_layout_when_read_then_text_and_image_endpoints_differ() -> None:
     env = {k: v for k, v in ENV.items() if k != "CLIPSEARCH_ENDPOINT_NAME"}
-    env.update(CLIPSEARCH_TEXT_ENDPOINT_NAME="clip-text", CLIPSEARCH_IMAGE_ENDPOINT_NAME="clip-image",
-               CLIPSEARCH_BUCKET="b")
+    env.update(
+        CLIPSEARCH_TEXT_ENDPOINT_NAME="clip-text", CLIPSEARCH_IMAGE_ENDPOINT_NAME="clip-image", CLIPSEARCH_BUCKET="b"
+    )
     config = aws_config.from_env("search", env)
     assert (config.text_endpoint, config.image_endpoint) == ("clip-text", "clip-image")
 
@@ -527,7 +581,8 @@ def test_given_dim_that_contradicts_the_model_when_read_then_config_error() -> N
 
 
 def test_given_missing_variables_when_function_starts_then_one_clear_log_line_and_config_error(
-        aws: None, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]) -> None:
+    aws: None, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]
+) -> None:
     for name in (*ENV, "CLIPSEARCH_IMAGE_ENDPOINT_NAME", "CLIPSEARCH_TEXT_ENDPOINT_NAME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLIPSEARCH_MODEL", "demo")
@@ -541,7 +596,8 @@ def test_given_missing_variables_when_function_starts_then_one_clear_log_line_an
 
 
 def test_given_ingest_module_when_invoked_with_sample_batch_then_partial_batch_response(
-        s3: Any, index: EmbeddedIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3: Any, index: EmbeddedIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     module = load_function("ingest")
@@ -559,7 +615,8 @@ def test_given_ingest_module_when_invoked_with_sample_batch_then_partial_batch_r
 
 
 def test_given_existing_objects_when_backfill_enqueues_then_ingest_indexes_each_image_once(
-        s3: Any, index: EmbeddedIndex) -> None:
+    s3: Any, index: EmbeddedIndex
+) -> None:
     sqs = boto3.client("sqs")
     queue_url = sqs.create_queue(QueueName="ingest")["QueueUrl"]
     keys = [ODD_KEY, "2019/pool party.png", "a+b/ça.webp"]
@@ -571,23 +628,39 @@ def test_given_existing_objects_when_backfill_enqueues_then_ingest_indexes_each_
 
     assert (summary.listed, summary.sent, summary.failed) == (3, 3, [])
     messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
-    event = {"Records": [{"messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
-                          "attributes": {}, "messageAttributes": {}, "eventSource": "aws:sqs"}
-                         for m in messages]}
+    event = {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": {},
+                "messageAttributes": {},
+                "eventSource": "aws:sqs",
+            }
+            for m in messages
+        ]
+    }
     assert run_batch(Ingestor(FakeEncoder(), index, s3), event) == []
     assert sorted(index.fingerprints()) == sorted(keys)
 
 
-def test_given_transform_output_when_loaded_then_vectors_land_under_their_keys(
-        s3: Any, index: EmbeddedIndex) -> None:
+def test_given_transform_output_when_loaded_then_vectors_land_under_their_keys(s3: Any, index: EmbeddedIndex) -> None:
     sagemaker = boto3.client("sagemaker")
-    sagemaker.create_model(ModelName="clip", ExecutionRoleArn="arn:aws:iam::123456789012:role/sm",
-                           PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/p:1"})
+    sagemaker.create_model(
+        ModelName="clip",
+        ExecutionRoleArn="arn:aws:iam::123456789012:role/sm",
+        PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/p:1"},
+    )
     keys = ["photos/red one.png", "photos/blue+two.png"]
     for key, colour in zip(keys, [(220, 30, 30), (30, 30, 220)], strict=True):
         s3.put_object(Bucket=BUCKET, Key=key, Body=picture(colour, fmt="PNG"), Metadata={"title": key[7:]})
-    vectors = {key: FakeEncoder().encode_images([Image.open(io.BytesIO(s3.get_object(
-        Bucket=BUCKET, Key=key)["Body"].read()))])[0] for key in keys}
+    vectors = {
+        key: FakeEncoder().encode_images(
+            [Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))]
+        )[0]
+        for key in keys
+    }
 
     def fake_transform(**kwargs: Any) -> None:
         # What the real job writes: one `<key>.out` per manifest entry, model_code's JSON answer.
@@ -601,8 +674,9 @@ def test_given_transform_output_when_loaded_then_vectors_land_under_their_keys(
         create_transform_job = staticmethod(fake_transform)
         describe_transform_job = staticmethod(sagemaker.describe_transform_job)
 
-    summary = backfill.batch_transform(s3, Control(), lambda dim: index, BUCKET, "photos/", "clip",
-                                       "ml.m5.xlarge", job="job-1", poll_s=0)
+    summary = backfill.batch_transform(
+        s3, Control(), lambda dim: index, BUCKET, "photos/", "clip", "ml.m5.xlarge", job="job-1", poll_s=0
+    )
 
     assert (summary.indexed, summary.failed, summary.job) == (2, [], "job-1")
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key="_clipsearch-batch/job-1/manifest.json")["Body"].read())
@@ -616,7 +690,8 @@ def test_given_transform_output_when_loaded_then_vectors_land_under_their_keys(
 
 
 def test_given_cli_backfill_when_run_then_it_reports_what_it_queued(
-        s3: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    s3: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     from clipsearch.cli import EXIT_OK, main
 
     queue_url = boto3.client("sqs").create_queue(QueueName="ingest-cli")["QueueUrl"]
@@ -627,7 +702,8 @@ def test_given_cli_backfill_when_run_then_it_reports_what_it_queued(
 
 
 def test_given_cli_backfill_without_a_queue_when_run_then_one_line_names_the_fix(
-        s3: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    s3: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from clipsearch.cli import EXIT_USAGE, main
 
     monkeypatch.delenv("CLIPSEARCH_QUEUE_URL", raising=False)
@@ -638,7 +714,8 @@ def test_given_cli_backfill_without_a_queue_when_run_then_one_line_names_the_fix
 
 
 def test_given_raw_and_ordinary_objects_when_listed_for_a_transform_then_raw_is_left_to_the_ingest_path(
-        s3: Any) -> None:
+    s3: Any,
+) -> None:
     for key in ("a/IMG_1.jpg", "a/DSC_2.NEF", "a/x.dng", "a/IMG_3.HEIC"):
         s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
 

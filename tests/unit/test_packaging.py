@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from clipsearch.cli import EXIT_OK, EXIT_USAGE, main
 from clipsearch.errors import BadRequest
 from clipsearch.images import load_file
-from clipsearch.packaging import MANIFEST, VENDOR_DIR, WHEEL_PYTHON, package_model, vendor_pins, wheel_cache
+from clipsearch.sagemaker.packaging import MANIFEST, VENDOR_DIR, WHEEL_PYTHON, package_model, vendor_pins, wheel_cache
 from model_code import inference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,8 +49,9 @@ def jpeg(size: tuple[int, int] = (1200, 900)) -> bytes:
 
 def serve(model: inference.ClipModel, body: bytes, content_type: str) -> np.ndarray:
     """One request through the four SageMaker serving functions."""
-    answer = inference.output_fn(inference.predict_fn(inference.input_fn(body, content_type), model),
-                                 "application/json")
+    answer = inference.output_fn(
+        inference.predict_fn(inference.input_fn(body, content_type), model), "application/json"
+    )
     return np.asarray(json.loads(answer), dtype=np.float32)
 
 
@@ -58,14 +59,22 @@ def cold_start(script: str, model_dir: Path, vendored: list[str], photo: Path, c
     """Run script in a fresh interpreter as the container would (no MODEL_NAME, no PYTHONPATH of ours)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
     env["PYTHONPATH"] = str(ROOT / "tests")
-    done = subprocess.run([sys.executable, "-c", script, str(model_dir), json.dumps(vendored), str(photo)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir), json.dumps(vendored), str(photo)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def test_given_checkpoint_path_when_packaged_then_archive_has_the_sagemaker_layout(
-        checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint: Path, tmp_path: Path
+) -> None:
     packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
 
     with tarfile.open(packaged.path) as tar:
@@ -73,9 +82,8 @@ def test_given_checkpoint_path_when_packaged_then_archive_has_the_sagemaker_layo
         code = tar.extractfile("code/inference.py").read()  # type: ignore[union-attr]
         manifest = json.load(tar.extractfile(MANIFEST))  # type: ignore[arg-type]
     # No code/requirements.txt: the toolkit would pip-install it at every cold start.
-    assert [n for n in names if not n.startswith(VENDOR_DIR)] == sorted([MANIFEST, "code/inference.py",
-                                                                         "tiny-clip.pt"])
-    vendored = {n[len(VENDOR_DIR):].split("/")[0] for n in names if n.startswith(VENDOR_DIR)}
+    assert [n for n in names if not n.startswith(VENDOR_DIR)] == sorted([MANIFEST, "code/inference.py", "tiny-clip.pt"])
+    vendored = {n[len(VENDOR_DIR) :].split("/")[0] for n in names if n.startswith(VENDOR_DIR)}
     assert {"clip", "ftfy", "regex", "wcwidth"} <= vendored
     assert code == (ROOT / "model_code" / "inference.py").read_bytes()
     assert manifest == {"spec": str(checkpoint), "dim": 32, "checkpoint": "tiny-clip.pt", "python": WHEEL_PYTHON}
@@ -84,7 +92,8 @@ def test_given_checkpoint_path_when_packaged_then_archive_has_the_sagemaker_layo
 
 
 def test_given_packaged_model_when_loaded_like_the_container_then_it_serves_the_local_vectors(
-        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
     model_dir = tmp_path / "opt-ml-model"
     with tarfile.open(packaged.path) as tar:
@@ -104,7 +113,8 @@ def test_given_packaged_model_when_loaded_like_the_container_then_it_serves_the_
 
 
 def test_given_full_size_image_when_the_endpoint_decodes_it_then_it_is_downscaled_like_clipsearch_index(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     # Batch transform sends the original objects; the endpoint must give what `clipsearch index` gives.
     photo = tmp_path / "big.jpg"
     photo.write_bytes(jpeg((1600, 1000)))
@@ -122,7 +132,8 @@ def test_given_same_inputs_when_packaged_twice_then_archives_are_identical(check
 
 
 def test_given_demo_when_packaged_by_the_cli_then_it_prints_the_template_parameters(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "model.tar.gz"
 
     assert main(["package-model", "--model", "demo", "--out", str(out)]) == EXIT_OK
@@ -134,7 +145,8 @@ def test_given_demo_when_packaged_by_the_cli_then_it_prints_the_template_paramet
 
 
 def test_given_uncached_clip_name_offline_when_packaged_then_one_line_names_the_fix(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("CLIPSEARCH_MODEL_CACHE", str(tmp_path / "empty-cache"))
     for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens there: offline, at once
@@ -194,7 +206,8 @@ print(json.dumps({"answers": answers, "loaded": loaded, "inference": sys.modules
 
 
 def test_given_packaged_model_when_cold_started_without_clip_ftfy_regex_then_it_loads_them_from_the_archive(
-        checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint: Path, tmp_path: Path
+) -> None:
     packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
     model_dir = tmp_path / "opt-ml-model"
     with tarfile.open(packaged.path) as tar:
@@ -220,7 +233,8 @@ def test_given_packaged_model_when_cold_started_without_clip_ftfy_regex_then_it_
 
 
 def test_given_no_package_index_and_no_cached_wheels_when_packaged_then_one_line_names_the_fix(
-        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("CLIPSEARCH_WHEEL_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there: offline, at once
     monkeypatch.setenv("PIP_RETRIES", "0")
@@ -239,15 +253,19 @@ def test_given_no_package_index_and_no_cached_wheels_when_packaged_then_one_line
 
 # The batch-transform path reads originals inside the container, whose Pillow reads no HEIC: the archive
 # carries pillow-heif, and the cold start above (only the archive's copy may load) decodes an iPhone photo.
-HEIC_COLD_START = COLD_START.split("container = ServingContainer")[0] + r"""
+HEIC_COLD_START = (
+    COLD_START.split("container = ServingContainer")[0]
+    + r"""
 container = ServingContainer(model_dir, {}, program="inference.py")
 status, payload, _ = container.invoke(photo.read_bytes(), {"Content-Type": "image/heic", "Accept": "application/json"})
 print(json.dumps({"status": status, "payload": payload.decode(), "heif": sys.modules["pillow_heif"].__file__}))
 """
+)
 
 
 def test_given_packaged_model_when_a_heic_photo_reaches_the_container_then_the_archives_pillow_heif_decodes_it(
-        checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint: Path, tmp_path: Path
+) -> None:
     import pillow_heif
 
     packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
@@ -265,8 +283,9 @@ def test_given_packaged_model_when_a_heic_photo_reaches_the_container_then_the_a
     assert result["status"] == 200, result["payload"]
     assert result["heif"].startswith(str(model_dir / VENDOR_DIR))
     local = inference.load_model(checkpoint.name, str(checkpoint.parent))
-    assert np.allclose(json.loads(result["payload"]), inference.encode_images(local, [load_file(photo).image]),
-                       atol=1e-3)
+    assert np.allclose(
+        json.loads(result["payload"]), inference.encode_images(local, [load_file(photo).image]), atol=1e-3
+    )
 
 
 # The container imports code/inference.py with code/ on the path (torchserve.py, _set_python_path); the
@@ -287,7 +306,8 @@ else:
 
 @pytest.mark.parametrize("built_for", ["3.10", "3.12"])
 def test_given_archive_built_for_another_python_when_model_fn_runs_then_model_load_error_names_both(
-        checkpoint: Path, tmp_path: Path, built_for: str) -> None:
+    checkpoint: Path, tmp_path: Path, built_for: str
+) -> None:
     packaged = package_model(str(checkpoint), tmp_path / "model.tar.gz")
     model_dir = tmp_path / "opt-ml-model"
     with tarfile.open(packaged.path) as tar:
@@ -299,8 +319,15 @@ def test_given_archive_built_for_another_python_when_model_fn_runs_then_model_lo
     (model_dir / MANIFEST).write_text(json.dumps({**manifest, "python": built_for}))
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "ENCODE_TYPE", "PYTHONPATH")}
 
-    done = subprocess.run([sys.executable, "-c", OTHER_PYTHON_START, str(model_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", OTHER_PYTHON_START, str(model_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -8,8 +8,8 @@ import clip
 import numpy as np
 import pytest
 import torch
-from images import picture
 from PIL import Image
+from support.images import picture
 
 from clipsearch.models import ARCHITECTURES, random_model
 from model_code import inference

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from botocore.exceptions import ClientError
-from fakes import FakeClock, FakeEncoder, LambdaContext, load_function
 from PIL import Image, ImageDraw
+from support.fakes import FakeClock, FakeEncoder, LambdaContext, load_function
 
-from clipsearch import aws_config, aws_search
-from clipsearch.aws_config import LazyIndex
-from clipsearch.aws_search import build_search_app
+from clipsearch.aws import config as aws_config
+from clipsearch.aws import search as aws_search
+from clipsearch.aws.config import LazyIndex
+from clipsearch.aws.search import build_search_app
 from clipsearch.encoders import SageMakerEncoder, _client_error
 from clipsearch.errors import BadRequest, ConfigError, Unavailable
 from clipsearch.index.base import Document, VectorIndex, doc_id
@@ -58,8 +59,13 @@ class FakeRuntime:
     def invoke_endpoint(self, EndpointName: str, Body: bytes, ContentType: str, Accept: str) -> dict[str, Any]:  # noqa: N803
         self.calls.append((EndpointName, ContentType))
         if self.throttle:
-            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
-                               "ResponseMetadata": {"HTTPStatusCode": 400}}, "InvokeEndpoint")
+            raise ClientError(
+                {
+                    "Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
+                    "ResponseMetadata": {"HTTPStatusCode": 400},
+                },
+                "InvokeEndpoint",
+            )
         if ContentType == "application/json":
             vectors = self.encoder.encode_texts(json.loads(Body)["inputs"])
         else:
@@ -84,11 +90,17 @@ def s3(aws: None) -> Any:
 def index(tmp_path: Path) -> EmbeddedIndex:
     index = EmbeddedIndex(tmp_path / "index", model="fake", dim=16)
     encoder = FakeEncoder()
-    pictures = [(ODD_KEY, "A red circle", shape((220, 30, 30))),
-                ("shapes/blue square.png", "A blue square", shape((30, 30, 220), box=True)),
-                ("shapes/green circle.png", "", shape((30, 180, 30)))]
-    index.upsert([Document(key=key, bucket=BUCKET, title=title, vector=encoder.encode_images([img])[0])
-                  for key, title, img in pictures])
+    pictures = [
+        (ODD_KEY, "A red circle", shape((220, 30, 30))),
+        ("shapes/blue square.png", "A blue square", shape((30, 30, 220), box=True)),
+        ("shapes/green circle.png", "", shape((30, 180, 30))),
+    ]
+    index.upsert(
+        [
+            Document(key=key, bucket=BUCKET, title=title, vector=encoder.encode_images([img])[0])
+            for key, title, img in pictures
+        ]
+    )
     return index
 
 
@@ -99,8 +111,7 @@ def runtime() -> FakeRuntime:
 
 def make_app(index: VectorIndex, s3: Any, runtime: FakeRuntime) -> APIGatewayRestResolver:
     config = aws_config.from_env("search", ENV)
-    encoder = SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint,
-                               client=runtime)
+    encoder = SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint, client=runtime)
     return build_search_app(config, encoder=encoder, index=index, s3=s3)
 
 
@@ -129,7 +140,8 @@ def test_given_health_event_when_handled_then_status_model_and_count(app: Any) -
 
 @pytest.mark.parametrize("event_name", ["search-get.json", "search-text.json"])
 def test_given_text_query_when_handled_then_text_endpoint_is_called_and_hits_carry_presigned_urls(
-        app: Any, runtime: FakeRuntime, event_name: str) -> None:
+    app: Any, runtime: FakeRuntime, event_name: str
+) -> None:
     status, _, body = call(app, event_name)
 
     assert status == 200 and body["query"] == {"type": "text", "text": "a red circle"}
@@ -150,7 +162,8 @@ def test_given_hits_when_answered_then_titles_come_from_the_index(app: Any) -> N
 
 @pytest.mark.parametrize("event_name", ["search-image.json", "search-binary.json"])
 def test_given_red_circle_picture_when_searched_then_red_circle_comes_first_via_image_endpoint(
-        app: Any, runtime: FakeRuntime, event_name: str) -> None:
+    app: Any, runtime: FakeRuntime, event_name: str
+) -> None:
     status, _, body = call(app, event_name)
 
     assert status == 200 and body["query"]["type"] == "image"
@@ -171,12 +184,21 @@ def test_given_indexed_id_when_searched_then_similar_images_without_itself(app: 
     assert runtime.calls == []
 
 
-@pytest.mark.parametrize(("event_name", "status"), [
-    ("bad-json.json", 400), ("bad-two-queries.json", 400), ("bad-k.json", 400), ("bad-base64.json", 400),
-    ("bad-not-an-image.json", 400), ("unsupported-type.json", 415), ("unknown-id.json", 404),
-])
+@pytest.mark.parametrize(
+    ("event_name", "status"),
+    [
+        ("bad-json.json", 400),
+        ("bad-two-queries.json", 400),
+        ("bad-k.json", 400),
+        ("bad-base64.json", 400),
+        ("bad-not-an-image.json", 400),
+        ("unsupported-type.json", 415),
+        ("unknown-id.json", 404),
+    ],
+)
 def test_given_bad_request_when_handled_then_json_error_without_stack_trace(
-        app: Any, event_name: str, status: int) -> None:
+    app: Any, event_name: str, status: int
+) -> None:
     got, headers, body = call(app, event_name)
     assert got == status and headers["content-type"] == "application/json"
     assert set(body) == {"error"} and body["error"]["code"] and body["error"]["message"]
@@ -193,7 +215,8 @@ def test_given_throttled_endpoint_when_searched_then_503_with_retry_after(index:
 
 
 def test_given_unreachable_opensearch_when_searched_then_503_not_a_failed_cold_start(
-        s3: Any, runtime: FakeRuntime) -> None:
+    s3: Any, runtime: FakeRuntime
+) -> None:
     def opener() -> VectorIndex:
         raise Unavailable("OpenSearch at https://search-example unavailable for reading the mapping")
 
@@ -213,7 +236,8 @@ def test_given_browser_origin_when_answered_then_cors_header_is_set(app: Any) ->
 
 
 def test_given_environment_when_module_loads_then_no_remote_call_until_first_request(
-        s3: Any, index: EmbeddedIndex, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3: Any, index: EmbeddedIndex, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
 
@@ -248,7 +272,8 @@ def test_given_image_vectors_when_compared_then_fake_runtime_matches_fake_encode
 
 @pytest.mark.parametrize("region", ["us-east-1", "eu-west-1", "eu-north-1"])
 def test_given_region_when_hits_are_presigned_then_urls_name_the_bucket_on_the_regional_host(
-        index: EmbeddedIndex, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch, region: str) -> None:
+    index: EmbeddedIndex, runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch, region: str
+) -> None:
     # The global host (BUCKET.s3.amazonaws.com) redirects for buckets outside us-east-1 and newer
     # regions refuse it: S3 User Guide, "Virtual hosting of buckets". Presigning needs no network.
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_S3_US_EAST_1_REGIONAL_ENDPOINT"):
@@ -257,8 +282,7 @@ def test_given_region_when_hits_are_presigned_then_urls_name_the_bucket_on_the_r
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")  # pragma: allowlist secret
     monkeypatch.setenv("AWS_DEFAULT_REGION", region)
     config = aws_config.from_env("search", ENV)
-    encoder = SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint,
-                               client=runtime)
+    encoder = SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint, client=runtime)
     app = build_search_app(config, encoder=encoder, index=index)  # the S3 client build_service makes
 
     status, _, body = call(app, "search-text.json")
@@ -272,14 +296,18 @@ def test_given_region_when_hits_are_presigned_then_urls_name_the_bucket_on_the_r
 
 
 def test_given_s3_endpoint_override_when_presigned_then_the_stand_in_host_is_kept(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")  # pragma: allowlist secret
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://localhost:4566")
 
-    url = urlsplit(aws_config.s3_client().generate_presigned_url(
-        "get_object", Params={"Bucket": BUCKET, "Key": "a b.png"}, ExpiresIn=60))
+    url = urlsplit(
+        aws_config.s3_client().generate_presigned_url(
+            "get_object", Params={"Bucket": BUCKET, "Key": "a b.png"}, ExpiresIn=60
+        )
+    )
 
     assert (url.scheme, url.netloc, unquote(url.path)) == ("http", "localhost:4566", f"/{BUCKET}/a b.png")
 
@@ -306,13 +334,19 @@ class TimedRuntimes:
 
 
 def timed_app(index: VectorIndex, s3: Any, runtimes: TimedRuntimes, clock: FakeClock) -> APIGatewayRestResolver:
-    return build_search_app(aws_config.from_env("search", ENV), deadline=aws_search.search_deadline(clock),
-                            index=index, s3=s3, runtime=runtimes)
+    return build_search_app(
+        aws_config.from_env("search", ENV),
+        deadline=aws_search.search_deadline(clock),
+        index=index,
+        s3=s3,
+        runtime=runtimes,
+    )
 
 
 @pytest.mark.parametrize("function_timeout_s", [29.0, 60.0, 900.0])
 def test_given_function_timeout_when_text_is_searched_then_endpoint_and_index_fit_inside_api_gateways_29_s(
-        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime, function_timeout_s: float) -> None:
+    index: EmbeddedIndex, s3: Any, runtime: FakeRuntime, function_timeout_s: float
+) -> None:
     clock = FakeClock()
     runtimes = TimedRuntimes(runtime)
     app = timed_app(index, s3, runtimes, clock)
@@ -328,7 +362,8 @@ def test_given_function_timeout_when_text_is_searched_then_endpoint_and_index_fi
 
 
 def test_given_cold_start_init_when_first_request_arrives_then_init_time_counts_against_api_gateway(
-        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime) -> None:
+    index: EmbeddedIndex, s3: Any, runtime: FakeRuntime
+) -> None:
     clock = FakeClock()
     runtimes = TimedRuntimes(runtime)
     app = timed_app(index, s3, runtimes, clock)
@@ -343,7 +378,8 @@ def test_given_cold_start_init_when_first_request_arrives_then_init_time_counts_
 
 
 def test_given_environment_initialised_long_before_its_first_request_when_searched_then_the_request_gets_a_full_budget(
-        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime) -> None:
+    index: EmbeddedIndex, s3: Any, runtime: FakeRuntime
+) -> None:
     # Lambda may initialise an environment ahead of any request (provisioned concurrency, proactive init):
     # the first request then waited through none of it.
     clock = FakeClock()
@@ -360,14 +396,19 @@ def test_given_environment_initialised_long_before_its_first_request_when_search
 
 
 def test_given_imports_before_the_app_is_built_when_first_request_arrives_then_they_count_against_api_gateway(
-        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime) -> None:
+    index: EmbeddedIndex, s3: Any, runtime: FakeRuntime
+) -> None:
     clock = FakeClock()
     runtimes = TimedRuntimes(runtime)
     module_start = clock()
     clock.advance(6.0)  # functions/search/app.py importing numpy, Pillow and Powertools
-    app = build_search_app(aws_config.from_env("search", ENV),
-                           deadline=aws_search.search_deadline(clock, started_at=module_start),
-                           index=index, s3=s3, runtime=runtimes)
+    app = build_search_app(
+        aws_config.from_env("search", ENV),
+        deadline=aws_search.search_deadline(clock, started_at=module_start),
+        index=index,
+        s3=s3,
+        runtime=runtimes,
+    )
 
     for _ in range(2):
         event = json.loads((EVENTS / "search-text.json").read_text())
@@ -379,7 +420,8 @@ def test_given_imports_before_the_app_is_built_when_first_request_arrives_then_t
 
 @pytest.mark.parametrize("seconds_left", [0.5, 5.0, aws_search.INDEX_CALL_S + 2.0])
 def test_given_too_little_time_left_when_text_is_searched_then_503_with_retry_after_and_no_endpoint_call(
-        index: EmbeddedIndex, s3: Any, runtime: FakeRuntime, seconds_left: float) -> None:
+    index: EmbeddedIndex, s3: Any, runtime: FakeRuntime, seconds_left: float
+) -> None:
     clock = FakeClock()
     app = timed_app(index, s3, TimedRuntimes(runtime), clock)
     event = json.loads((EVENTS / "search-text.json").read_text())
@@ -393,13 +435,17 @@ def test_given_too_little_time_left_when_text_is_searched_then_503_with_retry_af
     assert runtime.calls == []
 
 
-@pytest.mark.parametrize(("code", "message", "expected"), [
-    ("ValidationError", "Request payload size 5000000 exceeds the serverless limit", BadRequest),
-    ("ValidationError", "Endpoint clipsearch of account 123456789012 not found.", Unavailable),
-    ("ThrottlingException", "Rate exceeded", Unavailable),
-])
+@pytest.mark.parametrize(
+    ("code", "message", "expected"),
+    [
+        ("ValidationError", "Request payload size 5000000 exceeds the serverless limit", BadRequest),
+        ("ValidationError", "Endpoint clipsearch of account 123456789012 not found.", Unavailable),
+        ("ThrottlingException", "Rate exceeded", Unavailable),
+    ],
+)
 def test_given_an_invoke_endpoint_refusal_when_mapped_then_only_an_oversized_body_is_the_callers_fault(
-        code: str, message: str, expected: type[Exception]) -> None:
+    code: str, message: str, expected: type[Exception]
+) -> None:
     response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": 400}}
 
     error = _client_error("clipsearch", response)

@@ -11,10 +11,15 @@ from clipsearch.search import parse_json, parse_params
 
 
 def test_given_text_with_options_when_parsed_then_fields_set():
-    req = parse_json({"text": " a red circle ", "k": 5, "from": 10, "min_score": 0.2,
-                      "filter": {"prefix": "family/"}})
+    req = parse_json({"text": " a red circle ", "k": 5, "from": 10, "min_score": 0.2, "filter": {"prefix": "family/"}})
     assert (req.kind, req.text, req.k, req.offset, req.min_score, req.prefix) == (
-        "text", "a red circle", 5, 10, 0.2, "family/")
+        "text",
+        "a red circle",
+        5,
+        10,
+        0.2,
+        "family/",
+    )
 
 
 def test_given_image_and_id_when_parsed_then_kinds():
@@ -72,24 +77,40 @@ def test_given_huge_text_when_parsed_then_bounded():
 
 # -- capture-time filters (CONTRACT §7) ----------------------------------------------------------------
 
-@pytest.mark.parametrize(("given", "bound"), [
-    ("2019", "2019-01-01T00:00:00"),
-    ("2019-07", "2019-07-01T00:00:00"),
-    ("2019-07-14", "2019-07-14T00:00:00"),
-    (" 2019-07-14T15:02 ", "2019-07-14T15:02:00"),
-    ("2019-07-14T15:02:11", "2019-07-14T15:02:11"),
-    ("2019-07-14 15:02:11", "2019-07-14T15:02:11"),
-])
+
+@pytest.mark.parametrize(
+    ("given", "bound"),
+    [
+        ("2019", "2019-01-01T00:00:00"),
+        ("2019-07", "2019-07-01T00:00:00"),
+        ("2019-07-14", "2019-07-14T00:00:00"),
+        (" 2019-07-14T15:02 ", "2019-07-14T15:02:00"),
+        ("2019-07-14T15:02:11", "2019-07-14T15:02:11"),
+        ("2019-07-14 15:02:11", "2019-07-14T15:02:11"),
+    ],
+)
 def test_given_an_iso_date_or_date_time_when_parsed_then_it_stands_for_the_first_second_it_names(given, bound):
     req = parse_json({"text": "a", "filter": {"taken_after": given, "taken_before": "2100"}})
     assert (req.taken.after, req.taken.before) == (bound, "2100-01-01T00:00:00")
     assert parse_json({"text": "a", "filter": {"taken_before": given}}).taken.before == bound
 
 
-@pytest.mark.parametrize("bad", [
-    "2019-07-14T15:02:11+02:00", "2019-07-14T15:02:11Z", "2019-02-30", "2019-13", "2019-07-14T24:00",
-    "19", "July 2019", "", 2019, "2019-7-4", ["2019"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "2019-07-14T15:02:11+02:00",
+        "2019-07-14T15:02:11Z",
+        "2019-02-30",
+        "2019-13",
+        "2019-07-14T24:00",
+        "19",
+        "July 2019",
+        "",
+        2019,
+        "2019-7-4",
+        ["2019"],
+    ],
+)
 def test_given_a_date_that_is_not_iso_or_has_a_zone_when_parsed_then_bad_request_naming_the_field(bad):
     with pytest.raises(BadRequest, match="filter.taken_after"):
         parse_json({"text": "a", "filter": {"taken_after": bad}})
@@ -102,11 +123,15 @@ def test_given_after_not_before_before_when_parsed_then_bad_request():
 
 def test_given_get_params_after_and_before_when_parsed_then_the_same_filter_as_the_body():
     got = parse_params({"q": "beach", "after": "2019-06", "before": "2019-09", "prefix": "x/"})
-    posted = parse_json({"text": "beach", "filter": {"taken_after": "2019-06", "taken_before": "2019-09",
-                                                     "prefix": "x/"}})
+    posted = parse_json(
+        {"text": "beach", "filter": {"taken_after": "2019-06", "taken_before": "2019-09", "prefix": "x/"}}
+    )
     assert got == posted
-    assert got.describe() == {"type": "text", "text": "beach",
-                              "filter": {"taken_after": "2019-06-01", "taken_before": "2019-09-01"}}
+    assert got.describe() == {
+        "type": "text",
+        "text": "beach",
+        "filter": {"taken_after": "2019-06-01", "taken_before": "2019-09-01"},
+    }
     assert parse_json({"text": "beach"}).describe() == {"type": "text", "text": "beach"}
     with pytest.raises(BadRequest, match="after"):
         parse_params({"q": "beach", "after": "soon"})

@@ -19,16 +19,16 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 import pytest
 from botocore.config import Config
-from fakes import FakeEncoder
 from PIL import Image
-from test_template import LAYOUTS, Deployed, as_list
+from support.fakes import FakeEncoder
+from support.template import LAYOUTS, Deployed, as_list
 
-from clipsearch import aws_config
-from clipsearch.aws_config import MAX_URL_EXPIRY_S, AwsConfig
-from clipsearch.aws_search import build_search_app, presigner
+from clipsearch.aws import config as aws_config
+from clipsearch.aws.config import MAX_URL_EXPIRY_S, AwsConfig
+from clipsearch.aws.search import build_search_app, presigner
+from clipsearch.http.server import LocalServer, make_server
 from clipsearch.index.base import Document, Hit
 from clipsearch.index.embedded import EmbeddedIndex
-from clipsearch.server import LocalServer, make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -57,14 +57,14 @@ def _allows(deployed: Deployed) -> Iterator[tuple[str, str, Any]]:
 
 
 def test_given_any_layout_when_iam_is_read_then_no_s3_es_or_sagemaker_action_names_a_wildcard_resource(
-        deployed: Deployed) -> None:
+    deployed: Deployed,
+) -> None:
     for owner, action, resource in _allows(deployed):
         if action.startswith(("s3:", "es:", "sagemaker:")):
             assert "*" not in as_list(resource), f"{owner}: {action} on *"
 
 
-def test_given_any_layout_when_iam_is_read_then_no_service_wide_or_global_action_is_allowed(
-        deployed: Deployed) -> None:
+def test_given_any_layout_when_iam_is_read_then_no_service_wide_or_global_action_is_allowed(deployed: Deployed) -> None:
     for owner, action, _ in _allows(deployed):
         assert action not in ("*", "s3:*", "es:*", "sagemaker:*", "sqs:*", "iam:*"), f"{owner}: {action}"
 
@@ -77,8 +77,12 @@ def test_given_default_parameters_when_deployed_then_every_api_method_requires_a
     allowed = default.template["Parameters"]["ApiAuth"]["AllowedValues"]
     assert "NONE" not in allowed and len(allowed) == 2  # auth cannot be switched off by a parameter
     (api,) = default.of_type("AWS::ApiGateway::RestApi").values()
-    methods = [(path, verb, spec) for path, item in api["Properties"]["Body"]["paths"].items()
-               for verb, spec in item.items() if verb != "options"]
+    methods = [
+        (path, verb, spec)
+        for path, item in api["Properties"]["Body"]["paths"].items()
+        for verb, spec in item.items()
+        if verb != "options"
+    ]
     assert methods
     for path, verb, spec in methods:
         assert spec.get("security"), f"{verb.upper()} {path} is open"
@@ -93,7 +97,8 @@ def test_given_default_parameters_when_deployed_then_bucket_is_encrypted_and_pri
 
 
 def test_given_default_parameters_when_deployed_then_domain_encrypts_at_rest_in_transit_and_between_nodes(
-        default: Deployed) -> None:
+    default: Deployed,
+) -> None:
     (domain,) = default.of_type("AWS::OpenSearchService::Domain").values()
     props = domain["Properties"]
     assert props["EncryptionAtRestOptions"]["Enabled"] is True
@@ -123,8 +128,13 @@ def _expires(url: str) -> int:
 
 
 def test_given_default_config_when_a_hit_url_is_signed_then_it_expires_within_15_minutes(s3: Any) -> None:
-    env = {"CLIPSEARCH_ENDPOINT_NAME": "e", "CLIPSEARCH_OPENSEARCH_URL": "https://x", "CLIPSEARCH_INDEX": "i",
-           "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_BUCKET": "b"}
+    env = {
+        "CLIPSEARCH_ENDPOINT_NAME": "e",
+        "CLIPSEARCH_OPENSEARCH_URL": "https://x",
+        "CLIPSEARCH_INDEX": "i",
+        "CLIPSEARCH_MODEL": "RN50",
+        "CLIPSEARCH_BUCKET": "b",
+    }
     config = aws_config.from_env("search", env)
 
     url = presigner(s3, config.bucket, config.url_expiry_s)(Hit(id="1", key="a b.jpg", score=0.5, bucket="b"))
@@ -135,15 +145,22 @@ def test_given_default_config_when_a_hit_url_is_signed_then_it_expires_within_15
 
 @pytest.mark.parametrize("value", ["901", "3600", "604800", "0", "-1"])
 def test_given_an_expiry_outside_15_minutes_when_configured_then_refused(value: str) -> None:
-    env = {"CLIPSEARCH_ENDPOINT_NAME": "e", "CLIPSEARCH_OPENSEARCH_URL": "https://x", "CLIPSEARCH_INDEX": "i",
-           "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_BUCKET": "b", "CLIPSEARCH_URL_EXPIRY": value}
+    env = {
+        "CLIPSEARCH_ENDPOINT_NAME": "e",
+        "CLIPSEARCH_OPENSEARCH_URL": "https://x",
+        "CLIPSEARCH_INDEX": "i",
+        "CLIPSEARCH_MODEL": "RN50",
+        "CLIPSEARCH_BUCKET": "b",
+        "CLIPSEARCH_URL_EXPIRY": value,
+    }
 
     with pytest.raises(aws_config.ConfigError):
         aws_config.from_env("search", env)
 
 
 def test_given_the_template_when_deployed_then_the_search_function_signs_for_at_most_15_minutes(
-        default: Deployed) -> None:
+    default: Deployed,
+) -> None:
     env = default.resources["SearchFunction"]["Properties"]["Environment"]["Variables"]
 
     assert 0 < int(env.get("CLIPSEARCH_URL_EXPIRY", MAX_URL_EXPIRY_S)) <= FIFTEEN_MINUTES
@@ -168,8 +185,13 @@ def server(tmp_path: Path) -> Iterator[LocalServer]:
         yield srv
 
 
-def get(server: LocalServer, path: str, method: str = "GET", body: bytes | None = None,
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(
+    server: LocalServer,
+    path: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
     try:
@@ -184,10 +206,10 @@ TRAVERSALS = [
     "/images/../secret.txt",
     "/images/%2e%2e/secret.txt",
     "/images/%2e%2e%2fsecret.txt",
-    "/images/%252e%252e%252fsecret.txt",          # double-encoded
-    "/images/%25252e%25252e%25252fsecret.txt",    # triple-encoded
+    "/images/%252e%252e%252fsecret.txt",  # double-encoded
+    "/images/%25252e%25252e%25252fsecret.txt",  # triple-encoded
     "/images/..%2f..%2f..%2f..%2fetc%2fpasswd",
-    "/images/%2e%2e%5c%2e%2e%5csecret.txt",       # backslashes
+    "/images/%2e%2e%5c%2e%2e%5csecret.txt",  # backslashes
     "/images/secret.jpg",
     "/images/%2Fetc%2Fpasswd",
     "/images/%00../secret.txt",
@@ -236,12 +258,18 @@ def test_given_a_body_over_the_limit_when_posted_then_413_before_searching(serve
     assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/search?q=red"), ("OPTIONS", "/search"), ("POST", "/search"),
-                                         ("GET", "/health"), ("GET", "/")])
-def test_given_a_cross_origin_request_when_answered_then_no_cors_grant(server: LocalServer, method: str,
-                                                                       path: str) -> None:
-    headers = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-               "Content-Type": "application/json"}
+@pytest.mark.parametrize(
+    "method,path",
+    [("GET", "/search?q=red"), ("OPTIONS", "/search"), ("POST", "/search"), ("GET", "/health"), ("GET", "/")],
+)
+def test_given_a_cross_origin_request_when_answered_then_no_cors_grant(
+    server: LocalServer, method: str, path: str
+) -> None:
+    headers = {
+        "Origin": "https://evil.example",
+        "Access-Control-Request-Method": "POST",
+        "Content-Type": "application/json",
+    }
     body = b'{"text": "red"}' if method == "POST" else None
 
     _, answer, _ = get(server, path, method, body, headers)
@@ -252,8 +280,16 @@ def test_given_a_cross_origin_request_when_answered_then_no_cors_grant(server: L
 def test_given_no_cors_origin_when_the_search_lambda_answers_then_no_cors_grant(s3: Any, tmp_path: Path) -> None:
     encoder = FakeEncoder()
     index = EmbeddedIndex(tmp_path / "i", model=encoder.model, dim=encoder.dim)
-    config = AwsConfig(text_endpoint="e", image_endpoint="e", opensearch_url="https://x", opensearch_auth="none",
-                       index="i", model=encoder.model, dim=encoder.dim, bucket="b")
+    config = AwsConfig(
+        text_endpoint="e",
+        image_endpoint="e",
+        opensearch_url="https://x",
+        opensearch_auth="none",
+        index="i",
+        model=encoder.model,
+        dim=encoder.dim,
+        bucket="b",
+    )
     app = build_search_app(config, encoder=encoder, index=index, s3=s3)
     event = json.loads((ROOT / "events" / "api" / "search-text.json").read_text())
     event["headers"]["Origin"] = "https://evil.example"
@@ -276,17 +312,26 @@ def test_given_the_repository_when_scanned_for_secrets_then_nothing_beyond_the_r
     scanner = BIN / "detect-secrets"
     if not scanner.exists():
         pytest.fail("detect-secrets is not installed: it belongs in the dev extra (make install)")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     files = [f for f in files if (ROOT / f).is_file() and f != ".secrets.baseline"]
     baseline = json.loads((ROOT / ".secrets.baseline").read_text())
 
     # A read-only scan (the hook would rewrite the baseline's line numbers), compared by file and hash.
-    proc = subprocess.run([str(scanner), "scan", *files], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          check=True)
+    proc = subprocess.run(
+        [str(scanner), "scan", *files], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
 
     new = _findings(json.loads(proc.stdout)["results"]) - _findings(baseline["results"])
-    assert not new, f"possible secrets not in .secrets.baseline (review, then `detect-secrets scan --baseline " \
-                    f".secrets.baseline`): {sorted(new)}"
-    assert all(item.get("is_secret") is False for items in baseline["results"].values() for item in items), \
+    assert not new, (
+        f"possible secrets not in .secrets.baseline (review, then `detect-secrets scan --baseline "
+        f".secrets.baseline`): {sorted(new)}"
+    )
+    assert all(item.get("is_secret") is False for items in baseline["results"].values() for item in items), (
         "the baseline holds a finding not yet marked as a false positive (detect-secrets audit)"
+    )

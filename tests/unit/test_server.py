@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fakes import FakeEncoder
 from PIL import Image
+from support.fakes import FakeEncoder
 
 from clipsearch import errors
+from clipsearch.http.server import LocalServer, make_server
 from clipsearch.index.base import Document
 from clipsearch.index.embedded import EmbeddedIndex
-from clipsearch.server import LocalServer, make_server
 
 SECRET = "TOP-SECRET-CONTENTS-1f2e3d"
 COLOURS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (30, 80, 220)}
@@ -35,8 +35,9 @@ class Reply:
         return json.loads(self.body)
 
 
-def request(server: LocalServer, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> Reply:
+def request(
+    server: LocalServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> Reply:
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
     try:
@@ -82,8 +83,9 @@ def log_lines() -> list[str]:
 
 
 @pytest.fixture
-def server(catalogue: tuple[EmbeddedIndex, dict[str, Path]], fake_encoder: FakeEncoder,
-           log_lines: list[str]) -> Iterator[LocalServer]:
+def server(
+    catalogue: tuple[EmbeddedIndex, dict[str, Path]], fake_encoder: FakeEncoder, log_lines: list[str]
+) -> Iterator[LocalServer]:
     index, _ = catalogue
     with make_server(index, fake_encoder, port=0, log=log_lines.append, max_body=64 * 1024).start() as srv:
         yield srv
@@ -131,7 +133,8 @@ def test_given_no_host_option_when_a_server_is_made_then_it_listens_on_loopback_
 
 
 def test_given_a_busy_port_when_a_second_server_binds_it_then_a_config_error_names_the_address(
-        server, catalogue, fake_encoder):
+    server, catalogue, fake_encoder
+):
     index, _ = catalogue
     port = server.server_address[1]
 
@@ -168,9 +171,22 @@ def test_given_a_head_request_when_the_page_is_asked_then_headers_come_without_a
     assert reply.body == b""
 
 
-@pytest.mark.parametrize("path", ["/web/", "/web/app.js", "/clipsearch/web/", "/static/", "/app.js/",
-                                  "/index.html/..", "/%2e%2e/", "/server.py", "/web/openapi.json",
-                                  "/images/", "/images"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/web/",
+        "/web/app.js",
+        "/clipsearch/http/web/",
+        "/static/",
+        "/app.js/",
+        "/index.html/..",
+        "/%2e%2e/",
+        "/server.py",
+        "/web/openapi.json",
+        "/images/",
+        "/images",
+    ],
+)
 def test_given_folder_like_paths_when_fetched_then_they_are_404_json_without_a_listing(server, path):
     reply = request(server, "GET", path)
 
@@ -202,8 +218,7 @@ def test_given_an_indexed_image_when_its_hit_url_is_fetched_then_the_file_bytes_
     assert reply.body == files["red"].read_bytes()
 
 
-def test_given_a_text_query_when_searched_then_hits_carry_cosine_scores_keys_titles_and_urls(
-        server, catalogue):
+def test_given_a_text_query_when_searched_then_hits_carry_cosine_scores_keys_titles_and_urls(server, catalogue):
     _, files = catalogue
 
     body = request(server, "GET", "/search?q=a%20red%20square&k=2").json()
@@ -218,8 +233,9 @@ def test_given_a_text_query_when_searched_then_hits_carry_cosine_scores_keys_tit
 
 
 def test_given_a_raw_png_body_when_posted_then_the_same_coloured_picture_ranks_first(server):
-    reply = request(server, "POST", "/search?k=1", body=png_bytes(COLOURS["blue"]),
-                    headers={"Content-Type": "image/png"})
+    reply = request(
+        server, "POST", "/search?k=1", body=png_bytes(COLOURS["blue"]), headers={"Content-Type": "image/png"}
+    )
 
     assert reply.status == 200
     assert [h["title"] for h in reply.json()["hits"]] == ["blue"]
@@ -228,8 +244,13 @@ def test_given_a_raw_png_body_when_posted_then_the_same_coloured_picture_ranks_f
 def test_given_a_hit_id_when_more_like_this_is_asked_then_other_pictures_come_back_without_it(server):
     first = request(server, "GET", "/search?q=x&k=1").json()["hits"][0]
 
-    reply = request(server, "POST", "/search", body=json.dumps({"id": first["id"], "k": 5}).encode(),
-                    headers={"Content-Type": "application/json"})
+    reply = request(
+        server,
+        "POST",
+        "/search",
+        body=json.dumps({"id": first["id"], "k": 5}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
 
     ids = [h["id"] for h in reply.json()["hits"]]
     assert reply.status == 200
@@ -240,17 +261,34 @@ def test_given_a_hit_id_when_more_like_this_is_asked_then_other_pictures_come_ba
 
 
 def test_given_an_unknown_id_when_more_like_this_is_asked_then_404_json(server):
-    reply = request(server, "POST", "/search", body=b'{"id": "0000000000000000000000000000000000000000"}',
-                    headers={"Content-Type": "application/json"})
+    reply = request(
+        server,
+        "POST",
+        "/search",
+        body=b'{"id": "0000000000000000000000000000000000000000"}',
+        headers={"Content-Type": "application/json"},
+    )
 
     assert reply.status == 404
     assert reply.json()["error"]["code"] == "not_found"
 
 
-@pytest.mark.parametrize("body", [b"{", b"", b"[1, 2]", b'{"text": "a", "id": "b"}', b'{"text": "a", "k": 0}',
-                                  b'{"text": "a", "k": 101}', b'{"image": "not base64!"}',
-                                  b'{"image": "aGVsbG8="}', b"\xff\xfe", b'{"text": "   "}',
-                                  b'{"text": "a", "extra": 1}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        b"",
+        b"[1, 2]",
+        b'{"text": "a", "id": "b"}',
+        b'{"text": "a", "k": 0}',
+        b'{"text": "a", "k": 101}',
+        b'{"image": "not base64!"}',
+        b'{"image": "aGVsbG8="}',
+        b"\xff\xfe",
+        b'{"text": "   "}',
+        b'{"text": "a", "extra": 1}',
+    ],
+)
 def test_given_a_malformed_json_body_when_posted_then_400_json_names_the_problem(server, body):
     reply = request(server, "POST", "/search", body=body, headers={"Content-Type": "application/json"})
 
@@ -272,8 +310,7 @@ def test_given_an_unsupported_content_type_when_posted_then_415_json(server, con
 def test_given_a_body_over_the_limit_when_posted_then_413_json_and_nothing_is_searched(server, fake_encoder):
     fake_encoder.calls.clear()
 
-    reply = request(server, "POST", "/search", body=b"x" * (64 * 1024 + 1),
-                    headers={"Content-Type": "image/png"})
+    reply = request(server, "POST", "/search", body=b"x" * (64 * 1024 + 1), headers={"Content-Type": "image/png"})
 
     assert reply.status == 413
     assert reply.json()["error"]["code"] == "payload_too_large"
@@ -282,34 +319,45 @@ def test_given_a_body_over_the_limit_when_posted_then_413_json_and_nothing_is_se
 
 
 def test_given_an_oversized_content_length_when_only_headers_are_sent_then_413_comes_before_any_body(server):
-    answer = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                                  b"Content-Length: 999999999\r\n\r\n")
+    answer = raw_exchange(
+        server,
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 999999999\r\n\r\n",
+    )
 
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'"payload_too_large"' in answer
 
 
 def test_given_expect_100_continue_with_an_oversized_body_then_413_replaces_the_continue(server):
-    answer = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                                  b"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n")
+    answer = raw_exchange(
+        server,
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n",
+    )
 
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in answer
 
 
 def test_given_a_chunked_body_when_posted_then_411_asks_for_a_length(server):
-    answer = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                  b"Content-Type: application/json\r\n"
-                                  b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    answer = raw_exchange(
+        server,
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
 
     assert answer.startswith(b"HTTP/1.1 411 ")
     assert b'"length_required"' in answer
 
 
 def test_given_two_different_content_lengths_when_posted_then_400_and_the_connection_closes(server):
-    answer = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                  b"Content-Type: application/json\r\n"
-                                  b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}")
+    answer = raw_exchange(
+        server,
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}",
+    )
 
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"Connection: close" in answer
@@ -334,7 +382,8 @@ def test_given_a_foreign_host_header_when_asked_then_403_so_dns_rebinding_cannot
 
 
 def test_given_an_encoder_that_crashes_when_searched_then_json_500_without_trace_and_the_trace_is_logged(
-        catalogue, log_lines):
+    catalogue, log_lines
+):
     class Exploding(FakeEncoder):
         def encode_texts(self, texts: list[str]) -> np.ndarray:
             raise RuntimeError("boom /very/private/path")
@@ -390,8 +439,7 @@ def test_given_an_indexed_file_path_when_used_instead_of_an_id_then_404(server, 
     assert reply.status == 404
 
 
-def test_given_a_document_whose_key_is_not_an_image_when_its_id_is_asked_then_404(
-        server, catalogue, tmp_path):
+def test_given_a_document_whose_key_is_not_an_image_when_its_id_is_asked_then_404(server, catalogue, tmp_path):
     index, _ = catalogue
     secret = tmp_path / "secret.txt"
     index.upsert([Document(key=str(secret), vector=np.ones(index.dim, np.float32) / 4, title="sneaky")])
@@ -449,7 +497,8 @@ def test_given_several_requests_when_served_then_each_one_logs_exactly_one_line(
 
 
 def test_given_a_log_that_writes_in_two_steps_when_requests_run_concurrently_then_lines_never_interleave(
-        catalogue, fake_encoder):
+    catalogue, fake_encoder
+):
     """print() writes a line and its newline separately; the server must not let two threads' writes mix."""
     import time
     from urllib.parse import quote
@@ -463,8 +512,9 @@ def test_given_a_log_that_writes_in_two_steps_when_requests_run_concurrently_the
         written.append("\n")
 
     with make_server(index, fake_encoder, port=0, log=two_step_log).start() as srv:
-        threads = [threading.Thread(target=request, args=(srv, "GET", f"/search?q={quote(f'query {i}')}"))
-                   for i in range(16)]
+        threads = [
+            threading.Thread(target=request, args=(srv, "GET", f"/search?q={quote(f'query {i}')}")) for i in range(16)
+        ]
         for t in threads:
             t.start()
         for t in threads:

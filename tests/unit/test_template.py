@@ -13,19 +13,18 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.template import LAYOUTS, Deployed, as_list, broken_rules, env_of, transform
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
 BIN = Path(sys.executable).parent
 CONTRACT_ENV = {"CLIPSEARCH_OPENSEARCH_URL", "CLIPSEARCH_OPENSEARCH_AUTH", "CLIPSEARCH_INDEX", "CLIPSEARCH_MODEL"}
 GUARDED_SERVICES = ("s3:", "es:", "sagemaker:")
-ALLOWED_MANAGED_POLICIES = {"AWSLambdaBasicExecutionRole", "AWSXrayWriteOnlyAccess",
-                            "AWSLambdaVPCAccessExecutionRole"}
+ALLOWED_MANAGED_POLICIES = {"AWSLambdaBasicExecutionRole", "AWSXrayWriteOnlyAccess", "AWSLambdaVPCAccessExecutionRole"}
 MAX_ARTIFACT_ZIP_BYTES = 30 * 1024 * 1024
 MAKEFILE = ROOT / "functions" / "Makefile"
 # "Lambda runtimes", deprecation table: python3.11 is deprecated on 2027-06-30 and blocks function
@@ -34,163 +33,14 @@ DEPRECATED_BY_2028 = {"python3.9", "python3.10", "python3.11"}
 
 
 def tool_env() -> dict[str, str]:
-    env = dict(os.environ, SAM_CLI_TELEMETRY="0", AWS_DEFAULT_REGION="us-east-1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        SAM_CLI_TELEMETRY="0",
+        AWS_DEFAULT_REGION="us-east-1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.pop("AWS_PROFILE", None)
     return env
-
-
-# -- the transform, with conditions evaluated ----------------------------------------------------
-
-
-def transform(**parameters: str) -> dict[str, Any]:
-    """The SAM transform of template.yaml, as CloudFormation would run it (code already uploaded)."""
-    from samtranslator.translator.transform import transform as sam_transform
-    from samtranslator.yaml_helper import yaml_parse
-
-    template = yaml_parse(TEMPLATE.read_text())
-    for resource in template["Resources"].values():
-        props = resource.get("Properties", {})
-        for uri in ("CodeUri", "ContentUri"):
-            if uri in props:
-                props[uri] = "s3://artifacts-bucket/clipsearch/code.zip"
-
-    class NoManagedPolicies:
-        def load(self) -> dict[str, str]:
-            return {}
-
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    return dict(sam_transform(template, parameters, NoManagedPolicies()))
-
-
-class Deployed:
-    """The transformed template with parameters applied and Fn::If / conditions resolved."""
-
-    def __init__(self, **parameters: str) -> None:
-        self.template = transform(**parameters)
-        self.params = {name: str(p.get("Default", "")) for name, p in self.template["Parameters"].items()}
-        self.params.update(parameters)
-        self.conditions: dict[str, bool] = {}
-        for name in self.template.get("Conditions", {}):
-            self.condition(name)
-        self.resources = {
-            name: self.resolve(res) for name, res in self.template["Resources"].items()
-            if "Condition" not in res or self.conditions[res["Condition"]]
-        }
-
-    def condition(self, name: str) -> bool:
-        if name not in self.conditions:
-            self.conditions[name] = bool(self.evaluate(self.template["Conditions"][name]))
-        return self.conditions[name]
-
-    def evaluate(self, node: Any) -> Any:
-        if isinstance(node, dict) and len(node) == 1:
-            (fn, arg), = node.items()
-            if fn == "Fn::Equals":
-                return str(self.evaluate(arg[0])) == str(self.evaluate(arg[1]))
-            if fn == "Fn::Not":
-                return not self.evaluate(arg[0])
-            if fn == "Fn::Or":
-                return any(self.evaluate(a) for a in arg)
-            if fn == "Fn::And":
-                return all(self.evaluate(a) for a in arg)
-            if fn == "Condition":
-                return self.condition(arg)
-            if fn == "Fn::Join":
-                items = self.evaluate(arg[1])
-                return arg[0].join(items if isinstance(items, list) else str(items).split(","))
-            if fn == "Ref" and arg in self.params:
-                return self.params[arg]
-        return node
-
-    def resolve(self, node: Any) -> Any:
-        """Fn::If and AWS::NoValue resolved; other intrinsics kept, to be asserted on."""
-        if isinstance(node, dict):
-            if set(node) == {"Fn::If"}:
-                name, yes, no = node["Fn::If"]
-                return self.resolve(yes if self.condition(name) else no)
-            out = {k: self.resolve(v) for k, v in node.items()}
-            return {k: v for k, v in out.items() if v != {"Ref": "AWS::NoValue"}}
-        if isinstance(node, list):
-            return [self.resolve(v) for v in node if self.resolve(v) != {"Ref": "AWS::NoValue"}]
-        return node
-
-    def value(self, node: Any) -> Any:
-        """A property as CloudFormation resolves it: Ref to a parameter and Fn::Select on one."""
-        if isinstance(node, dict) and set(node) == {"Ref"} and node["Ref"] in self.params:
-            return parameter_value(self.template, self.params, node["Ref"])
-        if isinstance(node, dict) and set(node) == {"Fn::Select"}:
-            index, items = node["Fn::Select"]
-            return self.value(items)[int(index)]
-        if isinstance(node, list):
-            return [self.value(v) for v in node]
-        return node
-
-    def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
-        return {n: r for n, r in self.resources.items() if r["Type"] == kind}
-
-    def statements(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every identity-policy statement: (owner, statement)."""
-        for name, res in self.of_type("AWS::IAM::Role").items():
-            for policy in res["Properties"].get("Policies", []):
-                for st in policy["PolicyDocument"]["Statement"]:
-                    yield name, st
-        for name, res in self.of_type("AWS::IAM::Policy").items():
-            for st in res["Properties"]["PolicyDocument"]["Statement"]:
-                yield name, st
-
-
-def parameter_value(template: dict[str, Any], params: dict[str, str], name: str) -> str | list[str]:
-    """A parameter as CloudFormation passes it: a string, or a list for list types."""
-    kind = template["Parameters"][name]["Type"]
-    value = params[name]
-    return value.split(",") if kind == "CommaDelimitedList" or kind.startswith("List<") else value
-
-
-def rule_value(template: dict[str, Any], params: dict[str, str], node: Any) -> Any:
-    """The rule-specific intrinsics ("Rules syntax" in the CloudFormation User Guide) on strings."""
-    if isinstance(node, list):
-        return [rule_value(template, params, v) for v in node]
-    if not isinstance(node, dict):
-        return str(node)
-    (fn, arg), = node.items()
-    if fn == "Ref":
-        return parameter_value(template, params, arg)
-    args = [rule_value(template, params, a) for a in arg]
-    if fn == "Fn::Equals":
-        return args[0] == args[1]
-    if fn == "Fn::Not":
-        return not args[0]
-    if fn == "Fn::And":
-        return all(args)
-    if fn == "Fn::Or":
-        return any(args)
-    if fn == "Fn::Contains":
-        return args[1] in args[0]
-    if fn == "Fn::EachMemberEquals":
-        return all(member == args[1] for member in args[0])
-    raise AssertionError(f"{fn} is not evaluated here: extend rule_value")
-
-
-def broken_rules(template: dict[str, Any], **overrides: str) -> list[str]:
-    """The template's Rules that refuse these parameter values (the others at their defaults)."""
-    params = {name: str(p.get("Default", "")) for name, p in template["Parameters"].items()}
-    params.update(overrides)
-    broken = []
-    for name, rule in template.get("Rules", {}).items():
-        if "RuleCondition" in rule and not rule_value(template, params, rule["RuleCondition"]):
-            continue
-        if not all(rule_value(template, params, a["Assert"]) for a in rule["Assertions"]):
-            broken.append(name)
-    return broken
-
-
-def as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
-def env_of(deployed: Deployed, function: str) -> dict[str, Any]:
-    return deployed.resources[function]["Properties"]["Environment"]["Variables"]
 
 
 @pytest.fixture(scope="module")
@@ -198,26 +48,25 @@ def default() -> Deployed:
     return Deployed()
 
 
-LAYOUTS = [
-    {},
-    {"EndpointLayout": "split", "ApiAuth": "AWS_IAM"},
-    {"VpcSubnetIds": "subnet-1,subnet-2", "DomainSubnetIds": "subnet-a,subnet-b", "VpcSecurityGroupIds": "sg-1",
-     "OpenSearchAvailabilityZones": "2", "OpenSearchInstanceCount": "2", "NotificationSuffix": ".jpg"},
-]
-
-
 # -- linting ---------------------------------------------------------------------------------------
 
 
 def test_given_template_when_cfn_lint_runs_then_no_errors_or_warnings() -> None:
-    result = subprocess.run([str(BIN / "cfn-lint"), str(TEMPLATE)], capture_output=True, text=True,
-                            env=tool_env(), timeout=300)
+    result = subprocess.run(
+        [str(BIN / "cfn-lint"), str(TEMPLATE)], capture_output=True, text=True, env=tool_env(), timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_given_template_when_sam_validate_lint_runs_then_valid() -> None:
-    result = subprocess.run([str(BIN / "sam"), "validate", "--lint", "--template-file", str(TEMPLATE)],
-                            capture_output=True, text=True, env=tool_env(), timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [str(BIN / "sam"), "validate", "--lint", "--template-file", str(TEMPLATE)],
+        capture_output=True,
+        text=True,
+        env=tool_env(),
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -226,7 +75,8 @@ def test_given_template_when_sam_validate_lint_runs_then_valid() -> None:
 
 @pytest.mark.parametrize("parameters", LAYOUTS)
 def test_given_any_layout_when_transformed_then_no_s3_es_or_sagemaker_action_on_a_wildcard(
-        parameters: dict[str, str]) -> None:
+    parameters: dict[str, str],
+) -> None:
     deployed = Deployed(**parameters)
     checked = 0
     for owner, st in deployed.statements():
@@ -248,7 +98,8 @@ def test_given_any_layout_when_transformed_then_only_known_managed_policies(para
 
 
 def test_given_default_layout_when_transformed_then_invoke_endpoint_is_scoped_to_this_endpoint(
-        default: Deployed) -> None:
+    default: Deployed,
+) -> None:
     grants = [st for _, st in default.statements() if "sagemaker:InvokeEndpoint" in as_list(st["Action"])]
     assert grants and all(as_list(st["Resource"]) == [{"Ref": "ClipEndpoint"}] for st in grants)
 
@@ -256,24 +107,30 @@ def test_given_default_layout_when_transformed_then_invoke_endpoint_is_scoped_to
 def test_given_split_layout_when_transformed_then_ingest_invokes_only_the_image_endpoint() -> None:
     deployed = Deployed(EndpointLayout="split")
     role = deployed.resources["IngestFunctionRole"]["Properties"]["Policies"]
-    resources = [st["Resource"] for p in role for st in p["PolicyDocument"]["Statement"]
-                 if "sagemaker:InvokeEndpoint" in as_list(st["Action"])]
+    resources = [
+        st["Resource"]
+        for p in role
+        for st in p["PolicyDocument"]["Statement"]
+        if "sagemaker:InvokeEndpoint" in as_list(st["Action"])
+    ]
     assert resources == [{"Ref": "ImageEndpoint"}]
     env = env_of(deployed, "IngestFunction")
     assert "CLIPSEARCH_ENDPOINT_NAME" not in env and "CLIPSEARCH_IMAGE_ENDPOINT_NAME" in env
     search_env = env_of(deployed, "SearchFunction")
     assert {"CLIPSEARCH_TEXT_ENDPOINT_NAME", "CLIPSEARCH_IMAGE_ENDPOINT_NAME"} <= set(search_env)
     models = deployed.of_type("AWS::SageMaker::Model")
-    assert sorted(m["Properties"]["PrimaryContainer"]["Environment"]["ENCODE_TYPE"] for m in models.values()) \
-        == ["IMAGE", "TEXT"]
+    assert sorted(m["Properties"]["PrimaryContainer"]["Environment"]["ENCODE_TYPE"] for m in models.values()) == [
+        "IMAGE",
+        "TEXT",
+    ]
 
 
-def test_given_default_layout_when_transformed_then_opensearch_http_is_scoped_to_this_domain(
-        default: Deployed) -> None:
-    grants = [(owner, st) for owner, st in default.statements()
-              if any(a.startswith("es:") for a in as_list(st["Action"]))]
+def test_given_default_layout_when_transformed_then_opensearch_http_is_scoped_to_this_domain(default: Deployed) -> None:
+    grants = [
+        (owner, st) for owner, st in default.statements() if any(a.startswith("es:") for a in as_list(st["Action"]))
+    ]
     assert [owner for owner, _ in grants] == ["OpenSearchAccessPolicy"]
-    (_, st), = grants
+    ((_, st),) = grants
     assert st["Resource"] == {"Fn::Sub": "${OpenSearchDomain.Arn}/*"}
     roles = default.resources["OpenSearchAccessPolicy"]["Properties"]["Roles"]
     assert roles == [{"Ref": "IngestFunctionRole"}, {"Ref": "SearchFunctionRole"}]
@@ -290,8 +147,11 @@ def test_given_default_parameters_when_transformed_then_every_route_needs_an_api
     assert default.params["ApiAuth"] == "API_KEY"
     body = default.resources["SearchApi"]["Properties"]["Body"]
     routes = [(path, method, op) for path, ops in body["paths"].items() for method, op in ops.items()]
-    assert {(p, m) for p, m, _ in routes if m != "options"} == {("/health", "get"), ("/search", "get"),
-                                                                  ("/search", "post")}
+    assert {(p, m) for p, m, _ in routes if m != "options"} == {
+        ("/health", "get"),
+        ("/search", "get"),
+        ("/search", "post"),
+    }
     for path, method, op in routes:
         if method != "options":  # CORS preflight: browsers send it without credentials
             assert op["security"] == [{"api_key": []}], (path, method)
@@ -299,8 +159,10 @@ def test_given_default_parameters_when_transformed_then_every_route_needs_an_api
     assert len(plan) == 1 and len(default.of_type("AWS::ApiGateway::ApiKey")) == 1
     (usage,) = plan.values()
     assert usage["Properties"]["ApiStages"][0]["ApiId"] == {"Ref": "SearchApi"}
-    assert usage["Properties"]["Throttle"] == {"RateLimit": {"Ref": "ApiThrottleRateLimit"},
-                                               "BurstLimit": {"Ref": "ApiThrottleBurstLimit"}}
+    assert usage["Properties"]["Throttle"] == {
+        "RateLimit": {"Ref": "ApiThrottleRateLimit"},
+        "BurstLimit": {"Ref": "ApiThrottleBurstLimit"},
+    }
 
 
 def test_given_iam_auth_when_transformed_then_routes_need_sigv4_and_no_api_key_exists() -> None:
@@ -317,8 +179,7 @@ def test_given_api_when_transformed_then_binary_images_cors_and_stage_throttling
     api = default.resources["SearchApi"]["Properties"]
     assert "image/*" in api["Body"]["x-amazon-apigateway-binary-media-types"]
     options = api["Body"]["paths"]["/search"]["options"]["x-amazon-apigateway-integration"]
-    assert "method.response.header.Access-Control-Allow-Origin" in options["responses"]["default"][
-        "responseParameters"]
+    assert "method.response.header.Access-Control-Allow-Origin" in options["responses"]["default"]["responseParameters"]
     (stage,) = default.of_type("AWS::ApiGateway::Stage").values()
     (setting,) = stage["Properties"]["MethodSettings"]
     assert setting["ThrottlingRateLimit"] == {"Ref": "ApiThrottleRateLimit"}
@@ -328,13 +189,17 @@ def test_given_api_when_transformed_then_binary_images_cors_and_stage_throttling
 
 @pytest.mark.parametrize("parameters", LAYOUTS)
 def test_given_any_layout_when_transformed_then_the_api_has_exactly_one_stage_the_throttled_one(
-        parameters: dict[str, str]) -> None:
+    parameters: dict[str, str],
+) -> None:
     # A Deployment with a StageName creates that stage too: SAM's "Stage", unless OpenApiVersion is set
     # ("AWS::Serverless::Api", OpenApiVersion). It would carry neither the throttling nor the usage plan.
     deployed = Deployed(**parameters)
     stages = [res["Properties"]["StageName"] for res in deployed.of_type("AWS::ApiGateway::Stage").values()]
-    stages += [res["Properties"]["StageName"] for res in deployed.of_type("AWS::ApiGateway::Deployment").values()
-               if "StageName" in res["Properties"]]
+    stages += [
+        res["Properties"]["StageName"]
+        for res in deployed.of_type("AWS::ApiGateway::Deployment").values()
+        if "StageName" in res["Properties"]
+    ]
     assert stages == ["v1"]
     assert deployed.template["Outputs"]["ApiUrl"]["Value"]["Fn::Sub"].endswith("/v1")
 
@@ -356,17 +221,22 @@ def test_given_bucket_when_transformed_then_private_encrypted_and_notifying_the_
 def test_given_key_filters_when_transformed_then_notifications_are_filtered() -> None:
     deployed = Deployed(NotificationPrefix="photos/", NotificationSuffix=".jpg")
     for q in deployed.resources["ImagesBucket"]["Properties"]["NotificationConfiguration"]["QueueConfigurations"]:
-        assert q["Filter"]["S3Key"]["Rules"] == [{"Name": "prefix", "Value": {"Ref": "NotificationPrefix"}},
-                                                 {"Name": "suffix", "Value": {"Ref": "NotificationSuffix"}}]
+        assert q["Filter"]["S3Key"]["Rules"] == [
+            {"Name": "prefix", "Value": {"Ref": "NotificationPrefix"}},
+            {"Name": "suffix", "Value": {"Ref": "NotificationSuffix"}},
+        ]
 
 
 def test_given_queue_when_transformed_then_dead_letter_queue_and_visibility_six_times_timeout(
-        default: Deployed) -> None:
+    default: Deployed,
+) -> None:
     queue = default.resources["IngestQueue"]["Properties"]
     timeout = default.resources["IngestFunction"]["Properties"]["Timeout"]
     assert queue["VisibilityTimeout"] == 6 * timeout
-    assert queue["RedrivePolicy"] == {"deadLetterTargetArn": {"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]},
-                                      "maxReceiveCount": {"Ref": "IngestMaxReceiveCount"}}
+    assert queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]},
+        "maxReceiveCount": {"Ref": "IngestMaxReceiveCount"},
+    }
     assert default.resources["IngestDeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 1209600
     (mapping,) = default.of_type("AWS::Lambda::EventSourceMapping").values()
     assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
@@ -383,7 +253,8 @@ def test_given_event_source_when_transformed_then_it_waits_for_the_ingest_log_gr
 
 
 def test_given_domain_when_transformed_then_encrypted_https_tls12_and_open_only_to_the_two_roles(
-        default: Deployed) -> None:
+    default: Deployed,
+) -> None:
     props = default.resources["OpenSearchDomain"]["Properties"]
     version = default.params["OpenSearchEngineVersion"].removeprefix("OpenSearch_")
     assert tuple(int(p) for p in version.split(".")) >= (2, 19)
@@ -391,13 +262,16 @@ def test_given_domain_when_transformed_then_encrypted_https_tls12_and_open_only_
     assert props["NodeToNodeEncryptionOptions"] == {"Enabled": True}
     assert props["DomainEndpointOptions"]["EnforceHTTPS"] is True
     assert "TLS-1-2" in props["DomainEndpointOptions"]["TLSSecurityPolicy"]
-    assert props["ClusterConfig"] == {"InstanceType": {"Ref": "OpenSearchInstanceType"},
-                                      "InstanceCount": {"Ref": "OpenSearchInstanceCount"},
-                                      "ZoneAwarenessEnabled": False}
+    assert props["ClusterConfig"] == {
+        "InstanceType": {"Ref": "OpenSearchInstanceType"},
+        "InstanceCount": {"Ref": "OpenSearchInstanceCount"},
+        "ZoneAwarenessEnabled": False,
+    }
     assert "VPCOptions" not in props
     (st,) = props["AccessPolicies"]["Statement"]
-    assert st["Principal"] == {"AWS": [{"Fn::GetAtt": ["IngestFunctionRole", "Arn"]},
-                                       {"Fn::GetAtt": ["SearchFunctionRole", "Arn"]}]}
+    assert st["Principal"] == {
+        "AWS": [{"Fn::GetAtt": ["IngestFunctionRole", "Arn"]}, {"Fn::GetAtt": ["SearchFunctionRole", "Arn"]}]
+    }
     assert st["Resource"] != "*" and "/*" in json.dumps(st["Resource"])
 
 
@@ -410,13 +284,18 @@ def test_given_domain_when_transformed_then_an_engine_version_change_upgrades_in
 
 @pytest.mark.parametrize("zones", [1, 2, 3])
 def test_given_vpc_layout_when_transformed_then_the_domain_takes_one_subnet_per_zone_and_the_functions_theirs(
-        zones: int) -> None:
+    zones: int,
+) -> None:
     # "AWS::OpenSearchService::Domain VPCOptions": one subnet per Availability Zone the domain uses; more
     # than one without zone awareness fails with "You must specify exactly one subnet". With zone awareness,
     # AvailabilityZoneCount must equal the number of subnets (OpenSearch API Reference, ZoneAwarenessConfig).
-    deployed = Deployed(VpcSubnetIds="subnet-f1,subnet-f2", VpcSecurityGroupIds="sg-1",
-                        DomainSubnetIds="subnet-a,subnet-b,subnet-c",
-                        OpenSearchAvailabilityZones=str(zones), OpenSearchInstanceCount=str(2 * zones))
+    deployed = Deployed(
+        VpcSubnetIds="subnet-f1,subnet-f2",
+        VpcSecurityGroupIds="sg-1",
+        DomainSubnetIds="subnet-a,subnet-b,subnet-c",
+        OpenSearchAvailabilityZones=str(zones),
+        OpenSearchInstanceCount=str(2 * zones),
+    )
     props = deployed.resources["OpenSearchDomain"]["Properties"]
     subnets = deployed.value(props["VPCOptions"]["SubnetIds"])
     assert subnets == ["subnet-a", "subnet-b", "subnet-c"][:zones]
@@ -444,22 +323,28 @@ def test_given_zone_count_when_rules_checked_then_the_data_node_count_must_be_a_
             assert (not broken) == (nodes % zones == 0), (zones, nodes, broken)
 
 
-@pytest.mark.parametrize(("functions", "domain", "refused"), [
-    ("", "", False), ("subnet-f1", "subnet-a", False), ("subnet-f1", "", True), ("", "subnet-a", True)])
-def test_given_subnets_for_only_one_side_when_rules_checked_then_refused(functions: str, domain: str,
-                                                                         refused: bool) -> None:
+@pytest.mark.parametrize(
+    ("functions", "domain", "refused"),
+    [("", "", False), ("subnet-f1", "subnet-a", False), ("subnet-f1", "", True), ("", "subnet-a", True)],
+)
+def test_given_subnets_for_only_one_side_when_rules_checked_then_refused(
+    functions: str, domain: str, refused: bool
+) -> None:
     # Functions outside the VPC cannot reach a VPC domain; functions inside it would need a NAT for a public one.
     broken = broken_rules(transform(), VpcSubnetIds=functions, DomainSubnetIds=domain, VpcSecurityGroupIds="sg-1")
     assert (broken == ["VpcForBothOrNeither"]) is refused and (not broken) is (not refused)
 
 
 def test_given_endpoint_config_when_transformed_then_serverless_with_memory_and_concurrency_parameters(
-        default: Deployed) -> None:
+    default: Deployed,
+) -> None:
     assert default.params["EndpointMemorySizeInMB"] == "6144"
     (config,) = default.of_type("AWS::SageMaker::EndpointConfig").values()
     (variant,) = config["Properties"]["ProductionVariants"]
-    assert variant["ServerlessConfig"] == {"MemorySizeInMB": {"Ref": "EndpointMemorySizeInMB"},
-                                           "MaxConcurrency": {"Ref": "EndpointMaxConcurrency"}}
+    assert variant["ServerlessConfig"] == {
+        "MemorySizeInMB": {"Ref": "EndpointMemorySizeInMB"},
+        "MaxConcurrency": {"Ref": "EndpointMaxConcurrency"},
+    }
     assert len(default.of_type("AWS::SageMaker::Endpoint")) == 1
     (model,) = default.of_type("AWS::SageMaker::Model").values()
     container = model["Properties"]["PrimaryContainer"]
@@ -469,10 +354,14 @@ def test_given_endpoint_config_when_transformed_then_serverless_with_memory_and_
 
 
 def test_given_default_parameters_when_checked_then_ingest_leaves_slots_of_the_shared_endpoint_to_search(
-        default: Deployed) -> None:
+    default: Deployed,
+) -> None:
     # Ingest handles a batch one record at a time, so it holds at most IngestMaxConcurrency endpoint slots.
-    grants = {owner: st["Resource"] for owner, st in default.statements()
-              if "sagemaker:InvokeEndpoint" in as_list(st["Action"])}
+    grants = {
+        owner: st["Resource"]
+        for owner, st in default.statements()
+        if "sagemaker:InvokeEndpoint" in as_list(st["Action"])
+    }
     assert grants["IngestFunctionRole"] in as_list(grants["SearchFunctionRole"])  # one endpoint, shared
     (mapping,) = default.of_type("AWS::Lambda::EventSourceMapping").values()
     assert mapping["Properties"]["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "IngestMaxConcurrency"}}
@@ -501,7 +390,8 @@ def test_given_provisioned_concurrency_when_rules_checked_then_it_never_exceeds_
 
 @pytest.mark.parametrize("layout", ["single", "split"])
 def test_given_provisioned_concurrency_when_transformed_then_the_text_endpoint_keeps_that_many_warm(
-        layout: str) -> None:
+    layout: str,
+) -> None:
     deployed = Deployed(EndpointLayout=layout, EndpointProvisionedConcurrency="2")
     config = deployed.resources["ClipEndpointConfig"]["Properties"]["ProductionVariants"][0]["ServerlessConfig"]
     assert config["ProvisionedConcurrency"] == {"Ref": "EndpointProvisionedConcurrency"}
@@ -539,15 +429,18 @@ def runtime_interpreter(runtime: str) -> Path | None:
     candidates = [Path(on_path)] if on_path else []
     candidates += sorted(pyenv_root.glob(f"versions/{version}.*/bin/{runtime}"), reverse=True)
     for candidate in candidates:
-        probe = subprocess.run([str(candidate), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                               capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(
+            [str(candidate), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if probe.returncode == 0 and probe.stdout.strip() == version:
             return candidate
     return None
 
 
-def test_given_runtime_when_checked_then_supported_past_2028_and_the_layer_is_built_for_it(
-        default: Deployed) -> None:
+def test_given_runtime_when_checked_then_supported_past_2028_and_the_layer_is_built_for_it(default: Deployed) -> None:
     runtime = lambda_runtime(default)
     assert runtime not in DEPRECATED_BY_2028, f"{runtime} is deprecated before 2028 (Lambda runtimes)"
     (layer,) = default.of_type("AWS::Lambda::LayerVersion").values()  # SAM suffixes its logical id
@@ -560,13 +453,21 @@ def test_given_runtime_when_checked_then_this_machine_has_its_interpreter(defaul
     runtime = lambda_runtime(default)
     assert runtime_interpreter(runtime), (
         f"no working {runtime} on this machine: the built functions are imported under it below "
-        f"(install it, for example `pyenv install {runtime.removeprefix('python')}`)")
+        f"(install it, for example `pyenv install {runtime.removeprefix('python')}`)"
+    )
 
 
 def test_given_outputs_when_read_then_each_has_a_description() -> None:
     outputs = transform()["Outputs"]
-    assert {"ApiUrl", "ApiKeyId", "ImagesBucketName", "OpenSearchDomainEndpoint", "EndpointName",
-            "IngestQueueUrl", "TransformModelName"} <= set(outputs)
+    assert {
+        "ApiUrl",
+        "ApiKeyId",
+        "ImagesBucketName",
+        "OpenSearchDomainEndpoint",
+        "EndpointName",
+        "IngestQueueUrl",
+        "TransformModelName",
+    } <= set(outputs)
     assert all(o.get("Description") for o in outputs.values())
 
 
@@ -576,9 +477,14 @@ def test_given_outputs_when_read_then_each_has_a_description() -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_dir = tmp_path_factory.mktemp("sam-build")
-    result = subprocess.run([str(BIN / "sam"), "build", "--template-file", str(TEMPLATE),
-                             "--build-dir", str(build_dir)],
-                            capture_output=True, text=True, env=tool_env(), timeout=900, cwd=ROOT)
+    result = subprocess.run(
+        [str(BIN / "sam"), "build", "--template-file", str(TEMPLATE), "--build-dir", str(build_dir)],
+        capture_output=True,
+        text=True,
+        env=tool_env(),
+        timeout=900,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return build_dir
 
@@ -591,7 +497,8 @@ def zipped_size(folder: Path, tmp: Path) -> int:
 
 
 def test_given_sam_build_when_done_then_functions_hold_code_only_and_layer_the_dependencies(
-        built: Path, tmp_path: Path) -> None:
+    built: Path, tmp_path: Path
+) -> None:
     for fn in ("IngestFunction", "SearchFunction"):
         names = {p.name for p in (built / fn).iterdir()}
         assert {"app.py", "clipsearch", "model_code"} <= names and not {"torch", "boto3", "data"} & names
@@ -606,7 +513,8 @@ def test_given_sam_build_when_done_then_functions_hold_code_only_and_layer_the_d
 
 @pytest.mark.parametrize("function", ["IngestFunction", "SearchFunction"])
 def test_given_built_function_when_imported_like_lambda_then_it_starts_without_torch(
-        built: Path, tmp_path: Path, function: str) -> None:
+    built: Path, tmp_path: Path, function: str
+) -> None:
     # The Lambda runtime: the function, then the layer, then the runtime's boto3; no site-packages.
     runtime_libs = tmp_path / "runtime"
     runtime_libs.mkdir()
@@ -623,26 +531,35 @@ def test_given_built_function_when_imported_like_lambda_then_it_starts_without_t
         "assert 'torch' not in sys.modules and callable(app.handler)\n"
         "print('started')\n"
     )
-    env = {"PATH": os.environ.get("PATH", ""), "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "PYTHONPATH": os.pathsep.join([str(built / function), str(built / "DependenciesLayer" / "python"),
-                                         str(runtime_libs)]),
-           "POWERTOOLS_SERVICE_NAME": "clipsearch", "POWERTOOLS_METRICS_NAMESPACE": "clipsearch",
-           "CLIPSEARCH_ENDPOINT_NAME": "clip", "CLIPSEARCH_OPENSEARCH_URL": "https://search-x.es.amazonaws.com",
-           "CLIPSEARCH_INDEX": "images", "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_BUCKET": "b"}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
+        "PYTHONPATH": os.pathsep.join(
+            [str(built / function), str(built / "DependenciesLayer" / "python"), str(runtime_libs)]
+        ),
+        "POWERTOOLS_SERVICE_NAME": "clipsearch",
+        "POWERTOOLS_METRICS_NAMESPACE": "clipsearch",
+        "CLIPSEARCH_ENDPOINT_NAME": "clip",
+        "CLIPSEARCH_OPENSEARCH_URL": "https://search-x.es.amazonaws.com",
+        "CLIPSEARCH_INDEX": "images",
+        "CLIPSEARCH_MODEL": "RN50",
+        "CLIPSEARCH_BUCKET": "b",
+    }
     runtime = lambda_runtime(Deployed())
     python = runtime_interpreter(runtime)
     assert python, f"no working {runtime} on this machine: the layer's wheels are built for it"
-    result = subprocess.run([str(python), "-S", "-c", code], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [str(python), "-S", "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 0 and "started" in result.stdout, result.stdout + result.stderr
 
 
-def test_given_ingest_function_when_transformed_then_its_timeout_fits_one_records_worst_case(
-        default: Deployed) -> None:
+def test_given_ingest_function_when_transformed_then_its_timeout_fits_one_records_worst_case(default: Deployed) -> None:
     # The ingest handler starts a record only when its worst case fits the time left (aws_ingest);
     # a function timeout below that would fail every record into the dead-letter queue.
-    from clipsearch.aws_ingest import END_RESERVE_S, RECORD_MIN_S
+    from clipsearch.aws.ingest import END_RESERVE_S, RECORD_MIN_S
 
     timeout = default.resources["IngestFunction"]["Properties"]["Timeout"]
     assert timeout >= RECORD_MIN_S + END_RESERVE_S
@@ -682,12 +599,14 @@ class FakeOpenSearch:
 
 def deployed_config(deployed: Deployed, function: str, role: str) -> Any:
     """The function's configuration as its code reads it, the template's references given stand-in values."""
-    from clipsearch import aws_config
+    from clipsearch.aws import config as aws_config
 
-    env = {name: value if isinstance(value, str) else "stand-in"
-           for name, value in env_of(deployed, function).items()}
-    env.update(CLIPSEARCH_MODEL=deployed.params["ModelSpec"], CLIPSEARCH_DIM=deployed.params["ModelDimension"],
-               CLIPSEARCH_INDEX=deployed.params["IndexName"])
+    env = {name: value if isinstance(value, str) else "stand-in" for name, value in env_of(deployed, function).items()}
+    env.update(
+        CLIPSEARCH_MODEL=deployed.params["ModelSpec"],
+        CLIPSEARCH_DIM=deployed.params["ModelDimension"],
+        CLIPSEARCH_INDEX=deployed.params["IndexName"],
+    )
     return aws_config.from_env(role, env)
 
 
@@ -696,7 +615,7 @@ def test_given_zone_count_when_the_index_is_created_then_a_multi_az_domain_keeps
     # Zone awareness spreads replica shards over the zones; with none, losing a zone loses the index's
     # shards there ("Don't enable zone awareness if your cluster has no replica index shards",
     # ZoneAwarenessConfig in the OpenSearch Service API Reference).
-    from clipsearch import aws_config
+    from clipsearch.aws import config as aws_config
 
     deployed = Deployed(OpenSearchAvailabilityZones=str(zones), OpenSearchInstanceCount=str(zones))
     for function, role in (("IngestFunction", "ingest"), ("SearchFunction", "search")):
@@ -709,20 +628,30 @@ def test_given_zone_count_when_the_index_is_created_then_a_multi_az_domain_keeps
 
 @pytest.mark.parametrize(("value", "replicas"), [("", 0), ("0", 0), ("1", 1), ("2", 2)])
 def test_given_replicas_setting_when_configured_then_read(value: str, replicas: int) -> None:
-    from clipsearch import aws_config
+    from clipsearch.aws import config as aws_config
 
-    env = {"CLIPSEARCH_ENDPOINT_NAME": "e", "CLIPSEARCH_OPENSEARCH_URL": "https://x", "CLIPSEARCH_INDEX": "i",
-           "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_OPENSEARCH_REPLICAS": value}
+    env = {
+        "CLIPSEARCH_ENDPOINT_NAME": "e",
+        "CLIPSEARCH_OPENSEARCH_URL": "https://x",
+        "CLIPSEARCH_INDEX": "i",
+        "CLIPSEARCH_MODEL": "RN50",
+        "CLIPSEARCH_OPENSEARCH_REPLICAS": value,
+    }
     assert aws_config.from_env("ingest", env).replicas == replicas
 
 
 @pytest.mark.parametrize("value", ["one", "-1", "1.5"])
 def test_given_a_bad_replicas_setting_when_configured_then_config_error_naming_it(value: str) -> None:
-    from clipsearch import aws_config
+    from clipsearch.aws import config as aws_config
     from clipsearch.errors import ConfigError
 
-    env = {"CLIPSEARCH_ENDPOINT_NAME": "e", "CLIPSEARCH_OPENSEARCH_URL": "https://x", "CLIPSEARCH_INDEX": "i",
-           "CLIPSEARCH_MODEL": "RN50", "CLIPSEARCH_OPENSEARCH_REPLICAS": value}
+    env = {
+        "CLIPSEARCH_ENDPOINT_NAME": "e",
+        "CLIPSEARCH_OPENSEARCH_URL": "https://x",
+        "CLIPSEARCH_INDEX": "i",
+        "CLIPSEARCH_MODEL": "RN50",
+        "CLIPSEARCH_OPENSEARCH_REPLICAS": value,
+    }
     with pytest.raises(ConfigError, match="CLIPSEARCH_OPENSEARCH_REPLICAS"):
         aws_config.from_env("ingest", env)
 
@@ -730,8 +659,7 @@ def test_given_a_bad_replicas_setting_when_configured_then_config_error_naming_i
 @pytest.mark.parametrize(("groups", "refused"), [("sg-1", False), ("sg-1,sg-2", False), ("", True)])
 def test_given_a_vpc_when_rules_checked_then_security_groups_are_required(groups: str, refused: bool) -> None:
     # The groups go to the Lambdas' VpcConfig and the domain's VPCOptions; an empty list passes [""].
-    broken = broken_rules(transform(), VpcSubnetIds="subnet-f1", DomainSubnetIds="subnet-a",
-                          VpcSecurityGroupIds=groups)
+    broken = broken_rules(transform(), VpcSubnetIds="subnet-f1", DomainSubnetIds="subnet-a", VpcSecurityGroupIds=groups)
     assert broken == (["VpcNeedsSecurityGroups"] if refused else [])
 
 
@@ -748,14 +676,23 @@ def test_given_domain_subnets_when_described_then_the_count_rules_cannot_check_i
     assert "Fn::Select cannot select nonexistent value" in (ROOT / "docs" / "deploy.md").read_text()
 
 
-@pytest.mark.parametrize(("tag", "accepted"), [
-    ("2.3.0-cpu-py311", True), ("2.3.0-cpu-py311-ubuntu20.04-sagemaker", True),
-    ("2.5.1-cpu-py311-ubuntu22.04-sagemaker", True), ("2.4.0-cpu-py310", False), ("2.6.0-cpu-py312", False),
-    ("2.6.0-cpu-py312-ubuntu22.04-sagemaker", False), ("latest", False)])
+@pytest.mark.parametrize(
+    ("tag", "accepted"),
+    [
+        ("2.3.0-cpu-py311", True),
+        ("2.3.0-cpu-py311-ubuntu20.04-sagemaker", True),
+        ("2.5.1-cpu-py311-ubuntu22.04-sagemaker", True),
+        ("2.4.0-cpu-py310", False),
+        ("2.6.0-cpu-py312", False),
+        ("2.6.0-cpu-py312-ubuntu22.04-sagemaker", False),
+        ("latest", False),
+    ],
+)
 def test_given_inference_image_when_its_python_differs_from_the_vendored_wheels_then_refused(
-        tag: str, accepted: bool) -> None:
+    tag: str, accepted: bool
+) -> None:
     # The model archive's code/lib holds wheels built for packaging.WHEEL_PYTHON (regex is compiled for it).
-    from clipsearch import packaging
+    from clipsearch.sagemaker import packaging
 
     parameter = transform()["Parameters"]["InferenceImageUri"]
     uri = f"763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:{tag}"

@@ -28,8 +28,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from clipsearch import errors
-from clipsearch.api import MAX_BODY_BYTES, build_app, error_response
 from clipsearch.encoders import Encoder
+from clipsearch.http.routes import MAX_BODY_BYTES, build_app, error_response
 from clipsearch.index.base import Hit, VectorIndex
 from clipsearch.search import SearchService
 
@@ -48,13 +48,23 @@ ASSETS: dict[str, tuple[str, str]] = {
 
 # Images the page may show, by file extension of the indexed key.
 IMAGE_TYPES = {
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-    ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
-    ".avif": "image/avif", ".heic": "image/heic", ".heif": "image/heif",  # HEIC: shown by Safari only
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".avif": "image/avif",
+    ".heic": "image/heic",
+    ".heif": "image/heif",  # HEIC: shown by Safari only
 }
 
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 API_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -124,8 +134,9 @@ def image_reader(index: VectorIndex) -> Callable[[str], tuple[bytes, str]]:
     return read
 
 
-def to_event(method: str, target: str, headers: Message, body: bytes, source_ip: str,
-             request_id: str) -> dict[str, Any]:
+def to_event(
+    method: str, target: str, headers: Message, body: bytes, source_ip: str, request_id: str
+) -> dict[str, Any]:
     """An API Gateway REST (v1 proxy) event for one HTTP request, as API Gateway would send it."""
     parts = urlsplit(target)
     path = unquote(parts.path or "/")
@@ -185,8 +196,9 @@ class LocalServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, host: str, port: int, service: SearchService, index: VectorIndex, log: Log,
-                 max_body: int) -> None:
+    def __init__(
+        self, host: str, port: int, service: SearchService, index: VectorIndex, log: Log, max_body: int
+    ) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         # Request threads and the main thread all log; one line at a time, so lines never interleave.
@@ -225,8 +237,9 @@ class LocalServer(ThreadingHTTPServer):
 
     def start(self) -> LocalServer:
         """Serve on a background thread (for tests and benchmarks); stop with close()."""
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="clipsearch-serve", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="clipsearch-serve", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -246,7 +259,7 @@ class LocalServer(ThreadingHTTPServer):
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("clipsearch").joinpath("web", name).read_bytes()
+    return resources.files("clipsearch.http").joinpath("web", name).read_bytes()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -276,8 +289,12 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self._reply()
         except Exception:  # the edge of the process: whatever broke, the client gets JSON, not a trace
             self.server.log("error: unexpected " + traceback.format_exc().rstrip())
-            reply = _Reply(500, {"Content-Type": "application/json"},
-                           _error_body("internal_error", "internal server error"), close=True)
+            reply = _Reply(
+                500,
+                {"Content-Type": "application/json"},
+                _error_body("internal_error", "internal server error"),
+                close=True,
+            )
         self._send(reply, started)
 
     def _reply(self) -> _Reply:
@@ -285,23 +302,35 @@ class _Handler(BaseHTTPRequestHandler):
         if problem is None and not self._host_allowed():
             # A page elsewhere that rebinds its DNS name to 127.0.0.1 must not read this index.
             self._unread = length
-            problem = _Reply(403, {"Content-Type": "application/json"},
-                             _error_body("forbidden_host", "this server answers to loopback names only "
-                                         "(localhost, 127.0.0.1, [::1])"), close=True)
+            problem = _Reply(
+                403,
+                {"Content-Type": "application/json"},
+                _error_body(
+                    "forbidden_host", "this server answers to loopback names only (localhost, 127.0.0.1, [::1])"
+                ),
+                close=True,
+            )
         if problem is not None:
             return problem
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
-            return _Reply(400, {"Content-Type": "application/json"},
-                          _error_body("bad_request", "the body ended before its Content-Length"), close=True)
+            return _Reply(
+                400,
+                {"Content-Type": "application/json"},
+                _error_body("bad_request", "the body ended before its Content-Length"),
+                close=True,
+            )
         method = "GET" if self.command == "HEAD" else self.command
         route = urlsplit(self.path).path
         allowed = allowed_methods(unquote(route))
         if allowed and method == "OPTIONS":
             return _Reply(204, {"Allow": allowed}, b"")
         if allowed and method not in allowed.split(", "):
-            return _Reply(405, {"Content-Type": "application/json", "Allow": allowed},
-                          _error_body("method_not_allowed", f"{route} answers {allowed}"))
+            return _Reply(
+                405,
+                {"Content-Type": "application/json", "Allow": allowed},
+                _error_body("method_not_allowed", f"{route} answers {allowed}"),
+            )
         if method == "GET" and route in self.server.assets:
             data, ctype = self.server.assets[route]
             headers = {"Content-Type": ctype, "Cache-Control": "no-cache"}
@@ -315,15 +344,18 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.server.loopback_only or host is None:
             return True
         host = host.strip()
-        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
         return _is_loopback(name.lower())
 
     def _body_length(self) -> tuple[int, _Reply | None]:
         """The declared body size, or the reply that refuses it (before any of it is read)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return 0, _Reply(411, {"Content-Type": "application/json"},
-                             _error_body("length_required", "send the body with a Content-Length"),
-                             close=True)
+            return 0, _Reply(
+                411,
+                {"Content-Type": "application/json"},
+                _error_body("length_required", "send the body with a Content-Length"),
+                close=True,
+            )
         lengths = set(self.headers.get_all("Content-Length") or [])
         if not lengths:
             return 0, None
@@ -334,17 +366,23 @@ class _Handler(BaseHTTPRequestHandler):
             if length < 0:
                 raise ValueError(length)
         except ValueError:
-            return 0, _Reply(400, {"Content-Type": "application/json"},
-                             _error_body("bad_request", "Content-Length is not a size"), close=True)
+            return 0, _Reply(
+                400,
+                {"Content-Type": "application/json"},
+                _error_body("bad_request", "Content-Length is not a size"),
+                close=True,
+            )
         if length > self.server.max_body:
             return 0, self._too_large(length)
         return length, None
 
     def _too_large(self, length: int) -> _Reply:
-        reply = _Reply(413, {"Content-Type": "application/json"},
-                       _error_body(errors.PayloadTooLarge.code,
-                                   f"body is over the {_limit_text(self.server.max_body)} limit"),
-                       close=True)
+        reply = _Reply(
+            413,
+            {"Content-Type": "application/json"},
+            _error_body(errors.PayloadTooLarge.code, f"body is over the {_limit_text(self.server.max_body)} limit"),
+            close=True,
+        )
         self._unread = length
         return reply
 
@@ -383,16 +421,24 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.close:
             self.close_connection = True
         sent = 0
-        headers = {"Server": self.server_version, "Date": self.date_time_string(), **SECURITY_HEADERS,
-                   **reply.headers, "Content-Length": str(len(reply.body))}
+        headers = {
+            "Server": self.server_version,
+            "Date": self.date_time_string(),
+            **SECURITY_HEADERS,
+            **reply.headers,
+            "Content-Length": str(len(reply.body)),
+        }
         if self.close_connection:
             headers["Connection"] = "close"
         try:
             phrase = HTTPStatus(reply.status).phrase
         except ValueError:
             phrase = ""
-        head = f"{self.protocol_version} {reply.status} {phrase}\r\n" + "".join(
-            f"{name}: {_header_value(value)}\r\n" for name, value in headers.items()) + "\r\n"
+        head = (
+            f"{self.protocol_version} {reply.status} {phrase}\r\n"
+            + "".join(f"{name}: {_header_value(value)}\r\n" for name, value in headers.items())
+            + "\r\n"
+        )
         body = b"" if self.command == "HEAD" else reply.body
         try:
             # Head and body in one write: two small writes meet Nagle and delayed ACKs (40 ms stalls).
@@ -405,8 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
         if unread:
             self._drain(unread)
         took = (time.perf_counter() - started) * 1000
-        self.server.log(f'{self.client_address[0]} "{_printable(self.requestline)}" {reply.status} '
-                        f"{sent} {took:.1f}ms")
+        self.server.log(f'{self.client_address[0]} "{_printable(self.requestline)}" {reply.status} {sent} {took:.1f}ms')
 
     def _drain(self, length: int) -> None:
         """Drop a refused body for a moment, so the client reads the 413 instead of a reset."""
@@ -441,8 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
             phrase = status.phrase
         except ValueError:
             code_name, phrase = "bad_request", "error"
-        self._send(_Reply(code, headers, _error_body(code_name, message or phrase), close=True),
-                   time.perf_counter())
+        self._send(_Reply(code, headers, _error_body(code_name, message or phrase), close=True), time.perf_counter())
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Lines are written by _send, once per request, with the time taken."""
@@ -458,8 +502,14 @@ def _service(index: VectorIndex, encoder: Encoder) -> SearchService:
     return SearchService(encoder, index, url_for=url_for)
 
 
-def make_server(index: VectorIndex, encoder: Encoder, host: str = "127.0.0.1", port: int = 8000,
-                log: Log | None = None, max_body: int = MAX_BODY_BYTES) -> LocalServer:
+def make_server(
+    index: VectorIndex,
+    encoder: Encoder,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log: Log | None = None,
+    max_body: int = MAX_BODY_BYTES,
+) -> LocalServer:
     """Bind a server (port 0 picks a free one) without serving yet: call serve_forever() or start()."""
     return LocalServer(host, port, _service(index, encoder), index, log or (lambda line: None), max_body)
 
@@ -473,8 +523,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(index: VectorIndex, encoder: Encoder, host: str = "127.0.0.1", port: int = 8000,
-          log: Log | None = None, max_body: int = MAX_BODY_BYTES) -> None:
+def serve(
+    index: VectorIndex,
+    encoder: Encoder,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log: Log | None = None,
+    max_body: int = MAX_BODY_BYTES,
+) -> None:
     """Serve the REST API and the page until interrupted (Ctrl-C)."""
     server = make_server(index, encoder, host=host, port=port, log=log, max_body=max_body)
     say = server.log

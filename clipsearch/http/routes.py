@@ -35,8 +35,12 @@ ImageReader = Callable[[str], tuple[bytes, str]]
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(status_code=status, content_type="application/json",
-                    body=json.dumps({"error": {"code": code, "message": message}}), headers=headers or {})
+    return Response(
+        status_code=status,
+        content_type="application/json",
+        body=json.dumps({"error": {"code": code, "message": message}}),
+        headers=headers or {},
+    )
 
 
 def status_for(exc: errors.ClipsearchError) -> int:
@@ -83,8 +87,7 @@ def build_app(
 
     @app.post("/search")
     def search_post() -> dict[str, Any]:
-        ctype = (app.current_event.headers.get("content-type")
-                 or app.current_event.headers.get("Content-Type") or "")
+        ctype = app.current_event.headers.get("content-type") or app.current_event.headers.get("Content-Type") or ""
         ctype = ctype.split(";")[0].strip().lower()
         data = body_bytes()
         if ctype in IMAGE_CONTENT_TYPES:
@@ -96,8 +99,9 @@ def build_app(
                 + ", ".join(IMAGE_CONTENT_TYPES)
             )
         if app.current_event.query_string_parameters:
-            raise errors.BadRequest("with a JSON body, put k, from, min_score and filter in the body, "
-                                    "not in the query string")
+            raise errors.BadRequest(
+                "with a JSON body, put k, from, min_score and filter in the body, not in the query string"
+            )
         try:
             payload = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -110,9 +114,12 @@ def build_app(
         @app.get("/images/<id>")
         def image(id: str) -> Response:
             data, content_type = reader(id)
-            return Response(status_code=200, content_type=content_type, body=data,
-                            headers={"Cache-Control": "private, max-age=300",
-                                     "X-Content-Type-Options": "nosniff"})
+            return Response(
+                status_code=200,
+                content_type=content_type,
+                body=data,
+                headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"},
+            )
 
     @app.exception_handler(errors.ClipsearchError)
     def handle_error(exc: errors.ClipsearchError) -> Response:

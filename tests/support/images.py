@@ -9,8 +9,7 @@ import zlib
 from PIL import Image
 
 
-def picture(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48),
-            fmt: str = "PNG") -> bytes:
+def picture(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> bytes:
     """A small picture: a coloured square on white."""
     img = Image.new("RGB", size, (255, 255, 255))
     w, h = size
@@ -22,6 +21,7 @@ def picture(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] 
 
 def png_bomb(side: int = 20_000) -> bytes:
     """A tiny PNG whose header claims side x side pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -45,9 +45,15 @@ def bad_files() -> dict[str, bytes]:
 # -- odd but real-world files (the bad-input catalogue, EXIF orientation) ---------------------------
 
 # The transpose that undoes each EXIF orientation (what ImageOps.exif_transpose applies), and its inverse.
-_EXIF_UNDO = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
+_EXIF_UNDO = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _EXIF_INVERSE = {**_EXIF_UNDO, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
 ORIENTATION_TAG = 0x0112
 
@@ -101,8 +107,9 @@ def cmyk_jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
 
 def animated_gif(size: tuple[int, int] = (64, 48)) -> bytes:
     """A three-frame GIF: red, green, blue squares; the first frame is the red one."""
-    frames = [Image.open(io.BytesIO(picture(c, size))).convert("P")
-              for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    frames = [
+        Image.open(io.BytesIO(picture(c, size))).convert("P") for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))
+    ]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     return buf.getvalue()
@@ -110,8 +117,10 @@ def animated_gif(size: tuple[int, int] = (64, 48)) -> bytes:
 
 def svg() -> bytes:
     """A valid SVG drawing (a vector format clipsearch does not rasterise)."""
-    return (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="64" height="48">'
-            b'<rect x="16" y="12" width="32" height="24" fill="red"/></svg>\n')
+    return (
+        b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="64" height="48">'
+        b'<rect x="16" y="12" width="32" height="24" fill="red"/></svg>\n'
+    )
 
 
 def heic() -> bytes:

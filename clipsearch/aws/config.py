@@ -71,8 +71,9 @@ def _parse(role: str, env: Mapping[str, str]) -> AwsConfig:
     text, image = get("CLIPSEARCH_TEXT_ENDPOINT_NAME") or single, get("CLIPSEARCH_IMAGE_ENDPOINT_NAME") or single
     missing = [name for name in required if not get(name)]
     if not image or (role == "search" and not text):
-        missing.insert(0, "CLIPSEARCH_ENDPOINT_NAME (or CLIPSEARCH_TEXT_ENDPOINT_NAME and "
-                       "CLIPSEARCH_IMAGE_ENDPOINT_NAME)")
+        missing.insert(
+            0, "CLIPSEARCH_ENDPOINT_NAME (or CLIPSEARCH_TEXT_ENDPOINT_NAME and CLIPSEARCH_IMAGE_ENDPOINT_NAME)"
+        )
     if missing:
         raise ConfigError(f"missing environment variable(s): {', '.join(missing)} (set by template.yaml)")
     auth = (get("CLIPSEARCH_OPENSEARCH_AUTH") or "sigv4").lower()
@@ -105,8 +106,9 @@ def _dimension(model: str, text: str) -> int:
     except ValueError:
         raise ConfigError(f"CLIPSEARCH_DIM must be an integer, not {text!r}") from None
     if dim < 1 or (known is not None and dim != known):
-        raise ConfigError(f"CLIPSEARCH_DIM={dim} does not fit model {model!r}"
-                          + (f" (it gives {known})" if known else ""))
+        raise ConfigError(
+            f"CLIPSEARCH_DIM={dim} does not fit model {model!r}" + (f" (it gives {known})" if known else "")
+        )
     return dim
 
 
@@ -162,8 +164,13 @@ class Deadline:
     from `started_at`. A later first request met an environment initialised ahead of it: counted from now.
     """
 
-    def __init__(self, reserve_s: float = 0.0, limit_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, started_at: float | None = None) -> None:
+    def __init__(
+        self,
+        reserve_s: float = 0.0,
+        limit_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        started_at: float | None = None,
+    ) -> None:
         self.reserve_s, self.limit_s, self._clock = reserve_s, limit_s, clock
         self._context: Any = None
         self._limit_at: float | None = None
@@ -189,8 +196,7 @@ class Deadline:
         return left - self.reserve_s
 
 
-def boto_client(service: str, *, attempts: int, connect_timeout_s: float, read_timeout_s: float,
-                **config: Any) -> Any:
+def boto_client(service: str, *, attempts: int, connect_timeout_s: float, read_timeout_s: float, **config: Any) -> Any:
     """A boto3 client with explicit retries (standard mode, `attempts` in all) and timeouts.
 
     No endpoint_url: the standard AWS_ENDPOINT_URL_* variables still point it at a stand-in.
@@ -199,9 +205,15 @@ def boto_client(service: str, *, attempts: int, connect_timeout_s: float, read_t
     from botocore.config import Config
 
     factory: Any = boto3.client  # typed per service name; the name here is a plain str
-    return factory(service, config=Config(
-        retries={"mode": "standard", "total_max_attempts": attempts},
-        connect_timeout=connect_timeout_s, read_timeout=read_timeout_s, **config))
+    return factory(
+        service,
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": attempts},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            **config,
+        ),
+    )
 
 
 def s3_client(attempts: int = 2, connect_timeout_s: float = 3.0, read_timeout_s: float = 10.0) -> Any:
@@ -217,8 +229,14 @@ def s3_client(attempts: int = 2, connect_timeout_s: float = 3.0, read_timeout_s:
     if not _endpoint_override("S3"):
         # A stand-in on a custom host (AWS_ENDPOINT_URL_S3) keeps botocore's choice: path style.
         s3["addressing_style"] = "virtual"
-    return boto_client("s3", attempts=attempts, connect_timeout_s=connect_timeout_s,
-                       read_timeout_s=read_timeout_s, signature_version="s3v4", s3=s3)
+    return boto_client(
+        "s3",
+        attempts=attempts,
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=read_timeout_s,
+        signature_version="s3v4",
+        s3=s3,
+    )
 
 
 def _endpoint_override(service_env: str) -> bool:
@@ -252,17 +270,26 @@ class EndpointRuntime:
     max_read_timeout_s above 70 only waits for SageMaker's own error.
     """
 
-    def __init__(self, deadline: Deadline, max_read_timeout_s: float, reserve_s: float = 0.0,
-                 connect_timeout_s: float = 3.0, min_read_timeout_s: float = 1.0,
-                 factory: Callable[[float], Any] | None = None, attempts: int = ENDPOINT_ATTEMPTS,
-                 backoff_s: float = 0.5,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        deadline: Deadline,
+        max_read_timeout_s: float,
+        reserve_s: float = 0.0,
+        connect_timeout_s: float = 3.0,
+        min_read_timeout_s: float = 1.0,
+        factory: Callable[[float], Any] | None = None,
+        attempts: int = ENDPOINT_ATTEMPTS,
+        backoff_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.deadline = deadline
         self.max_read_timeout_s, self.min_read_timeout_s = max_read_timeout_s, min_read_timeout_s
         self.reserve_s, self.connect_timeout_s = reserve_s, connect_timeout_s
         self.attempts, self.backoff_s, self._sleep = attempts, backoff_s, sleep
-        self.buckets = sorted({b for b in READ_TIMEOUT_BUCKETS_S if min_read_timeout_s <= b <= max_read_timeout_s}
-                              | {min_read_timeout_s, max_read_timeout_s})
+        self.buckets = sorted(
+            {b for b in READ_TIMEOUT_BUCKETS_S if min_read_timeout_s <= b <= max_read_timeout_s}
+            | {min_read_timeout_s, max_read_timeout_s}
+        )
         self._factory = factory or self._client
         self._clients: dict[float, Any] = {}
         self._lock = threading.Lock()
@@ -285,8 +312,9 @@ class EndpointRuntime:
         for attempt in range(self.attempts):
             timeout = self.read_timeout_s()
             if timeout < self.min_read_timeout_s:
-                raise DeadlineExceeded(f"too little time left to call encoder endpoint {kwargs.get('EndpointName')}; "
-                                       "retry later")
+                raise DeadlineExceeded(
+                    f"too little time left to call encoder endpoint {kwargs.get('EndpointName')}; retry later"
+                )
             try:
                 return self._client_for(timeout).invoke_endpoint(**kwargs)
             except ClientError as e:
@@ -295,8 +323,10 @@ class EndpointRuntime:
                 pause = self.backoff_s * 2**attempt * random.uniform(0.5, 1.0)
                 if self.read_timeout_s(self.deadline.remaining_s() - pause) < self.min_read_timeout_s:
                     raise  # no time for another attempt: the caller maps the endpoint's own answer
-                logger.info("encoder endpoint busy; retrying", extra={"code": e.response["Error"]["Code"],
-                                                                      "attempt": attempt + 1})
+                logger.info(
+                    "encoder endpoint busy; retrying",
+                    extra={"code": e.response["Error"]["Code"], "attempt": attempt + 1},
+                )
                 self._sleep(pause)
         raise AssertionError("unreachable")
 
@@ -310,20 +340,21 @@ class EndpointRuntime:
             return client
 
     def _client(self, read_timeout_s: float) -> Any:
-        return boto_client("sagemaker-runtime", attempts=1, connect_timeout_s=self.connect_timeout_s,
-                           read_timeout_s=read_timeout_s)
+        return boto_client(
+            "sagemaker-runtime", attempts=1, connect_timeout_s=self.connect_timeout_s, read_timeout_s=read_timeout_s
+        )
 
 
 def make_encoder(config: AwsConfig, runtime: Any) -> Any:
     """The SageMaker endpoint(s) as an Encoder, called through runtime (an EndpointRuntime)."""
     from clipsearch.encoders import SageMakerEncoder
 
-    return SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint,
-                            client=runtime)
+    return SageMakerEncoder(config.model, config.dim, config.text_endpoint, config.image_endpoint, client=runtime)
 
 
-def make_index(config: AwsConfig, deadline: Deadline | None = None, call_time_s: float = 0.0,
-               **options: Any) -> LazyIndex:
+def make_index(
+    config: AwsConfig, deadline: Deadline | None = None, call_time_s: float = 0.0, **options: Any
+) -> LazyIndex:
     """The OpenSearch index, opened (and created with the model's dimension) on first use.
 
     options go to OpenSearchIndex (timeout_s, max_retries, backoff_s); call_time_s is the worst case
@@ -333,10 +364,17 @@ def make_index(config: AwsConfig, deadline: Deadline | None = None, call_time_s:
     from clipsearch.index import open_index
 
     def opener() -> VectorIndex:
-        return open_index("opensearch", config.index, model=config.model, dim=config.dim,
-                          url=config.opensearch_url, auth=config.opensearch_auth,
-                          replicas=config.replicas,
-                          deadline=deadline.remaining_s if deadline is not None else None, **options)
+        return open_index(
+            "opensearch",
+            config.index,
+            model=config.model,
+            dim=config.dim,
+            url=config.opensearch_url,
+            auth=config.opensearch_auth,
+            replicas=config.replicas,
+            deadline=deadline.remaining_s if deadline is not None else None,
+            **options,
+        )
 
     return LazyIndex(opener, config.model, config.dim, deadline, call_time_s)
 
@@ -348,8 +386,14 @@ class LazyIndex:
     start; model and dim are known up front from the configuration.
     """
 
-    def __init__(self, opener: Callable[[], VectorIndex], model: str, dim: int,
-                 deadline: Deadline | None = None, call_time_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        opener: Callable[[], VectorIndex],
+        model: str,
+        dim: int,
+        deadline: Deadline | None = None,
+        call_time_s: float = 0.0,
+    ) -> None:
         self._opener = opener
         self._index: VectorIndex | None = None
         self.model, self.dim = model, dim
@@ -372,8 +416,15 @@ class LazyIndex:
     def get(self, id: str) -> Document | None:
         return self.opened.get(id)
 
-    def search(self, vector: np.ndarray, k: int = 10, offset: int = 0, min_score: float | None = None,
-               prefix: str | None = None, taken: DateRange | None = None) -> list[Hit]:
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        offset: int = 0,
+        min_score: float | None = None,
+        prefix: str | None = None,
+        taken: DateRange | None = None,
+    ) -> list[Hit]:
         return self.opened.search(vector, k=k, offset=offset, min_score=min_score, prefix=prefix, taken=taken)
 
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:

@@ -17,7 +17,7 @@ from urllib.parse import quote_plus, urlsplit
 
 import numpy as np
 
-from clipsearch.aws_ingest import metadata_text
+from clipsearch.aws.ingest import metadata_text
 from clipsearch.errors import BadRequest, ClipsearchError, Unavailable
 from clipsearch.images import is_image_name
 from clipsearch.index.base import Document, VectorIndex, wall_clock
@@ -79,29 +79,45 @@ def list_images(s3: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
 def s3_event(bucket: str, obj: S3Object, region: str = "") -> dict[str, Any]:
     """An S3 ObjectCreated notification for one object, shaped as S3 sends it (key URL-encoded)."""
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    return {"Records": [{
-        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": region, "eventTime": now,
-        "eventName": "ObjectCreated:Put", "userIdentity": {"principalId": "clipsearch-backfill"},
-        "requestParameters": {"sourceIPAddress": "127.0.0.1"}, "responseElements": {},
-        "s3": {
-            "s3SchemaVersion": "1.0", "configurationId": "clipsearch-backfill",
-            "bucket": {"name": bucket, "ownerIdentity": {"principalId": ""}, "arn": f"arn:aws:s3:::{bucket}"},
-            "object": {"key": quote_plus(obj.key, safe="/"), "size": obj.size, "eTag": obj.etag,
-                       "sequencer": "0"},
-        },
-    }]}
+    return {
+        "Records": [
+            {
+                "eventVersion": "2.1",
+                "eventSource": "aws:s3",
+                "awsRegion": region,
+                "eventTime": now,
+                "eventName": "ObjectCreated:Put",
+                "userIdentity": {"principalId": "clipsearch-backfill"},
+                "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+                "responseElements": {},
+                "s3": {
+                    "s3SchemaVersion": "1.0",
+                    "configurationId": "clipsearch-backfill",
+                    "bucket": {"name": bucket, "ownerIdentity": {"principalId": ""}, "arn": f"arn:aws:s3:::{bucket}"},
+                    "object": {
+                        "key": quote_plus(obj.key, safe="/"),
+                        "size": obj.size,
+                        "eTag": obj.etag,
+                        "sequencer": "0",
+                    },
+                },
+            }
+        ]
+    }
 
 
-def enqueue(s3: Any, sqs: Any, queue_url: str, bucket: str, prefix: str,
-            on_progress: Callable[[int], None] | None = None) -> BackfillSummary:
+def enqueue(
+    s3: Any, sqs: Any, queue_url: str, bucket: str, prefix: str, on_progress: Callable[[int], None] | None = None
+) -> BackfillSummary:
     """Send one S3-event message per image to the ingest queue, ten per request."""
     summary = BackfillSummary()
     region = getattr(getattr(s3, "meta", None), "region_name", "") or ""
     batch: list[S3Object] = []
 
     def flush() -> None:
-        entries = [{"Id": str(n), "MessageBody": json.dumps(s3_event(bucket, obj, region))}
-                   for n, obj in enumerate(batch)]
+        entries = [
+            {"Id": str(n), "MessageBody": json.dumps(s3_event(bucket, obj, region))} for n, obj in enumerate(batch)
+        ]
         resp = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
         for failure in resp.get("Failed", []):
             summary.failed.append((batch[int(failure["Id"])].key, failure.get("Message", failure["Code"])))
@@ -130,8 +146,15 @@ def write_manifest(s3: Any, bucket: str, keys: list[str], manifest_key: str) -> 
     return f"s3://{bucket}/{manifest_key}"
 
 
-def start_transform(sagemaker: Any, job: str, model_name: str, manifest_url: str, output_url: str,
-                    instance_type: str, instance_count: int = 1) -> None:
+def start_transform(
+    sagemaker: Any,
+    job: str,
+    model_name: str,
+    manifest_url: str,
+    output_url: str,
+    instance_type: str,
+    instance_count: int = 1,
+) -> None:
     """Create the transform job: one image per request, JSON vectors out (model_code's contract)."""
     sagemaker.create_transform_job(
         TransformJobName=job,
@@ -150,8 +173,9 @@ def start_transform(sagemaker: Any, job: str, model_name: str, manifest_url: str
     )
 
 
-def wait_transform(sagemaker: Any, job: str, poll_s: float = 30.0,
-                   on_status: Callable[[str], None] | None = None) -> None:
+def wait_transform(
+    sagemaker: Any, job: str, poll_s: float = 30.0, on_status: Callable[[str], None] | None = None
+) -> None:
     """Poll until the job ends; TransformFailed unless it completed."""
     while True:
         desc = sagemaker.describe_transform_job(TransformJobName=job)
@@ -181,19 +205,34 @@ def document_for(s3: Any, bucket: str, key: str, vector: np.ndarray) -> Document
     """A Document with the object's title metadata, size and time (no decode: width/height stay 0)."""
     head = s3.head_object(Bucket=bucket, Key=key)
     meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-    title = (metadata_text(meta.get("title")) or metadata_text(meta.get("description"))
-             or title_from_path(Path(PurePosixPath(key).name)))
+    title = (
+        metadata_text(meta.get("title"))
+        or metadata_text(meta.get("description"))
+        or title_from_path(Path(PurePosixPath(key).name))
+    )
     modified = head.get("LastModified")
-    return Document(key=key, vector=vector, bucket=bucket, title=title, content_hash=str(head.get("ETag", "")),
-                    size=int(head.get("ContentLength", 0)),
-                    mtime=modified.timestamp() if modified is not None else 0.0,
-                    # No decode here, so no EXIF: the object's LastModified, as the ingest Lambda falls back to.
-                    taken_at=wall_clock(modified) if modified is not None else None)
+    return Document(
+        key=key,
+        vector=vector,
+        bucket=bucket,
+        title=title,
+        content_hash=str(head.get("ETag", "")),
+        size=int(head.get("ContentLength", 0)),
+        mtime=modified.timestamp() if modified is not None else 0.0,
+        # No decode here, so no EXIF: the object's LastModified, as the ingest Lambda falls back to.
+        taken_at=wall_clock(modified) if modified is not None else None,
+    )
 
 
-def load_transform_output(s3: Any, index_for: Callable[[int], VectorIndex], bucket: str, keys: list[str],
-                          output_bucket: str, output_prefix: str,
-                          on_progress: Callable[[int], None] | None = None) -> BackfillSummary:
+def load_transform_output(
+    s3: Any,
+    index_for: Callable[[int], VectorIndex],
+    bucket: str,
+    keys: list[str],
+    output_bucket: str,
+    output_prefix: str,
+    on_progress: Callable[[int], None] | None = None,
+) -> BackfillSummary:
     """Upsert each key's `<output_prefix><key>.out` vector; index_for(dim) opens or creates the index."""
     from botocore.exceptions import ClientError
 
@@ -231,10 +270,19 @@ def load_transform_output(s3: Any, index_for: Callable[[int], VectorIndex], buck
     return summary
 
 
-def batch_transform(s3: Any, sagemaker: Any, index_for: Callable[[int], VectorIndex], bucket: str,
-                    prefix: str, model_name: str, instance_type: str, output_url: str | None = None,
-                    job: str | None = None, poll_s: float = 30.0,
-                    on_status: Callable[[str], None] | None = None) -> BackfillSummary:
+def batch_transform(
+    s3: Any,
+    sagemaker: Any,
+    index_for: Callable[[int], VectorIndex],
+    bucket: str,
+    prefix: str,
+    model_name: str,
+    instance_type: str,
+    output_url: str | None = None,
+    job: str | None = None,
+    poll_s: float = 30.0,
+    on_status: Callable[[str], None] | None = None,
+) -> BackfillSummary:
     """List the images, run a transform job over exactly them, and bulk-load the vectors.
 
     An object over MaxPayloadInMB would fail the whole job: it is left out and reported as failed.
@@ -242,8 +290,11 @@ def batch_transform(s3: Any, sagemaker: Any, index_for: Callable[[int], VectorIn
     limit = MAX_PAYLOAD_MB * 1024 * 1024
     objects = list(list_images(s3, bucket, prefix))
     keys = [obj.key for obj in objects if obj.size <= limit]
-    too_big = [(obj.key, f"over the batch transform's {MAX_PAYLOAD_MB} MB payload limit")
-               for obj in objects if obj.size > limit]
+    too_big = [
+        (obj.key, f"over the batch transform's {MAX_PAYLOAD_MB} MB payload limit")
+        for obj in objects
+        if obj.size > limit
+    ]
     if not keys:
         return BackfillSummary(listed=len(objects), failed=too_big)
     job = job or f"clipsearch-backfill-{datetime.now(UTC):%Y%m%d-%H%M%S}"

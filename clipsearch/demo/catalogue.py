@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipsearch.shapes import demo_catalogue, render_alt
+from clipsearch.demo.shapes import demo_catalogue, render_alt
 
 
 def write_catalogue(folder: Path, count: int = 240, seed: int = 7) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 FAKE_DIM = 16
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -73,8 +73,12 @@ class LambdaContext:
     never runs short unless a test says so.
     """
 
-    def __init__(self, function_name: str = "clipsearch-test", timeout_s: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        function_name: str = "clipsearch-test",
+        timeout_s: float = 900.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.function_name = function_name
         self.memory_limit_in_mb = 1024
         self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"

@@ -12,10 +12,10 @@ from typing import Any
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
 
-from clipsearch import aws_config
-from clipsearch.api import build_app
-from clipsearch.aws_config import AwsConfig
+from clipsearch.aws import config as aws_config
+from clipsearch.aws.config import AwsConfig
 from clipsearch.encoders import Encoder
+from clipsearch.http.routes import build_app
 from clipsearch.index.base import Hit, VectorIndex
 from clipsearch.search import SearchService
 
@@ -39,23 +39,36 @@ def presigner(s3: Any, bucket: str, expires_s: int) -> Callable[[Hit], str]:
     """url_for(hit): a GET URL for the hit's object that expires after expires_s seconds."""
 
     def url_for(hit: Hit) -> str:
-        return str(s3.generate_presigned_url(
-            "get_object", Params={"Bucket": hit.bucket or bucket, "Key": hit.key}, ExpiresIn=expires_s))
+        return str(
+            s3.generate_presigned_url(
+                "get_object", Params={"Bucket": hit.bucket or bucket, "Key": hit.key}, ExpiresIn=expires_s
+            )
+        )
 
     return url_for
 
 
-def build_service(config: AwsConfig, encoder: Encoder | None = None, index: VectorIndex | None = None,
-                  s3: Any = None, deadline: aws_config.Deadline | None = None,
-                  runtime: Callable[[float], Any] | None = None) -> SearchService:
+def build_service(
+    config: AwsConfig,
+    encoder: Encoder | None = None,
+    index: VectorIndex | None = None,
+    s3: Any = None,
+    deadline: aws_config.Deadline | None = None,
+    runtime: Callable[[float], Any] | None = None,
+) -> SearchService:
     """The search service for this stack; pass encoder/index/s3 to use stand-ins.
 
     runtime(read_timeout_s) makes the sagemaker-runtime client (default: boto3's, one attempt per call).
     """
     deadline = deadline or search_deadline()
     if encoder is None:
-        timed = aws_config.EndpointRuntime(deadline, ENDPOINT_MAX_READ_TIMEOUT_S, reserve_s=INDEX_CALL_S,
-                                           connect_timeout_s=ENDPOINT_CONNECT_TIMEOUT_S, factory=runtime)
+        timed = aws_config.EndpointRuntime(
+            deadline,
+            ENDPOINT_MAX_READ_TIMEOUT_S,
+            reserve_s=INDEX_CALL_S,
+            connect_timeout_s=ENDPOINT_CONNECT_TIMEOUT_S,
+            factory=runtime,
+        )
         timed.prepare(API_GATEWAY_TIMEOUT_S - RESPONSE_RESERVE_S)  # a warm request's client
         encoder = aws_config.make_encoder(config, timed)
     index = index or aws_config.make_index(config, deadline, INDEX_CALL_S, **INDEX_OPTIONS)
@@ -64,19 +77,22 @@ def build_service(config: AwsConfig, encoder: Encoder | None = None, index: Vect
     return SearchService(encoder, index, url_for=presigner(s3, config.bucket, config.url_expiry_s))
 
 
-def search_deadline(clock: Callable[[], float] = time.monotonic,
-                    started_at: float | None = None) -> aws_config.Deadline:
+def search_deadline(
+    clock: Callable[[], float] = time.monotonic, started_at: float | None = None
+) -> aws_config.Deadline:
     """The search function's deadline: API Gateway's timeout or the function's, whichever comes first.
 
     started_at: clock() when the function's module began loading (default: now); a first request that came
     during init counts from then.
     """
-    return aws_config.Deadline(reserve_s=RESPONSE_RESERVE_S, limit_s=API_GATEWAY_TIMEOUT_S, clock=clock,
-                               started_at=started_at)
+    return aws_config.Deadline(
+        reserve_s=RESPONSE_RESERVE_S, limit_s=API_GATEWAY_TIMEOUT_S, clock=clock, started_at=started_at
+    )
 
 
-def build_search_app(config: AwsConfig, deadline: aws_config.Deadline | None = None,
-                     started_at: float | None = None, **overrides: Any) -> APIGatewayRestResolver:
+def build_search_app(
+    config: AwsConfig, deadline: aws_config.Deadline | None = None, started_at: float | None = None, **overrides: Any
+) -> APIGatewayRestResolver:
     """The API Gateway resolver for the search Lambda; each request starts the deadline.
 
     started_at: time.monotonic() at the top of the function's module, before its imports.

@@ -26,7 +26,7 @@ from pathlib import Path
 from clipsearch import models
 from clipsearch.errors import BadRequest, ModelUnavailable, Unavailable
 
-CODE_DIR = Path(__file__).resolve().parent.parent / "model_code"
+CODE_DIR = Path(__file__).resolve().parents[2] / "model_code"
 CODE_FILES = ("inference.py",)
 # The pins vendored into code/lib: what the SageMaker PyTorch inference image lacks.
 VENDOR_PINS = CODE_DIR / "requirements.txt"
@@ -82,8 +82,11 @@ def package_model(spec: str, out: str | Path) -> PackagedModel:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             _add_file(tar, checkpoint, name)
             for file in CODE_FILES:
                 _add_file(tar, CODE_DIR / file, f"code/{file}")
@@ -158,9 +161,24 @@ def _cached_wheel(cache: Path, name: str, version: str) -> Path | None:
 def _download(cache: Path, pins: list[tuple[str, str]]) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     wanted = [f"{name}=={version}" for name, version in pins]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON, "--implementation", "cp",
-           "--dest", str(cache), *wanted]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--platform",
+        WHEEL_PLATFORM,
+        "--python-version",
+        WHEEL_PYTHON,
+        "--implementation",
+        "cp",
+        "--dest",
+        str(cache),
+        *wanted,
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as e:

@@ -22,8 +22,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from clipsearch import aws_config
-from clipsearch.aws_config import AwsConfig, Deadline, DeadlineExceeded
+from clipsearch.aws import config as aws_config
+from clipsearch.aws.config import AwsConfig, Deadline, DeadlineExceeded
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest, ClipsearchError
 from clipsearch.images import is_image_name
@@ -56,8 +56,7 @@ ENDPOINT_CONNECT_S, ENDPOINT_MAX_READ_S, ENDPOINT_MIN_READ_S = 3.0, 70.0, 15.0
 # Decoding and downscaling the largest accepted picture (MAX_PIXELS): 1.7-2.0 s for 100 MP (JPEG or PNG)
 # on the 2-core dev machine; a 1024 MB function has about 0.6 of a vCPU (Lambda: 1,769 MB = 1 vCPU).
 DECODE_S = 8.0
-RECORD_MIN_S = (S3_CALL_S + DECODE_S + ENDPOINT_CONNECT_S + ENDPOINT_MIN_READ_S + aws_config.ANSWER_READ_S
-                + INDEX_CALL_S)
+RECORD_MIN_S = S3_CALL_S + DECODE_S + ENDPOINT_CONNECT_S + ENDPOINT_MIN_READ_S + aws_config.ANSWER_READ_S + INDEX_CALL_S
 # Kept back from the function's timeout to return the batch report.
 END_RESERVE_S = 2.0
 
@@ -126,8 +125,15 @@ def metadata_text(value: str | None) -> str:
 class Ingestor:
     """Applies S3 changes to the index; `handle_record` is the BatchProcessor record handler."""
 
-    def __init__(self, encoder: Encoder, index: VectorIndex, s3: Any, metrics: Metrics | None = None,
-                 deadline: Deadline | None = None, record_min_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        index: VectorIndex,
+        s3: Any,
+        metrics: Metrics | None = None,
+        deadline: Deadline | None = None,
+        record_min_s: float = 0.0,
+    ) -> None:
         """record_min_s: the worst case of one record; a record starts only with that much time left."""
         self.encoder, self.index, self.s3, self.metrics = encoder, index, s3, metrics
         self.deadline = deadline or Deadline(reserve_s=END_RESERVE_S)
@@ -139,11 +145,13 @@ class Ingestor:
         left = self.deadline.remaining_s()
         if left < self.record_min_s:
             self._count("RecordsOutOfTime")
-            logger.warning("not started: too little time left in this invocation",
-                           extra={"message_id": record.message_id, "left_s": round(left, 1),
-                                  "needed_s": self.record_min_s})
-            raise DeadlineExceeded(f"{left:.0f} s left, one record may take {self.record_min_s:.0f} s; "
-                                   "SQS redelivers it")
+            logger.warning(
+                "not started: too little time left in this invocation",
+                extra={"message_id": record.message_id, "left_s": round(left, 1), "needed_s": self.record_min_s},
+            )
+            raise DeadlineExceeded(
+                f"{left:.0f} s left, one record may take {self.record_min_s:.0f} s; SQS redelivers it"
+            )
         for event in parse_notification(record.body):
             self.apply(event)
 
@@ -160,8 +168,9 @@ class Ingestor:
             return
         result = self.index.upsert([doc])
         if result.failed:
-            raise IndexError_(f"OpenSearch refused s3://{event.bucket}/{event.key}: "
-                              f"{next(iter(result.failed.values()))}")
+            raise IndexError_(
+                f"OpenSearch refused s3://{event.bucket}/{event.key}: {next(iter(result.failed.values()))}"
+            )
         logger.info("indexed", extra={"bucket": event.bucket, "key": event.key, "id": doc.id})
         self._count("ImagesIndexed")
 
@@ -199,21 +208,33 @@ class Ingestor:
             raise _Skip(str(e)) from None
         meta = {k.lower(): v for k, v in (obj.get("Metadata") or {}).items()}
         # The Document has one text field: the title, else the description, else the file name.
-        title = (metadata_text(meta.get("title")) or metadata_text(meta.get("description"))
-                 or title_from_path(Path(PurePosixPath(key).name)))
+        title = (
+            metadata_text(meta.get("title"))
+            or metadata_text(meta.get("description"))
+            or title_from_path(Path(PurePosixPath(key).name))
+        )
         modified = obj.get("LastModified")
         # Capture time (CONTRACT §7): EXIF DateTimeOriginal, else the object's LastModified as wall-clock time.
         taken_at = decoded.taken_at or (wall_clock(modified) if modified is not None else None)
         return Document(
-            key=key, vector=vector, bucket=bucket, title=title,
-            content_hash=hashlib.sha256(data).hexdigest(), size=len(data),
+            key=key,
+            vector=vector,
+            bucket=bucket,
+            title=title,
+            content_hash=hashlib.sha256(data).hexdigest(),
+            size=len(data),
             mtime=modified.timestamp() if modified is not None else 0.0,
-            width=decoded.width, height=decoded.height, taken_at=taken_at, taken_offset=decoded.taken_offset,
+            width=decoded.width,
+            height=decoded.height,
+            taken_at=taken_at,
+            taken_offset=decoded.taken_offset,
         )
 
     def _skip(self, event: ObjectEvent, reason: str) -> None:
-        logger.warning(f"skipped s3://{event.bucket}/{event.key}: {reason}",
-                       extra={"bucket": event.bucket, "key": event.key, "reason": reason})
+        logger.warning(
+            f"skipped s3://{event.bucket}/{event.key}: {reason}",
+            extra={"bucket": event.bucket, "key": event.key, "reason": reason},
+        )
         self._count("ObjectsSkipped")
 
     def _count(self, name: str) -> None:
@@ -221,21 +242,29 @@ class Ingestor:
             self.metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
 
 
-def build_ingestor(config: AwsConfig, metrics: Metrics | None = None, deadline: Deadline | None = None,
-                   runtime: Any = None) -> Ingestor:
+def build_ingestor(
+    config: AwsConfig, metrics: Metrics | None = None, deadline: Deadline | None = None, runtime: Any = None
+) -> Ingestor:
     """The ingest record handler for this stack, its clients fitted into the function's timeout.
 
     runtime(read_timeout_s) makes the sagemaker-runtime client (default: boto3's, one attempt each;
     EndpointRuntime retries throttling while the deadline allows).
     """
     deadline = deadline or Deadline(reserve_s=END_RESERVE_S)
-    timed = aws_config.EndpointRuntime(deadline, ENDPOINT_MAX_READ_S, reserve_s=INDEX_CALL_S,
-                                       connect_timeout_s=ENDPOINT_CONNECT_S,
-                                       min_read_timeout_s=ENDPOINT_MIN_READ_S, factory=runtime)
+    timed = aws_config.EndpointRuntime(
+        deadline,
+        ENDPOINT_MAX_READ_S,
+        reserve_s=INDEX_CALL_S,
+        connect_timeout_s=ENDPOINT_CONNECT_S,
+        min_read_timeout_s=ENDPOINT_MIN_READ_S,
+        factory=runtime,
+    )
     timed.prepare(math.inf)  # the client of a record with time to spare: the longest read timeout
     return Ingestor(
         encoder=aws_config.make_encoder(config, timed),
         index=aws_config.make_index(config, deadline, INDEX_CALL_S, **INDEX_OPTIONS),
         s3=aws_config.s3_client(S3_ATTEMPTS, S3_CONNECT_S, S3_READ_S),
-        metrics=metrics, deadline=deadline, record_min_s=RECORD_MIN_S,
+        metrics=metrics,
+        deadline=deadline,
+        record_min_s=RECORD_MIN_S,
     )
