@@ -1,7 +1,8 @@
 """Image loading shared by every host: decode, validate, EXIF-rotate, crop to 2:1 and downscale.
 
-The decoding and pixel limits live in model_code (the SageMaker container needs them too);
-this module adds file handling and the transport encoding used on the way to a SageMaker endpoint.
+The decoding, the pixel limits and the table of picture formats live in model_code (the SageMaker
+container needs them too); this module adds file handling, the names and content types derived from
+that table, and the transport encoding used on the way to a SageMaker endpoint.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from pathlib import Path
 from PIL import Image
 
 from clipsearch.errors import BadImage
-from model_code.inference import MAX_PIXELS, MAX_SIDE, RAW_EXTENSIONS, decode_for_model
+from model_code.inference import IMAGE_FORMATS, MAX_PIXELS, MAX_SIDE, RAW_EXTENSIONS, UPLOAD_TYPES, decode_for_model
 
 __all__ = [
+    "IMAGE_FORMATS",
     "IMAGE_EXTENSIONS",
     "RAW_EXTENSIONS",
+    "UPLOAD_TYPES",
     "MAX_PIXELS",
     "MAX_SIDE",
     "MAX_TRANSPORT_BYTES",
@@ -26,6 +29,7 @@ __all__ = [
     "to_png",
     "to_transport",
     "is_image_name",
+    "content_type_of",
     "LoadedImage",
 ]
 
@@ -34,17 +38,19 @@ __all__ = [
 # own limit for real-time endpoints is larger (6 MB), so the serverless one binds.
 MAX_TRANSPORT_BYTES = 4 * 1024 * 1024
 
-# HEIC/HEIF through pillow-heif, AVIF through Pillow (11.3 on), camera RAW through its embedded preview
-# (rawpy, the `local` extra): without those libraries such files are skipped with the reason, not ignored.
-IMAGE_EXTENSIONS = (
-    frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"})
-    | RAW_EXTENSIONS
-)
+# Every name and content type below comes from the one table of formats, model_code's IMAGE_FORMATS.
+IMAGE_EXTENSIONS = frozenset(IMAGE_FORMATS)
 
 
 def is_image_name(name: str) -> bool:
     """True when the file name has an image extension, whatever its case."""
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def content_type_of(name: str) -> str | None:
+    """The content type of a picture file by its name; None for camera RAW and for other files."""
+    fmt = IMAGE_FORMATS.get(Path(name).suffix.lower())
+    return fmt.content_type if fmt is not None else None
 
 
 def load_bytes(data: bytes, name: str = "") -> Image.Image:

@@ -23,7 +23,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -48,8 +48,47 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # once this many images have gone through eagerly, so one-off queries never pay for it.
 GRAPH_AFTER_IMAGES = 256
 
+
+class ImageFormat(NamedTuple):
+    """A picture format, known by its file extension."""
+
+    content_type: str | None  # None: camera RAW, which is only ever read from a file with its name
+    # Taken as a request body (the search API, this endpoint): what a browser sends as it is, and what it
+    # cannot draw (HEIC, AVIF). The web page turns the other formats into PNG or JPEG before sending.
+    upload: bool = False
+    # Camera RAW: most are TIFF inside, where Pillow would read a tiny thumbnail or nothing. What is
+    # indexed is the camera's embedded JPEG preview, taken out with rawpy (LibRaw).
+    raw: bool = False
+
+
+# Camera RAW, by maker: Adobe DNG, Canon, Nikon, Sony, Fujifilm, Olympus, Panasonic, Pentax, Samsung, Sigma...
+_RAW_NAMES = ".dng .cr2 .cr3 .nef .nrw .arw .srf .sr2 .raf .orf .rw2 .pef .srw .x3f .3fr .iiq .rwl .erf .kdc .mrw .raw"
+# The one table of picture formats: clipsearch.images derives the file names it indexes, the content types the
+# API takes and the local server sends from it. It lives here because the SageMaker container needs it
+# (input_fn, RAW by name) and cannot import clipsearch. HEIC/HEIF decode through pillow-heif, AVIF through
+# Pillow 11.3 on, RAW through rawpy: without those libraries such files are refused with the reason.
+IMAGE_FORMATS: dict[str, ImageFormat] = {
+    ".jpg": ImageFormat("image/jpeg", upload=True),
+    ".jpeg": ImageFormat("image/jpeg", upload=True),
+    ".png": ImageFormat("image/png", upload=True),
+    ".webp": ImageFormat("image/webp", upload=True),
+    ".heic": ImageFormat("image/heic", upload=True),
+    ".heif": ImageFormat("image/heif", upload=True),
+    ".avif": ImageFormat("image/avif", upload=True),
+    ".gif": ImageFormat("image/gif"),
+    ".bmp": ImageFormat("image/bmp"),
+    ".tif": ImageFormat("image/tiff"),
+    ".tiff": ImageFormat("image/tiff"),
+    **dict.fromkeys(_RAW_NAMES.split(), ImageFormat(None, raw=True)),
+}
+RAW_EXTENSIONS = frozenset(ext for ext, fmt in IMAGE_FORMATS.items() if fmt.raw)
+# The picture content types a request body may have, in the table's order, each once.
+UPLOAD_TYPES = tuple(
+    dict.fromkeys(fmt.content_type for fmt in IMAGE_FORMATS.values() if fmt.upload and fmt.content_type)
+)
 JSON_TYPES = ("application/json",)
-IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp", "image/heic", "image/heif", "image/avif")
+# application/x-image: what a batch transform sends (clipsearch/aws/backfill.py), whatever the picture.
+IMAGE_TYPES = ("application/x-image", *UPLOAD_TYPES)
 DEFAULT_MODEL = "demo"
 TEXT, IMAGE = "TEXT", "IMAGE"
 
@@ -221,33 +260,6 @@ def read_capture_time(data: bytes) -> tuple[str | None, str]:
 
 # ISO base media brands (the ftyp box at offset 4) of HEIF stills, which Pillow reads through pillow-heif.
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
-# Camera RAW files, known by name: most are TIFF inside, where Pillow would read a tiny thumbnail or
-# nothing. What is indexed is the camera's embedded JPEG preview, taken out with rawpy (LibRaw).
-RAW_EXTENSIONS = frozenset(
-    {
-        ".dng",
-        ".cr2",
-        ".cr3",
-        ".nef",
-        ".nrw",
-        ".arw",
-        ".srf",
-        ".sr2",
-        ".raf",
-        ".orf",
-        ".rw2",
-        ".pef",
-        ".srw",
-        ".x3f",
-        ".3fr",
-        ".iiq",
-        ".rwl",
-        ".erf",
-        ".kdc",
-        ".mrw",
-        ".raw",
-    }
-)
 # LibRaw's `flip` (its sizes.flip) as the EXIF orientation that means the same turn.
 _FLIP_TO_ORIENTATION = {3: 3, 5: 8, 6: 6}
 

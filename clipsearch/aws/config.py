@@ -20,12 +20,12 @@ from aws_lambda_powertools import Logger
 
 from clipsearch.errors import ConfigError, Unavailable
 from clipsearch.index.base import DateRange, Document, Hit, IndexInfo, UpsertResult, VectorIndex
+from clipsearch.index.opensearch import AUTH_MODES
 from clipsearch.models import KNOWN_DIMS
 
 logger = Logger(service="clipsearch", child=True)
 
 ROLES = ("ingest", "search")
-AUTH_MODES = ("sigv4", "basic", "none")
 # Presigned image URLs are short-lived: they are handed to browsers in search results.
 MAX_URL_EXPIRY_S = 900
 

@@ -15,12 +15,12 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, CORSConfig, Response
 
 from clipsearch import errors
+from clipsearch.images import UPLOAD_TYPES
 from clipsearch.search import SearchService, image_request, parse_json, parse_params
 
 logger = Logger(service="clipsearch", child=True)
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
-IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp", "image/heic", "image/heif", "image/avif")
 
 STATUS = {
     errors.BadRequest: 400,
@@ -90,13 +90,12 @@ def build_app(
         ctype = app.current_event.headers.get("content-type") or app.current_event.headers.get("Content-Type") or ""
         ctype = ctype.split(";")[0].strip().lower()
         data = body_bytes()
-        if ctype in IMAGE_CONTENT_TYPES:
+        if ctype in UPLOAD_TYPES:
             params = app.current_event.query_string_parameters or {}
             return service.search(image_request(data, params))
         if ctype != "application/json":
             raise errors.UnsupportedMediaType(
-                f"unsupported content type {ctype or '(none)'!r}; use application/json or "
-                + ", ".join(IMAGE_CONTENT_TYPES)
+                f"unsupported content type {ctype or '(none)'!r}; use application/json or " + ", ".join(UPLOAD_TYPES)
             )
         if app.current_event.query_string_parameters:
             raise errors.BadRequest(

@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from clipsearch import errors
 from clipsearch.encoders import Encoder
 from clipsearch.http.routes import MAX_BODY_BYTES, build_app, error_response
+from clipsearch.images import content_type_of
 from clipsearch.index.base import Hit, VectorIndex
 from clipsearch.search import SearchService
 
@@ -44,21 +45,6 @@ ASSETS: dict[str, tuple[str, str]] = {
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/openapi.json": ("openapi.json", "application/json"),
-}
-
-# Images the page may show, by file extension of the indexed key.
-IMAGE_TYPES = {
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".png": "image/png",
-    ".webp": "image/webp",
-    ".gif": "image/gif",
-    ".bmp": "image/bmp",
-    ".tif": "image/tiff",
-    ".tiff": "image/tiff",
-    ".avif": "image/avif",
-    ".heic": "image/heic",
-    ".heif": "image/heif",  # HEIC: shown by Safari only
 }
 
 PAGE_CSP = (
@@ -119,7 +105,8 @@ def image_reader(index: VectorIndex) -> Callable[[str], tuple[bytes, str]]:
         if doc is None:
             raise errors.NotFound(f"no indexed image with id {id!r}")
         path = Path(doc.key)
-        content_type = IMAGE_TYPES.get(path.suffix.lower())
+        # The page may show what has a content type (HEIC: Safari only); never a camera RAW file.
+        content_type = content_type_of(path.name)
         # A key with a bucket names an S3 object, not a file on this machine.
         if doc.bucket or not path.is_absolute() or content_type is None:
             raise errors.NotFound(f"image {id} is not a local file")
