@@ -321,6 +321,8 @@ def _index(args: argparse.Namespace, encoder: Any) -> int:
     if summary.ignored:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.ignored.items(), key=lambda x: -x[1]))
         ignored = f"; ignored {sum(summary.ignored.values())} ({reasons})"
+    if summary.mtime_dated:
+        ignored += f"; {summary.mtime_dated} indexed without an EXIF capture date (dated by their file time)"
     if summary.dated:
         ignored += f"; read the capture dates of {summary.dated} unchanged pictures indexed without them"
     if summary.unlisted:
@@ -386,7 +388,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             data = Path(args.image).read_bytes()
         except OSError as e:
             raise errors.BadRequest(f"cannot read {args.image}: {e.strerror or e}") from None
-        request = SearchRequest("image", image=data, **options)
+        request = SearchRequest("image", image=data, name=args.image, **options)
     else:
         if not args.text.strip():
             raise errors.BadRequest("the search text is empty")
@@ -405,7 +407,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if "\ufffd" in key:  # the response shows undecodable bytes as U+FFFD; print the real name, escaped
             doc = index.get(hit["id"])
             key = doc.key if doc is not None else key
-        print(f"{rank:3d}  {hit['score']:+.4f}  {shown(key)}")
+        # The capture time as in the JSON (EXIF offset appended when known); "-": not known (schema 1).
+        print(f"{rank:3d}  {hit['score']:+.4f}  {hit['taken_at'] or '-':<25}  {shown(key)}")
     return EXIT_OK
 
 

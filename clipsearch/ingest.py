@@ -99,6 +99,7 @@ class IngestSummary:
     kept: int = 0
     seconds: float = 0.0
     dated: int = 0  # unchanged pictures given the capture time they were indexed without
+    mtime_dated: int = 0  # pictures indexed in this run without an EXIF capture date: dated by their mtime
 
     @property
     def images_per_second(self) -> float:
@@ -117,6 +118,7 @@ class _Loaded:
     error: str = ""
     taken_at: str | None = None
     taken_offset: str = ""
+    mtime_dated: bool = False
 
 
 @dataclass
@@ -345,6 +347,7 @@ def _load(path: Path) -> _Loaded:
         st.st_mtime,
         taken_at=decoded.taken_at or wall_clock(st.st_mtime),
         taken_offset=decoded.taken_offset,
+        mtime_dated=decoded.taken_at is None,
     )
 
 
@@ -538,6 +541,9 @@ def _encode_all(
             ]
             result = index.upsert(docs)
             summary.indexed += result.written
+            summary.mtime_dated += sum(
+                1 for item, doc in zip(good, docs, strict=True) if item.mtime_dated and doc.id not in result.failed
+            )
             for id_, reason in result.failed.items():
                 skip(id_, reason)
         if on_progress:

@@ -47,6 +47,7 @@ class SearchRequest:
     min_score: float | None = None
     prefix: str | None = None
     taken: DateRange = DateRange()  # taken_after (inclusive) and taken_before (exclusive), wall-clock
+    name: str = ""  # the query picture's file name, where it has one: it tells a camera RAW file
 
     def describe(self) -> dict[str, Any]:
         if self.kind == "text":
@@ -243,7 +244,7 @@ class SearchService:
         if req.kind == "text":
             vector = self.encoder.encode_texts([req.text or ""])[0]
         elif req.kind == "image":
-            vector = self.encoder.encode_images([load_bytes(req.image or b"")])[0]
+            vector = self.encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0]
         else:
             doc = self.index.get(req.id or "")
             if doc is None:

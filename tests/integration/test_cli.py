@@ -80,7 +80,7 @@ def test_given_json_flag_then_output_is_the_rest_response_object(indexed):
 def test_given_plain_output_then_rank_score_and_path(indexed):
     out = run("search", "a yellow triangle", "-k", "3", "--index", str(indexed)).stdout.splitlines()
     assert len(out) == 3
-    rank, score, path = out[0].split(maxsplit=2)
+    rank, score, _taken, path = out[0].split(maxsplit=3)
     assert rank == "1" and -1 <= float(score) <= 1 and Path(path).exists()
 
 

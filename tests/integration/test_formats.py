@@ -121,10 +121,14 @@ def little_tiff(ifds: list[list[Entry]], blobs: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def dng(preview: Image.Image | None, orientation: int = 1, side: int = 64) -> bytes:
+def dng(
+    preview: Image.Image | None, orientation: int = 1, side: int = 64, thumbnail: Image.Image | None = None
+) -> bytes:
     """A minimal DNG 1.4: the camera's JPEG preview in IFD0 (NewSubFileType 1), the raw CFA in a SubIFD.
 
-    Without a preview, IFD0 is the raw image itself and the file has no thumbnail at all.
+    Without a preview, IFD0 is the raw image itself and the file has no thumbnail at all. With a thumbnail,
+    IFD0 holds it (small, uncompressed RGB) and the preview moves to a SubIFD beside the raw image, as a
+    Nikon NEF stores them: Pillow, which reads IFD0, sees only the thumbnail.
     """
     raw = (np.arange(side * side, dtype="<u2") % 1024).tobytes()
     model = b"clipsearch test camera\x00"
@@ -152,8 +156,7 @@ def dng(preview: Image.Image | None, orientation: int = 1, side: int = 64) -> by
         return little_tiff([[*camera, *cfa, (254, 4, [0]), (273, 4, [("blob", 0)])]], [raw])
     shown = jpeg(preview)
     width, height = preview.size
-    ifd0: list[Entry] = [
-        *camera,
+    shown_ifd: list[Entry] = [
         (254, 4, [1]),
         (256, 4, [width]),
         (257, 4, [height]),
@@ -164,9 +167,26 @@ def dng(preview: Image.Image | None, orientation: int = 1, side: int = 64) -> by
         (277, 3, [3]),
         (278, 4, [height]),
         (279, 4, [len(shown)]),
-        (330, 4, [("ifd", 1)]),
     ]
-    return little_tiff([ifd0, [*cfa, (254, 4, [0]), (273, 4, [("blob", 1)])]], [shown, raw])
+    raw_ifd: list[Entry] = [*cfa, (254, 4, [0]), (273, 4, [("blob", 1)])]
+    if thumbnail is None:
+        return little_tiff([[*camera, *shown_ifd, (330, 4, [("ifd", 1)])], raw_ifd], [shown, raw])
+    small = thumbnail.convert("RGB").tobytes()
+    ifd0: list[Entry] = [
+        *camera,
+        (254, 4, [1]),
+        (256, 4, [thumbnail.width]),
+        (257, 4, [thumbnail.height]),
+        (258, 3, [8, 8, 8]),
+        (259, 3, [1]),
+        (262, 3, [2]),
+        (273, 4, [("blob", 2)]),
+        (277, 3, [3]),
+        (278, 4, [thumbnail.height]),
+        (279, 4, [len(small)]),
+        (330, 4, [("ifd", 1), ("ifd", 2)]),
+    ]
+    return little_tiff([ifd0, shown_ifd, raw_ifd], [shown, raw, small])
 
 
 def encoded(name: str, img: Image.Image) -> bytes:
@@ -301,6 +321,17 @@ def test_given_a_heic_query_picture_when_searched_by_the_cli_then_the_heic_photo
     query = tmp_path / "query.HEIC"
     query.write_bytes(heic(shape("red", "circle", seed=99)))  # another red circle
     assert top(indexed[0], "--image", str(query)) == "IMG_0001.HEIC"
+
+
+@pytest.mark.parametrize("name", ["query.DNG", "query.NEF"])
+def test_given_a_raw_query_picture_when_searched_by_the_cli_then_the_raw_photo_comes_first(
+    indexed: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path, name: str
+) -> None:
+    # Only its name tells a RAW file: read as the TIFF it is, IFD0 shows the thumbnail (a purple square).
+    thumbnail = shape("purple", "square", seed=98).resize((40, 30))
+    query = tmp_path / name
+    query.write_bytes(dng(shape("yellow", "triangle", seed=99), thumbnail=thumbnail))  # another yellow triangle
+    assert top(indexed[0], "--image", str(query)) == "DSC_0003.DNG"
 
 
 def test_given_a_heic_upload_when_posted_to_the_rest_server_then_the_heic_photo_comes_first(

@@ -75,7 +75,7 @@ def assert_same(after: Content, before: Content) -> None:
 
 def top_keys(index_dir: Path, text: str = "a red circle", k: int = 5) -> list[str]:
     out = ok(run("search", text, "-k", str(k), "--index", str(index_dir)))
-    return [line.split(None, 2)[2] for line in out.splitlines()]
+    return [line.split(None, 3)[3] for line in out.splitlines()]  # rank, score, capture time, path
 
 
 def mount(*args: str) -> None:
