@@ -128,9 +128,9 @@ def _intersect(given: DateRange, read: DateRange) -> DateRange:
 
 
 def _dates_flag(value: Any) -> bool:
-    # JSON gives a boolean; a query string gives "true" or "false".
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
+    # JSON gives a boolean; a query string gives "true" or "false", as OpenAPI writes a boolean parameter.
+    if value in ("true", "false"):
+        return value == "true"
     if not isinstance(value, bool):
         raise BadRequest("dates must be true or false")
     return value

@@ -96,7 +96,6 @@ def test_given_only_date_words_when_posted_then_clip_reads_the_whole_text_and_th
     [
         lambda: parse_json({"text": "beach 2019", "dates": False}, now=NOW),
         lambda: parse_params({"q": "beach 2019", "dates": "false"}, now=NOW),
-        lambda: parse_params({"q": "beach 2019", "dates": "False"}, now=NOW),
     ],
 )
 def test_given_dates_false_when_parsed_then_the_text_is_searched_as_written_without_a_filter(request_):
@@ -131,6 +130,7 @@ def test_given_an_image_or_an_id_when_dates_is_given_then_it_is_accepted_and_rea
         lambda: parse_json({"text": "beach 2019", "dates": "no"}),
         lambda: parse_json({"text": "beach 2019", "dates": 0}),
         lambda: parse_params({"q": "beach 2019", "dates": "0"}),
+        lambda: parse_params({"q": "beach 2019", "dates": "False"}),
         lambda: parse_params({"q": "beach 2019", "dates": ""}),
     ],
 )
