@@ -18,7 +18,8 @@ from clipsearch.index.base import DateRange
 __all__ = ["DatedText", "parse_dates"]
 
 Day = datetime.date
-Period = tuple[Day | None, Day | None]  # start inclusive, end exclusive; None: open
+Span = tuple[Day, Day]  # start inclusive, end exclusive
+Period = tuple[Day | None, Day | None]  # the same, where None is an open end
 
 MONTHS = "january february march april may june july august september october november december".split()
 _ABBREVIATIONS = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "jun": 6, "jul": 7, "aug": 8, "sep": 9, "sept": 9}
@@ -59,16 +60,16 @@ def parse_dates(text: str, now: datetime.datetime) -> DatedText:
     Several date phrases give the smallest range holding them all ("2018 2020" is 2018 through 2020). When
     nothing but dates is left, CLIP gets the whole text, so "2019" still ranks the pictures of 2019.
     """
-    work, periods = text, []
+    periods: list[Period] = []
+    work = text  # with the words already read masked
+
     for pattern, read in _GRAMMAR:
         for match in pattern.finditer(work):
-            period = read(match, now.date())
-            if period is None:
+            span = read(match, now.date())
+            if span is None:
                 continue
-            prep = match.groupdict().get("prep")
-            if prep and prep.lower() in _PREPOSITIONS and period[0] is not None and period[1] is not None:
-                period = _PREPOSITIONS[prep.lower()](period[0], period[1])
-            periods.append(period)
+            prep = (match.groupdict().get("prep") or "").lower()
+            periods.append(_PREPOSITIONS[prep](*span) if prep in _PREPOSITIONS else span)
             # Masked, so no later rule reads the same words again.
             work = work[: match.start()] + "\0" * (match.end() - match.start()) + work[match.end() :]
     if not periods:
@@ -92,15 +93,15 @@ def _tidy(rest: str) -> str:
     return re.sub(r"\s+", " ", rest).strip(" \t\n,;:-\u2013\u2014")
 
 
-def _year(y: int) -> Period:
+def _year(y: int) -> Span:
     return Day(y, 1, 1), Day(y + 1, 1, 1)
 
 
-def _month(y: int, m: int) -> Period:
+def _month(y: int, m: int) -> Span:
     return Day(y, m, 1), Day(y + m // 12, m % 12 + 1, 1)
 
 
-def _season(name: str, y: int) -> Period:
+def _season(name: str, y: int) -> Span:
     first = SEASONS[name.lower()]
     return Day(y, first, 1), _months_back(Day(y, first, 1), -3)
 
@@ -112,12 +113,12 @@ def _months_back(day: Day, n: int) -> Day:
     return Day(y, m + 1, min(day.day, last))
 
 
-def _read_year_range(m: re.Match[str], today: Day) -> Period:
+def _read_year_range(m: re.Match[str], today: Day) -> Span:
     first, last = sorted((int(m["y1"]), int(m["y2"])))
     return _year(first)[0], _year(last)[1]
 
 
-def _read_iso(m: re.Match[str], today: Day) -> Period | None:
+def _read_iso(m: re.Match[str], today: Day) -> Span | None:
     try:
         if m["d"] is None:
             return _month(int(m["y"]), int(m["m"]))
@@ -127,15 +128,15 @@ def _read_iso(m: re.Match[str], today: Day) -> Period | None:
     return day, day + datetime.timedelta(days=1)
 
 
-def _read_season_year(m: re.Match[str], today: Day) -> Period:
+def _read_season_year(m: re.Match[str], today: Day) -> Span:
     return _season(m["season"], int(m["y"]))
 
 
-def _read_month_year(m: re.Match[str], today: Day) -> Period:
+def _read_month_year(m: re.Match[str], today: Day) -> Span:
     return _month(int(m["y"]), MONTH_NUMBER[m["month"].lower()])
 
 
-def _read_relative(m: re.Match[str], today: Day) -> Period:
+def _read_relative(m: re.Match[str], today: Day) -> Span:
     which, unit = m["which"].lower(), m["unit"].lower()
     back = 0 if which == "this" else 1
     if unit == "year":
@@ -159,7 +160,7 @@ def _read_relative(m: re.Match[str], today: Day) -> Period:
     return _month(today.year - (1 if back and number >= today.month else 0), number)
 
 
-def _read_last_n(m: re.Match[str], today: Day) -> Period | None:
+def _read_last_n(m: re.Match[str], today: Day) -> Span | None:
     # "the past year" alone is the last 12 months, up to and including today.
     n, unit = int(m.groupdict().get("n") or 1), m["unit"].lower().rstrip("s")
     if n == 0 or n > 1200:
@@ -172,23 +173,23 @@ def _read_last_n(m: re.Match[str], today: Day) -> Period | None:
     return _months_back(today, n * (12 if unit == "year" else 1)), tomorrow
 
 
-def _read_day(m: re.Match[str], today: Day) -> Period:
+def _read_day(m: re.Match[str], today: Day) -> Span:
     day = today - datetime.timedelta(days=1 if m["word"].lower() == "yesterday" else 0)
     return day, day + datetime.timedelta(days=1)
 
 
-def _read_decade(m: re.Match[str], today: Day) -> Period:
+def _read_decade(m: re.Match[str], today: Day) -> Span:
     first = int(m["decade"])
     return _year(first)[0], _year(first + 9)[1]
 
 
-def _read_bare_month(m: re.Match[str], today: Day) -> Period:
+def _read_bare_month(m: re.Match[str], today: Day) -> Span:
     # The latest one that has started: "in December" read in March 2024 is December 2023.
     number = MONTH_NUMBER[m["month"].lower()]
     return _month(today.year - (1 if number > today.month else 0), number)
 
 
-def _read_year(m: re.Match[str], today: Day) -> Period:
+def _read_year(m: re.Match[str], today: Day) -> Span:
     return _year(int(m["y"]))
 
 
@@ -198,7 +199,7 @@ def _rule(pattern: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w./:$#-]){pattern}(?![\w/:]|[.-][0-9])", re.IGNORECASE | re.ASCII)
 
 
-_GRAMMAR: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], Day], Period | None]], ...] = (
+_GRAMMAR: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], Day], Span | None]], ...] = (
     (
         _rule(
             rf"(?:(?:between|from|in|during)\s+)?(?P<y1>{_YEAR})"
