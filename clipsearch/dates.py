@@ -62,7 +62,6 @@ def parse_dates(text: str, now: datetime.datetime) -> DatedText:
     """
     periods: list[Period] = []
     work = text  # with the words already read masked
-
     for pattern, read in _GRAMMAR:
         for match in pattern.finditer(work):
             span = read(match, now.date())
