@@ -87,9 +87,8 @@ def _wall(day: Day | None) -> str | None:
 
 def _tidy(rest: str) -> str:
     """The text around the date words, without the commas and dashes that joined them."""
-    rest = re.sub(r"\s*([,;])(?:\s*[,;])+", r"\1", rest)
-    rest = re.sub(r"\s+([,;])", r"\1", rest)
-    return re.sub(r"\s+", " ", rest).strip(" \t\n,;:-\u2013\u2014")
+    rest = " ".join(rest.split())  # first, so that no pattern below scans a long run of spaces twice
+    return re.sub(r" ?([,;])(?: ?[,;])*", r"\1", rest).strip(" ,;:-\u2013\u2014")
 
 
 def _year(y: int) -> Span:

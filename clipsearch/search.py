@@ -128,9 +128,6 @@ def _intersect(given: DateRange, read: DateRange) -> DateRange:
 
 
 def _dates_flag(value: Any) -> bool:
-    # JSON gives a boolean; a query string gives "true" or "false", as OpenAPI writes a boolean parameter.
-    if value in ("true", "false"):
-        return value == "true"
     if not isinstance(value, bool):
         raise BadRequest("dates must be true or false")
     return value
@@ -248,7 +245,10 @@ def parse_params(params: Mapping[str, str], max_k: int = MAX_K, now: datetime.da
     payload: dict[str, Any] = {k: v for k, v in params.items() if k in ("k", "from", "min_score")}
     if flt := _param_filter(params):
         payload["filter"] = flt
-    dates = _dates_flag(params["dates"]) if "dates" in params else True
+    # A boolean parameter is "true" or "false" in a query string, as OpenAPI writes it.
+    dates = (
+        _dates_flag({"true": True, "false": False}.get(params["dates"], params["dates"])) if "dates" in params else True
+    )
     return text_request(_text(params["q"]), dates, now, **_options(payload, max_k))
 
 

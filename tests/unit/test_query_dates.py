@@ -129,6 +129,7 @@ def test_given_an_image_or_an_id_when_dates_is_given_then_it_is_accepted_and_rea
     [
         lambda: parse_json({"text": "beach 2019", "dates": "no"}),
         lambda: parse_json({"text": "beach 2019", "dates": 0}),
+        lambda: parse_json({"text": "beach 2019", "dates": "false"}),
         lambda: parse_params({"q": "beach 2019", "dates": "0"}),
         lambda: parse_params({"q": "beach 2019", "dates": "False"}),
         lambda: parse_params({"q": "beach 2019", "dates": ""}),
