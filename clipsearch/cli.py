@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--before", metavar="DATE", help="only pictures taken before DATE (exclusive: --before 2020 ends on 2019-12-31)"
     )
+    p.add_argument(
+        "--no-dates",
+        dest="dates",
+        action="store_false",
+        help='search the TEXT as written: without this, date words ("summer 2019", "last year") become a '
+        "capture-time filter and CLIP reads the rest (docs/dates.md)",
+    )
     p.add_argument("--json", action="store_true", help="print the REST response object")
     _add_index_options(p)
 
@@ -369,7 +376,7 @@ def _prefix(args: argparse.Namespace) -> str | None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from clipsearch.search import SearchRequest, SearchService, date_range
+    from clipsearch.search import SearchRequest, SearchService, date_range, text_request
 
     if (args.text is None) == (args.image is None):
         raise errors.BadRequest("give a search TEXT or --image FILE (one of them)")
@@ -392,7 +399,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         if not args.text.strip():
             raise errors.BadRequest("the search text is empty")
-        request = SearchRequest("text", text=args.text.strip(), **options)
+        request = text_request(args.text.strip(), args.dates, **options)
     service = SearchService(_encoder(index.model), index, url_for=lambda hit: f"/images/{hit.id}")
     response = service.search(request)
     if args.json:

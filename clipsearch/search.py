@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from clipsearch.dates import parse_dates
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest, NotFound
 from clipsearch.images import load_bytes
@@ -25,7 +26,7 @@ MAX_FROM = 10_000
 MAX_TEXT_CHARS = 10_000
 QUERY_FIELDS = ("text", "image", "id")
 _SURROGATES = re.compile("[\udc80-\udcff]")  # the undecodable bytes of an OS file name (os.fsdecode)
-OPTION_FIELDS = ("k", "from", "min_score", "filter")
+OPTION_FIELDS = ("k", "from", "min_score", "filter", "dates")
 FILTER_FIELDS = ("prefix", "taken_after", "taken_before")
 # The query-string names of the filters of GET /search and of a raw image POST.
 PARAM_FILTERS = {"prefix": "prefix", "after": "taken_after", "before": "taken_before"}
@@ -48,10 +49,13 @@ class SearchRequest:
     prefix: str | None = None
     taken: DateRange = DateRange()  # taken_after (inclusive) and taken_before (exclusive), wall-clock
     name: str = ""  # the query picture's file name, where it has one: it tells a camera RAW file
+    search_text: str | None = None  # what CLIP reads when the text held date words; None: all of text
 
     def describe(self) -> dict[str, Any]:
         if self.kind == "text":
             described: dict[str, Any] = {"type": "text", "text": self.text}
+            if self.search_text is not None:
+                described["search_text"] = self.search_text
         elif self.kind == "id":
             described = {"type": "id", "id": self.id}
         else:
@@ -103,6 +107,31 @@ def date_range(after: Any = None, before: Any = None, prefix: str = "taken_") ->
     if lo is not None and hi is not None and lo >= hi:
         raise BadRequest(f"{prefix}after ({lo}) must be earlier than {prefix}before ({hi}), which is exclusive")
     return DateRange(lo, hi)
+
+
+def text_request(text: str, dates: bool = True, now: datetime.datetime | None = None, **opts: Any) -> SearchRequest:
+    """A text query whose date words, unless dates is false, narrow its taken_at filter (CONTRACT §7).
+
+    Relative words ("last summer") count from now, this machine's local wall-clock time by default.
+    """
+    read = parse_dates(text, now or datetime.datetime.now()) if dates else None
+    if read is None or not read.taken:
+        return SearchRequest("text", text=text, **opts)
+    taken = _intersect(opts.pop("taken", DateRange()), read.taken)
+    return SearchRequest("text", text=text, search_text=read.search_text, taken=taken, **opts)
+
+
+def _intersect(given: DateRange, read: DateRange) -> DateRange:
+    # Both hold: the later start and the earlier end. An empty range is a query with no hits, not an error.
+    after = max((t for t in (given.after, read.after) if t is not None), default=None)
+    before = min((t for t in (given.before, read.before) if t is not None), default=None)
+    return DateRange(after, before)
+
+
+def _dates_flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest("dates must be true or false")
+    return value
 
 
 def _shown_time(value: str) -> str:
@@ -176,8 +205,8 @@ def _text(value: Any) -> str:
     return value.strip()[:MAX_TEXT_CHARS]
 
 
-def parse_json(payload: Any, max_k: int = MAX_K) -> SearchRequest:
-    """Parse a POST /search JSON body; BadRequest on anything off-contract."""
+def parse_json(payload: Any, max_k: int = MAX_K, now: datetime.datetime | None = None) -> SearchRequest:
+    """Parse a POST /search JSON body; BadRequest on anything off-contract. now: for relative date words."""
     if not isinstance(payload, dict):
         raise BadRequest("body must be a JSON object")
     unknown = set(payload) - set(QUERY_FIELDS) - set(OPTION_FIELDS)
@@ -187,9 +216,10 @@ def parse_json(payload: Any, max_k: int = MAX_K) -> SearchRequest:
     if len(given) != 1:
         raise BadRequest('give exactly one of "text", "image" or "id"')
     opts = _options(payload, max_k)
+    dates = _dates_flag(payload["dates"]) if payload.get("dates") is not None else True
     field = given[0]
     if field == "text":
-        return SearchRequest("text", text=_text(payload["text"]), **opts)
+        return text_request(_text(payload["text"]), dates, now, **opts)
     if field == "id":
         if not isinstance(payload["id"], str) or not payload["id"]:
             raise BadRequest("id must be a non-empty string")
@@ -206,9 +236,9 @@ def parse_json(payload: Any, max_k: int = MAX_K) -> SearchRequest:
     return SearchRequest("image", image=data, **opts)
 
 
-def parse_params(params: Mapping[str, str], max_k: int = MAX_K) -> SearchRequest:
-    """Parse GET /search?q=TEXT&k=10&from=0&min_score=0.2&prefix=a/."""
-    unknown = set(params) - {"q", "k", "from", "min_score"} - set(PARAM_FILTERS)
+def parse_params(params: Mapping[str, str], max_k: int = MAX_K, now: datetime.datetime | None = None) -> SearchRequest:
+    """Parse GET /search?q=TEXT&k=10&from=0&min_score=0.2&prefix=a/&dates=false."""
+    unknown = set(params) - {"q", "k", "from", "min_score", "dates"} - set(PARAM_FILTERS)
     if unknown:
         raise BadRequest(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     if "q" not in params:
@@ -216,7 +246,11 @@ def parse_params(params: Mapping[str, str], max_k: int = MAX_K) -> SearchRequest
     payload: dict[str, Any] = {k: v for k, v in params.items() if k in ("k", "from", "min_score")}
     if flt := _param_filter(params):
         payload["filter"] = flt
-    return SearchRequest("text", text=_text(params["q"]), **_options(payload, max_k))
+    # A boolean parameter is "true" or "false" in a query string, as OpenAPI writes it.
+    dates = (
+        _dates_flag({"true": True, "false": False}.get(params["dates"], params["dates"])) if "dates" in params else True
+    )
+    return text_request(_text(params["q"]), dates, now, **_options(payload, max_k))
 
 
 def image_request(data: bytes, params: Mapping[str, str] | None = None, max_k: int = MAX_K) -> SearchRequest:
@@ -242,7 +276,7 @@ class SearchService:
         started = time.perf_counter()
         exclude = None
         if req.kind == "text":
-            vector = self.encoder.encode_texts([req.text or ""])[0]
+            vector = self.encoder.encode_texts([req.search_text or req.text or ""])[0]
         elif req.kind == "image":
             vector = self.encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0]
         else:
