@@ -575,6 +575,13 @@ def test_given_a_log_that_writes_in_two_steps_when_requests_run_concurrently_the
     assert len(lines[:-2]) == 16 and all(LOG_LINE.match(line) for line in lines[:-2]), lines
 
 
+def test_given_a_forwarded_for_header_when_logged_then_the_line_names_the_socket_peer(server, log_lines):
+    request(server, "GET", "/health", headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
+
+    (line,) = wait_for_lines(log_lines, 1)
+    assert line.startswith('127.0.0.1 "GET /health HTTP/1.1" 200 ') and "203.0.113.9" not in line
+
+
 def test_given_a_request_with_control_characters_when_logged_then_the_line_stays_one_line(server, log_lines):
     raw_exchange(server, b"GET /search?q=a%0Ab\x1b[2J HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
 
