@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -30,9 +29,6 @@ STATUS = {
     errors.Unavailable: 503,
 }
 
-# Reads the bytes and content type of an indexed image by id (local mode serves /images/<id>).
-ImageReader = Callable[[str], tuple[bytes, str]]
-
 
 def error_body(code: str, message: str) -> str:
     """The contract's JSON error body (CONTRACT §3), for every host of these routes."""
@@ -41,7 +37,10 @@ def error_body(code: str, message: str) -> str:
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        status_code=status, content_type="application/json", body=error_body(code, message), headers=headers or {}
+        status_code=status,
+        content_type="application/json",
+        body=error_body(code, message),
+        headers=headers or {},
     )
 
 
@@ -70,7 +69,6 @@ def status_for(exc: errors.ClipsearchError) -> int:
 
 def build_app(
     service: SearchService,
-    image_reader: ImageReader | None = None,
     max_body: int = MAX_BODY_BYTES,
     cors_origin: str | None = None,
 ) -> APIGatewayRestResolver:
@@ -125,19 +123,6 @@ def build_app(
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise errors.BadRequest("body is not valid JSON") from None
         return service.search(parse_json(payload))
-
-    if image_reader is not None:
-        reader = image_reader
-
-        @app.get("/images/<id>")
-        def image(id: str) -> Response:
-            data, content_type = reader(id)
-            return Response(
-                status_code=200,
-                content_type=content_type,
-                body=data,
-                headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"},
-            )
 
     app.exception_handler(errors.ClipsearchError)(error_for)
 

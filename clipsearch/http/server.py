@@ -40,7 +40,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from clipsearch import errors
 from clipsearch.encoders import Encoder
-from clipsearch.http.routes import MAX_BODY_BYTES, build_app, error_body, error_for, internal_error
+from clipsearch.http.routes import (
+    MAX_BODY_BYTES,
+    build_app,
+    error_body,
+    error_for,
+    error_response,
+    internal_error,
+)
 from clipsearch.index.base import Hit, VectorIndex
 from clipsearch.search import SearchService
 
@@ -199,12 +206,8 @@ class _LocalContext:
     invoked_function_arn: str = "local"
 
 
-def _json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(error_body(code, message), status, {"Content-Type": "application/json", **(headers or {})})
-
-
 def _from_resolver(result: dict[str, Any]) -> Response:
-    """A Powertools proxy result (or Response) as a Starlette response."""
+    """A Powertools proxy result (the dict that resolve() returns) as a Starlette response."""
     headers: dict[str, str] = {}
     for name, values in (result.get("multiValueHeaders") or {}).items():
         if name.lower() not in _HOP_HEADERS and values:
@@ -218,7 +221,7 @@ def _from_resolver(result: dict[str, Any]) -> Response:
 
 
 def _from_powertools(answer: PowertoolsResponse) -> Response:
-    """An error the routes built (their JSON body and headers) as a Starlette response."""
+    """An error answer built by the routes (their JSON body and headers) as a Starlette response."""
     headers = {name: ", ".join(v) if isinstance(v, list) else v for name, v in answer.headers.items()}
     body = answer.body.encode() if isinstance(answer.body, str) else bytes(answer.body or b"")
     return Response(body, answer.status_code, headers)
@@ -294,11 +297,13 @@ class _Bridge:
         path = request.scope["path"]
         allowed = allowed_methods(path)
         if method not in _METHODS:
-            return _json_error(
-                405,
-                "method_not_allowed",
-                f"method {_printable(method, 20)} is not allowed",
-                {"Allow": allowed or "GET, HEAD, POST"},
+            return _from_powertools(
+                error_response(
+                    405,
+                    "method_not_allowed",
+                    f"method {_printable(method, 20)} is not allowed",
+                    {"Allow": allowed or "GET, HEAD, POST"},
+                )
             )
         body = await self.body(request)
         if isinstance(body, Response):
@@ -306,7 +311,8 @@ class _Bridge:
         if allowed and method == "OPTIONS":
             return Response(None, 204, {"Allow": allowed})
         if allowed and method not in allowed.split(", "):
-            return _json_error(405, "method_not_allowed", f"{path} answers {allowed}", {"Allow": allowed})
+            answer = error_response(405, "method_not_allowed", f"{path} answers {allowed}", {"Allow": allowed})
+            return _from_powertools(answer)
         if method in ("GET", "HEAD") and path in self.assets:
             data, ctype = self.assets[path]
             headers = {"Content-Type": ctype, "Cache-Control": "no-cache"}
@@ -442,7 +448,10 @@ class LocalServer:
         self.loopback_only = _is_loopback(host)
         self.bridge = _Bridge(service, index, log_line, max_body, self.loopback_only)
         # Bound and listening now, so the port is known (port 0) and taken before serving starts.
-        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP by name: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP,
+        # and accepted sockets inherit it; with Nagle on, a reply's head and body meet delayed ACKs (40 ms).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((host, port))
