@@ -328,7 +328,7 @@ class _Bridge:
         return response
 
     async def body(self, request: Request) -> bytes | Response:
-        """The request's body, or the refusal that answers it (the Host check comes first)."""
+        """The request's body, or the refusal that answers it: a declared size over the limit, then a foreign Host."""
         headers = request.headers
         # h11 has already refused a Content-Length that is not one non-negative integer.
         declared = int(headers.get("content-length", 0))
@@ -352,8 +352,10 @@ class _Bridge:
                     data += chunk
                     if len(data) > self.max_body:  # a chunked body has no length to check up front
                         return self.too_large(drain)
-        except (ClientDisconnect, TimeoutError):
+        except ClientDisconnect:
             return _Refusal(400, "bad_request", "the body ended before it was complete", drain=False)
+        except TimeoutError:
+            return _Refusal(400, "bad_request", f"the body did not arrive within {_BODY_SECONDS:g} s", drain=False)
         return bytes(data)
 
     def too_large(self, drain: bool) -> Response:

@@ -620,8 +620,9 @@ def test_given_a_request_in_flight_when_serve_gets_sigterm_then_it_is_answered_a
     )
     try:
         assert proc.stderr is not None
-        first = proc.stderr.readline()
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", first).group(1))  # type: ignore[union-attr]
+        listening = re.search(r"on http://127\.0\.0\.1:(\d+)/", proc.stderr.readline())
+        assert listening, "serve did not say where it listens"
+        port = int(listening.group(1))
         picture = png_bytes((200, 40, 40))
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             sock.sendall(
