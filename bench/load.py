@@ -104,7 +104,7 @@ def run_server(index_dir: str, model: str, count: int, threads: int | None, read
     index = EmbeddedIndex(index_dir)
     server = make_server(index, encoder, port=0)
     ready.send({"url": server.url, "count": index.count(), "dim": index.dim, "build_s": built})
-    server.serve_forever(poll_interval=0.2)
+    server.serve_forever()
 
 
 # -- the load generator ----------------------------------------------------------------------------

@@ -437,17 +437,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from clipsearch.http.server import serve
+    import logging
+
+    from clipsearch.http.server import logger, serve
 
     index = _open_for_query(args)
-    serve(
-        index,
-        _encoder(index.model),
-        host=args.host,
-        port=args.port,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-        max_body=args.max_body_mb * 1024 * 1024,
-    )
+    # The server's lines (one a request) go to stderr as they are; uvicorn's own only when they are errors.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name, level in ((logger.name, logging.INFO), ("uvicorn.error", logging.ERROR)):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).propagate = False
+    serve(index, _encoder(index.model), host=args.host, port=args.port, max_body=args.max_body_mb * 1024 * 1024)
     return EXIT_OK
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -30,17 +29,35 @@ STATUS = {
     errors.Unavailable: 503,
 }
 
-# Reads the bytes and content type of an indexed image by id (local mode serves /images/<id>).
-ImageReader = Callable[[str], tuple[bytes, str]]
+
+def error_body(code: str, message: str) -> str:
+    """The contract's JSON error body (CONTRACT §3), for every host of these routes."""
+    return json.dumps({"error": {"code": code, "message": message}})
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(
         status_code=status,
         content_type="application/json",
-        body=json.dumps({"error": {"code": code, "message": message}}),
+        body=error_body(code, message),
         headers=headers or {},
     )
+
+
+def internal_error() -> Response:
+    """What the client gets for anything unexpected: the contract's JSON 500, never a trace."""
+    return error_response(500, "internal_error", "internal server error")
+
+
+def error_for(exc: errors.ClipsearchError) -> Response:
+    """A typed error from the core as its status and JSON body (503 also says when to retry)."""
+    status = status_for(exc)
+    headers = {}
+    if isinstance(exc, errors.Unavailable):
+        headers["Retry-After"] = str(exc.retry_after)
+    if status >= 500:
+        logger.error("request failed", extra={"error": str(exc), "code": exc.code})
+    return error_response(status, exc.code, str(exc), headers)
 
 
 def status_for(exc: errors.ClipsearchError) -> int:
@@ -52,7 +69,6 @@ def status_for(exc: errors.ClipsearchError) -> int:
 
 def build_app(
     service: SearchService,
-    image_reader: ImageReader | None = None,
     max_body: int = MAX_BODY_BYTES,
     cors_origin: str | None = None,
 ) -> APIGatewayRestResolver:
@@ -107,34 +123,13 @@ def build_app(
             raise errors.BadRequest("body is not valid JSON") from None
         return service.search(parse_json(payload))
 
-    if image_reader is not None:
-        reader = image_reader
-
-        @app.get("/images/<id>")
-        def image(id: str) -> Response:
-            data, content_type = reader(id)
-            return Response(
-                status_code=200,
-                content_type=content_type,
-                body=data,
-                headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"},
-            )
-
-    @app.exception_handler(errors.ClipsearchError)
-    def handle_error(exc: errors.ClipsearchError) -> Response:
-        status = status_for(exc)
-        headers = {}
-        if isinstance(exc, errors.Unavailable):
-            headers["Retry-After"] = str(exc.retry_after)
-        if status >= 500:
-            logger.error("request failed", extra={"error": str(exc), "code": exc.code})
-        return error_response(status, exc.code, str(exc), headers)
+    app.exception_handler(errors.ClipsearchError)(error_for)
 
     @app.exception_handler(Exception)
     def handle_unexpected(exc: Exception) -> Response:
         # The edge of every host: the trace goes to the log, the client gets the contract's JSON 500.
         logger.exception("unexpected error")
-        return error_response(500, "internal_error", "internal server error")
+        return internal_error()
 
     @app.not_found
     def not_found(exc: Exception) -> Response:

@@ -1,35 +1,53 @@
 """`clipsearch serve`: the search Lambda's routes over HTTP on one machine, plus the web page.
 
-Each HTTP request becomes an API Gateway REST (v1 proxy) event and goes through the resolver that
-api.py builds for the Lambda, as `sam local start-api` does, without Docker. The server adds what only
-a local host needs: the page and its assets from a fixed list, `/openapi.json`, images by hit id, the
-upload limit checked from Content-Length before reading, security headers and one log line a request.
+uvicorn (h11) speaks HTTP; a small Starlette bridge turns each API request into an API Gateway REST
+(v1 proxy) event and hands it to the resolver that routes.py builds for the Lambda, as
+`sam local start-api` does, without Docker. The bridge adds what only a local host needs, outside the
+resolver: the page and its assets from a fixed list, `/openapi.json`, images by hit id, the Host check,
+the upload limit (from Content-Length before reading, and while streaming a chunked body), security
+headers and one log line a request. Blocking work runs in a thread pool, never on the event loop.
 """
 
 from __future__ import annotations
 
 import base64
 import ipaddress
-import json
+import logging
+import signal
 import socket
 import stat
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from email.message import Message
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import anyio
+import h11
+import uvicorn
+from aws_lambda_powertools.event_handler import Response as PowertoolsResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from clipsearch import errors
 from clipsearch.encoders import Encoder
-from clipsearch.http.routes import MAX_BODY_BYTES, build_app, error_response
+from clipsearch.http.routes import (
+    MAX_BODY_BYTES,
+    build_app,
+    error_body,
+    error_for,
+    error_response,
+    internal_error,
+)
 from clipsearch.images import content_type_of
 from clipsearch.index.base import Hit, VectorIndex
 from clipsearch.search import SearchService
@@ -37,6 +55,9 @@ from clipsearch.search import SearchService
 __all__ = ["LocalServer", "make_server", "serve", "image_reader", "to_event", "ASSETS", "MAX_BODY_BYTES"]
 
 Log = Callable[[str], None]
+
+# Where request lines go when no `log` is given (`clipsearch serve` sends this logger to stderr).
+logger = logging.getLogger("clipsearch.serve")
 
 # The page and what it loads: served by this fixed list only, never by a path from the request.
 ASSETS: dict[str, tuple[str, str]] = {
@@ -58,12 +79,19 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-# Headers that describe one hop of HTTP, which this server sets itself.
+# Headers that describe one hop of HTTP, which uvicorn sets itself.
 _HOP_HEADERS = {"connection", "content-length", "transfer-encoding", "keep-alive", "date", "server"}
+# The methods this server knows; any other is refused with 405 whatever the path.
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 # After refusing a body, read and drop at most this much of it, so the client sees the answer
-# rather than a connection reset.
+# rather than a connection reset; a client that declares more is closed on at once.
 _DRAIN_LIMIT = 64 * 1024 * 1024
 _DRAIN_SECONDS = 2.0
+# Seconds a body may take to arrive, and a connection may sit idle between requests.
+_BODY_SECONDS = 30.0
+_KEEP_ALIVE_SECONDS = 30
+# Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled.
+_GRACE_SECONDS = 30
 
 
 def allowed_methods(path: str) -> str | None:
@@ -72,23 +100,19 @@ def allowed_methods(path: str) -> str | None:
         return "GET, HEAD, POST"
     if path in ASSETS or path == "/health":
         return "GET, HEAD"
-    name = path.removeprefix("/images/")
-    if name != path and name and "/" not in name:
+    if _image_id(path):
         return "GET, HEAD"
     return None
 
 
-def _error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+def _image_id(path: str) -> str | None:
+    name = path.removeprefix("/images/")
+    return name if name != path and name and "/" not in name else None
 
 
 def _limit_text(max_body: int) -> str:
     mb = max_body / (1024 * 1024)
     return f"{mb:g} MB" if mb >= 1 else f"{max_body} bytes"
-
-
-def _header_value(value: str) -> str:
-    return str(value).replace("\r", " ").replace("\n", " ")
 
 
 def _printable(text: str, limit: int = 300) -> str:
@@ -122,7 +146,7 @@ def image_reader(index: VectorIndex) -> Callable[[str], tuple[bytes, str]]:
 
 
 def to_event(
-    method: str, target: str, headers: Message, body: bytes, source_ip: str, request_id: str
+    method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, source_ip: str, request_id: str
 ) -> dict[str, Any]:
     """An API Gateway REST (v1 proxy) event for one HTTP request, as API Gateway would send it."""
     parts = urlsplit(target)
@@ -131,7 +155,7 @@ def to_event(
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         multi_query.setdefault(name, []).append(value)
     multi_headers: dict[str, list[str]] = {}
-    for name, value in headers.items():
+    for name, value in headers:
         multi_headers.setdefault(name, []).append(value)
     return {
         "resource": "/{proxy+}",
@@ -153,7 +177,7 @@ def to_event(
             "protocol": "HTTP/1.1",
             "identity": {"sourceIp": source_ip},
         },
-        # Always base64: the bytes reach api.py exactly as sent, text or image.
+        # Always base64: the bytes reach the routes exactly as sent, text or image.
         "body": base64.b64encode(body).decode("ascii") if body else None,
         "isBase64Encoded": bool(body),
     }
@@ -169,26 +193,239 @@ class _LocalContext:
     invoked_function_arn: str = "local"
 
 
-@dataclass
-class _Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    close: bool = False
+def _from_resolver(result: dict[str, Any]) -> Response:
+    """A Powertools proxy result (the dict that resolve() returns) as a Starlette response."""
+    headers: dict[str, str] = {}
+    for name, values in (result.get("multiValueHeaders") or {}).items():
+        if name.lower() not in _HOP_HEADERS and values:
+            headers[name] = ", ".join(str(v) for v in values)
+    for name, value in (result.get("headers") or {}).items():
+        if name.lower() not in _HOP_HEADERS:
+            headers[name] = str(value)
+    raw = result.get("body") or ""
+    data = base64.b64decode(raw) if result.get("isBase64Encoded") else str(raw).encode("utf-8")
+    return Response(data, int(result["statusCode"]), headers)
 
 
-class LocalServer(ThreadingHTTPServer):
-    """A threaded HTTP server for the search routes and the page; `url` is where it listens."""
+def _from_powertools(answer: PowertoolsResponse) -> Response:
+    """An error answer built by the routes (their JSON body and headers) as a Starlette response."""
+    headers = {name: ", ".join(v) if isinstance(v, list) else v for name, v in answer.headers.items()}
+    body = answer.body.encode() if isinstance(answer.body, str) else bytes(answer.body or b"")
+    return Response(body, answer.status_code, headers)
 
-    daemon_threads = True
-    request_queue_size = 128
+
+class _Refusal(Response):
+    """An answer that ends the connection without reading the request's body.
+
+    The body the client may still be sending is read and dropped for a moment after the answer's
+    bytes are out (at most _DRAIN_LIMIT, for _DRAIN_SECONDS): closing a socket with unread data makes
+    the kernel send a reset, and the client would see that instead of the answer.
+    """
+
+    def __init__(self, status: int, code: str, message: str, drain: bool) -> None:
+        super().__init__(error_body(code, message), status, {"Content-Type": "application/json", "Connection": "close"})
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": self.drain})
+        if not self.drain:
+            return
+        with anyio.move_on_after(_DRAIN_SECONDS):
+            left = _DRAIN_LIMIT
+            while left > 0:
+                message = await receive()
+                left -= len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+        await send({"type": "http.response.body", "body": b""})
+
+
+class _Bridge:
+    """The ASGI app: checks every request, serves the page and images, sends the rest to the resolver."""
+
+    def __init__(self, service: SearchService, index: VectorIndex, log: Log, max_body: int, loopback_only: bool):
+        self.log = log
+        self.max_body = max_body
+        self.loopback_only = loopback_only
+        self.assets = {route: (_asset(name), ctype) for route, (name, ctype) in ASSETS.items()}
+        self.read_image = image_reader(index)
+        self.app = build_app(service, max_body=max_body)
+        # Powertools keeps the current event in class attributes (BaseRouter.current_event), so one
+        # resolve runs at a time; bodies, images, the page and responses still move in parallel.
+        self.resolve_lock = threading.Lock()
+        # Replaces the routes' catch-all so the trace lands in this server's log.
+        self.app.exception_handler(Exception)(self.unexpected)
+
+    def unexpected(self, exc: BaseException) -> PowertoolsResponse:
+        """The edge of the process: whatever broke, the trace is logged and the client gets JSON."""
+        self.log("error: unexpected " + "".join(traceback.format_exception(exc)).rstrip())
+        return internal_error()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan is off and websockets are not served
+            return
+        started = time.perf_counter()
+        request = Request(scope, receive)
+        try:
+            response = await self.answer(request)
+        except Exception as exc:
+            response = _from_powertools(self.unexpected(exc))
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        await response(scope, receive, send)
+        sent = 0 if scope["method"] == "HEAD" else len(response.body)
+        took = (time.perf_counter() - started) * 1000
+        line = f"{scope['method']} {_target(scope)} HTTP/{scope['http_version']}"
+        self.log(f'{_client(scope)} "{_printable(line)}" {response.status_code} {sent} {took:.1f}ms')
+
+    async def answer(self, request: Request) -> Response:
+        method = request.method
+        path = request.scope["path"]
+        allowed = allowed_methods(path)
+        if method not in _METHODS:
+            return _from_powertools(
+                error_response(
+                    405,
+                    "method_not_allowed",
+                    f"method {_printable(method, 20)} is not allowed",
+                    {"Allow": allowed or "GET, HEAD, POST"},
+                )
+            )
+        body = await self.body(request)
+        if isinstance(body, Response):
+            return body
+        if allowed and method == "OPTIONS":
+            return Response(None, 204, {"Allow": allowed})
+        if allowed and method not in allowed.split(", "):
+            answer = error_response(405, "method_not_allowed", f"{path} answers {allowed}", {"Allow": allowed})
+            return _from_powertools(answer)
+        if method in ("GET", "HEAD") and path in self.assets:
+            data, ctype = self.assets[path]
+            headers = {"Content-Type": ctype, "Cache-Control": "no-cache"}
+            if ctype.startswith("text/html"):
+                headers["Content-Security-Policy"] = PAGE_CSP
+            return Response(data, 200, headers)
+        if method in ("GET", "HEAD") and (id := _image_id(path)):
+            response = await self.image(id)
+        else:
+            response = await self.resolve(request, body)
+        response.headers.setdefault("Content-Security-Policy", API_CSP)
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    async def body(self, request: Request) -> bytes | Response:
+        """The request's body, or the refusal that answers it: a declared size over the limit, then a foreign Host."""
+        headers = request.headers
+        # h11 has already refused a Content-Length that is not one non-negative integer.
+        declared = int(headers.get("content-length", 0))
+        chunked = "content-length" not in headers and "chunked" in headers.get("transfer-encoding", "").lower()
+        # Not while the client waits for "100 Continue": it has sent no body, and never will.
+        drain = "expect" not in headers and (chunked or 0 < declared <= _DRAIN_LIMIT)
+        if declared > self.max_body:
+            return self.too_large(drain)
+        if not self.host_allowed(headers.get("host")):
+            # A page elsewhere that rebinds its DNS name to 127.0.0.1 must not read this index.
+            return _Refusal(
+                403,
+                "forbidden_host",
+                "this server answers to loopback names only (localhost, 127.0.0.1, [::1])",
+                drain,
+            )
+        data = bytearray()
+        try:
+            with anyio.fail_after(_BODY_SECONDS):
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > self.max_body:  # a chunked body has no length to check up front
+                        return self.too_large(drain)
+        except ClientDisconnect:
+            return _Refusal(400, "bad_request", "the body ended before it was complete", drain=False)
+        except TimeoutError:
+            return _Refusal(400, "bad_request", f"the body did not arrive within {_BODY_SECONDS:g} s", drain=False)
+        return bytes(data)
+
+    def too_large(self, drain: bool) -> Response:
+        message = f"body is over the {_limit_text(self.max_body)} limit"
+        return _Refusal(413, errors.PayloadTooLarge.code, message, drain)
+
+    def host_allowed(self, host: str | None) -> bool:
+        if not self.loopback_only or host is None:
+            return True
+        host = host.strip()
+        name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        return _is_loopback(name.lower())
+
+    async def image(self, id: str) -> Response:
+        """An indexed image by hit id, read off the event loop and outside the resolve lock."""
+        try:
+            data, content_type = await run_in_threadpool(self.read_image, id)
+        except errors.ClipsearchError as exc:
+            return _from_powertools(error_for(exc))
+        return Response(data, 200, {"Content-Type": content_type, "Cache-Control": "private, max-age=300"})
+
+    async def resolve(self, request: Request, body: bytes) -> Response:
+        scope = request.scope
+        request_id = str(uuid.uuid4())
+        method = "GET" if scope["method"] == "HEAD" else scope["method"]
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        event = to_event(method, _target(scope), headers, body, _client(scope), request_id)
+        result = await run_in_threadpool(self._resolve, event, request_id)
+        return _from_resolver(result)
+
+    def _resolve(self, event: dict[str, Any], request_id: str) -> dict[str, Any]:
+        with self.resolve_lock:
+            return self.app.resolve(event, _LocalContext(request_id))  # type: ignore[arg-type]
+
+
+def _target(scope: Scope) -> str:
+    raw = scope["raw_path"].decode("latin-1")
+    query = scope["query_string"].decode("latin-1")
+    return f"{raw}?{query}" if query else raw
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "-"
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("clipsearch.http").joinpath("web", name).read_bytes()
+
+
+def _protocol(log: Log) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, answering what h11 cannot parse with the contract's JSON 400, logged once."""
+
+    class Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = error_body("bad_request", "the request is not valid HTTP/1.1").encode()
+            headers = [
+                *self.server_state.default_headers,
+                (b"Content-Type", b"application/json"),
+                (b"Content-Length", str(len(body)).encode()),
+                (b"Connection", b"close"),
+                *((name.encode(), value.encode()) for name, value in SECURITY_HEADERS.items()),
+            ]
+            try:
+                for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event) or b"")
+            except h11.LocalProtocolError:  # a reply was already under way on this connection
+                body = b""
+            self.transport.close()
+            client = self.client[0] if self.client else "-"
+            log(f'{client} "(not HTTP/1.1)" 400 {len(body)} 0.0ms')
+
+    return Protocol
+
+
+class LocalServer:
+    """uvicorn serving the bridge on a socket bound at creation; `url` is where it listens."""
 
     def __init__(
         self, host: str, port: int, service: SearchService, index: VectorIndex, log: Log, max_body: int
     ) -> None:
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        # Request threads and the main thread all log; one line at a time, so lines never interleave.
+        # Request threads, the event loop and the main thread all log; one line at a time, so lines
+        # never interleave.
         log_lock = threading.Lock()
 
         def log_line(line: str) -> None:
@@ -198,23 +435,22 @@ class LocalServer(ThreadingHTTPServer):
         self.log = log_line
         self.max_body = max_body
         self.loopback_only = _is_loopback(host)
-        self.assets = {route: (_asset(name), ctype) for route, (name, ctype) in ASSETS.items()}
-        self.app = build_app(service, image_reader=image_reader(index), max_body=max_body)
-        # Powertools keeps the current event in class attributes (BaseRouter.current_event), so one
-        # resolve runs at a time; bodies, static files and responses still move in parallel.
-        self.resolve_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-        # Replaces api.py's catch-all so the trace lands in this server's log.
-        @self.app.exception_handler(Exception)
-        def unexpected(exc: Exception) -> Any:
-            self.log("error: unexpected " + "".join(traceback.format_exception(exc)).rstrip())
-            return error_response(500, "internal_error", "internal server error")
-
+        self.bridge = _Bridge(service, index, log_line, max_body, self.loopback_only)
+        # Bound and listening now, so the port is known (port 0) and taken before serving starts.
+        # IPPROTO_TCP by name: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP,
+        # and accepted sockets inherit it; with Nagle on, a reply's head and body meet delayed ACKs (40 ms).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            super().__init__((host, port), _Handler)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(128)
         except OSError as e:
+            self.socket.close()
             raise errors.ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.server_address: tuple[Any, ...] = self.socket.getsockname()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -222,264 +458,67 @@ class LocalServer(ThreadingHTTPServer):
         host = str(host)
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def _uvicorn(self) -> uvicorn.Server:
+        config = uvicorn.Config(
+            self.bridge,
+            http=_protocol(self.log),
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
+            # One line a request comes from the bridge; uvicorn's own lines would double it.
+            log_config=None,
+            access_log=False,
+            # Behind no proxy: X-Forwarded-For must not change the client address that is logged.
+            proxy_headers=False,
+            server_header=False,
+            headers=[("Server", "clipsearch")],
+            timeout_keep_alive=_KEEP_ALIVE_SECONDS,
+            timeout_graceful_shutdown=_GRACE_SECONDS,
+        )
+        self._server = uvicorn.Server(config)
+        return self._server
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until close(), or SIGINT/SIGTERM on the main thread; in-flight requests finish."""
+        server = self._uvicorn()
+        if threading.current_thread() is not threading.main_thread():
+            server.run(sockets=[self.socket])
+            return
+
+        def stop(sig: int, frame: FrameType | None) -> None:
+            server.should_exit = True
+
+        # uvicorn takes the signals while it serves, then raises the one it caught again for the handler
+        # it found: this one, so a SIGTERM ends with a clean exit rather than the default kill.
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.run(sockets=[self.socket])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def start(self) -> LocalServer:
         """Serve on a background thread (for tests and benchmarks); stop with close()."""
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="clipsearch-serve", daemon=True
-        )
+        self._thread = threading.Thread(target=self.serve_forever, name="clipsearch-serve", daemon=True)
         self._thread.start()
+        while not (self._server and self._server.started) and self._thread.is_alive():
+            time.sleep(0.01)
         return self
 
     def close(self) -> None:
-        """Stop serving and release the socket."""
+        """Stop serving (letting in-flight requests finish) and release the socket."""
+        if self._server is not None:
+            self._server.should_exit = True
         if self._thread is not None:
-            self.shutdown()
             self._thread.join()
             self._thread = None
-        self.server_close()
+        self.socket.close()
 
     def __enter__(self) -> LocalServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _asset(name: str) -> bytes:
-    return resources.files("clipsearch.http").joinpath("web", name).read_bytes()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: LocalServer
-    protocol_version = "HTTP/1.1"
-    server_version = "clipsearch"
-    sys_version = ""
-    # Seconds a connection may sit idle or trickle a body before it is dropped.
-    timeout = 30
-    disable_nagle_algorithm = True
-    # Set before parse_request runs, for refusals that come earlier.
-    command = ""
-    requestline = ""
-    path = "/"
-    _unread = 0
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = do_GET
-
-    # -- request --------------------------------------------------------------------------------
-
-    def _handle(self) -> None:
-        started = time.perf_counter()
-        try:
-            reply = self._reply()
-        except Exception:  # the edge of the process: whatever broke, the client gets JSON, not a trace
-            self.server.log("error: unexpected " + traceback.format_exc().rstrip())
-            reply = _Reply(
-                500,
-                {"Content-Type": "application/json"},
-                _error_body("internal_error", "internal server error"),
-                close=True,
-            )
-        self._send(reply, started)
-
-    def _reply(self) -> _Reply:
-        length, problem = self._body_length()
-        if problem is None and not self._host_allowed():
-            # A page elsewhere that rebinds its DNS name to 127.0.0.1 must not read this index.
-            self._unread = length
-            problem = _Reply(
-                403,
-                {"Content-Type": "application/json"},
-                _error_body(
-                    "forbidden_host", "this server answers to loopback names only (localhost, 127.0.0.1, [::1])"
-                ),
-                close=True,
-            )
-        if problem is not None:
-            return problem
-        body = self.rfile.read(length) if length else b""
-        if len(body) < length:
-            return _Reply(
-                400,
-                {"Content-Type": "application/json"},
-                _error_body("bad_request", "the body ended before its Content-Length"),
-                close=True,
-            )
-        method = "GET" if self.command == "HEAD" else self.command
-        route = urlsplit(self.path).path
-        allowed = allowed_methods(unquote(route))
-        if allowed and method == "OPTIONS":
-            return _Reply(204, {"Allow": allowed}, b"")
-        if allowed and method not in allowed.split(", "):
-            return _Reply(
-                405,
-                {"Content-Type": "application/json", "Allow": allowed},
-                _error_body("method_not_allowed", f"{route} answers {allowed}"),
-            )
-        if method == "GET" and route in self.server.assets:
-            data, ctype = self.server.assets[route]
-            headers = {"Content-Type": ctype, "Cache-Control": "no-cache"}
-            if ctype.startswith("text/html"):
-                headers["Content-Security-Policy"] = PAGE_CSP
-            return _Reply(200, headers, data)
-        return self._resolve(method, body)
-
-    def _host_allowed(self) -> bool:
-        host = self.headers.get("Host")
-        if not self.server.loopback_only or host is None:
-            return True
-        host = host.strip()
-        name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-        return _is_loopback(name.lower())
-
-    def _body_length(self) -> tuple[int, _Reply | None]:
-        """The declared body size, or the reply that refuses it (before any of it is read)."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return 0, _Reply(
-                411,
-                {"Content-Type": "application/json"},
-                _error_body("length_required", "send the body with a Content-Length"),
-                close=True,
-            )
-        lengths = set(self.headers.get_all("Content-Length") or [])
-        if not lengths:
-            return 0, None
-        try:
-            if len(lengths) > 1:
-                raise ValueError(lengths)
-            length = int(lengths.pop())
-            if length < 0:
-                raise ValueError(length)
-        except ValueError:
-            return 0, _Reply(
-                400,
-                {"Content-Type": "application/json"},
-                _error_body("bad_request", "Content-Length is not a size"),
-                close=True,
-            )
-        if length > self.server.max_body:
-            return 0, self._too_large(length)
-        return length, None
-
-    def _too_large(self, length: int) -> _Reply:
-        reply = _Reply(
-            413,
-            {"Content-Type": "application/json"},
-            _error_body(errors.PayloadTooLarge.code, f"body is over the {_limit_text(self.server.max_body)} limit"),
-            close=True,
-        )
-        self._unread = length
-        return reply
-
-    def handle_expect_100(self) -> bool:
-        # Answer 413 instead of "100 Continue", so an oversized upload is never sent.
-        length, problem = self._body_length()
-        if problem is not None:
-            self._unread = 0
-            self._send(problem, time.perf_counter())
-            return False
-        return super().handle_expect_100()
-
-    def _resolve(self, method: str, body: bytes) -> _Reply:
-        request_id = str(uuid.uuid4())
-        event = to_event(method, self.path, self.headers, body, self.client_address[0], request_id)
-        with self.server.resolve_lock:
-            result = self.server.app.resolve(event, _LocalContext(request_id))  # type: ignore[arg-type]
-        headers: dict[str, str] = {}
-        for name, values in (result.get("multiValueHeaders") or {}).items():
-            if name.lower() not in _HOP_HEADERS and values:
-                headers[name] = ", ".join(str(v) for v in values)
-        for name, value in (result.get("headers") or {}).items():
-            if name.lower() not in _HOP_HEADERS:
-                headers[name] = str(value)
-        raw = result.get("body") or ""
-        data = base64.b64decode(raw) if result.get("isBase64Encoded") else str(raw).encode("utf-8")
-        headers.setdefault("Content-Security-Policy", API_CSP)
-        headers.setdefault("Cache-Control", "no-store")
-        return _Reply(int(result["statusCode"]), headers, data)
-
-    # -- response -------------------------------------------------------------------------------
-
-    def _send(self, reply: _Reply, started: float) -> None:
-        unread = self._unread
-        self._unread = 0
-        if reply.close:
-            self.close_connection = True
-        sent = 0
-        headers = {
-            "Server": self.server_version,
-            "Date": self.date_time_string(),
-            **SECURITY_HEADERS,
-            **reply.headers,
-            "Content-Length": str(len(reply.body)),
-        }
-        if self.close_connection:
-            headers["Connection"] = "close"
-        try:
-            phrase = HTTPStatus(reply.status).phrase
-        except ValueError:
-            phrase = ""
-        head = (
-            f"{self.protocol_version} {reply.status} {phrase}\r\n"
-            + "".join(f"{name}: {_header_value(value)}\r\n" for name, value in headers.items())
-            + "\r\n"
-        )
-        body = b"" if self.command == "HEAD" else reply.body
-        try:
-            # Head and body in one write: two small writes meet Nagle and delayed ACKs (40 ms stalls).
-            self.wfile.write(head.encode("latin-1", "replace") + body)
-            self.wfile.flush()
-            sent = len(body)
-        except OSError as e:
-            self.close_connection = True
-            self.server.log(f"{self.client_address[0]} client went away: {e.__class__.__name__}")
-        if unread:
-            self._drain(unread)
-        took = (time.perf_counter() - started) * 1000
-        self.server.log(f'{self.client_address[0]} "{_printable(self.requestline)}" {reply.status} {sent} {took:.1f}ms')
-
-    def _drain(self, length: int) -> None:
-        """Drop a refused body for a moment, so the client reads the 413 instead of a reset."""
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(_DRAIN_SECONDS)
-            deadline = time.monotonic() + _DRAIN_SECONDS
-            left = min(length, _DRAIN_LIMIT)
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.connection.recv(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (bad request line, headers too long) as JSON, not HTML."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            # An unparsable request line falls back to HTTP/0.9, which has no status line: answer in 1.1.
-            self.request_version = "HTTP/1.1"
-        headers = {"Content-Type": "application/json"}
-        if code == HTTPStatus.NOT_IMPLEMENTED:
-            # http.server says 501 for a method it has no do_ function for; that is the client's doing.
-            code = HTTPStatus.METHOD_NOT_ALLOWED
-            message = f"method {_printable(self.command, 20)} is not allowed"
-            headers["Allow"] = allowed_methods(unquote(urlsplit(self.path).path)) or "GET, HEAD, POST"
-        try:
-            status = HTTPStatus(code)
-            code_name = status.phrase.lower().replace(" ", "_") if code != 400 else "bad_request"
-            phrase = status.phrase
-        except ValueError:
-            code_name, phrase = "bad_request", "error"
-        self._send(_Reply(code, headers, _error_body(code_name, message or phrase), close=True), time.perf_counter())
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Lines are written by _send, once per request, with the time taken."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.log(f"{self.client_address[0]} {_printable(format % args)}")
 
 
 def _service(index: VectorIndex, encoder: Encoder) -> SearchService:
@@ -497,8 +536,11 @@ def make_server(
     log: Log | None = None,
     max_body: int = MAX_BODY_BYTES,
 ) -> LocalServer:
-    """Bind a server (port 0 picks a free one) without serving yet: call serve_forever() or start()."""
-    return LocalServer(host, port, _service(index, encoder), index, log or (lambda line: None), max_body)
+    """Bind a server (port 0 picks a free one) without serving yet: call serve_forever() or start().
+
+    Each request logs one line: to `log` if given, else to the `clipsearch.serve` logger.
+    """
+    return LocalServer(host, port, _service(index, encoder), index, log or logger.info, max_body)
 
 
 def _is_loopback(host: str) -> bool:
@@ -518,7 +560,7 @@ def serve(
     log: Log | None = None,
     max_body: int = MAX_BODY_BYTES,
 ) -> None:
-    """Serve the REST API and the page until interrupted (Ctrl-C)."""
+    """Serve the REST API and the page until SIGINT (Ctrl-C) or SIGTERM; in-flight requests finish."""
     server = make_server(index, encoder, host=host, port=port, log=log, max_body=max_body)
     say = server.log
     if not _is_loopback(host):
@@ -526,7 +568,6 @@ def serve(
     say(f"serving {index.count()} images ({index.model}) on {server.url}/ - press Ctrl-C to stop")
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        say("stopped")
     finally:
-        server.server_close()
+        server.close()
+    say("stopped")

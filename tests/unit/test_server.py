@@ -339,16 +339,62 @@ def test_given_expect_100_continue_with_an_oversized_body_then_413_replaces_the_
     assert b"100 Continue" not in answer
 
 
-def test_given_a_chunked_body_when_posted_then_411_asks_for_a_length(server):
+def chunked(*parts: bytes) -> bytes:
+    """A body in HTTP/1.1 chunked framing (RFC 9112 §7.1)."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+
+
+def test_given_a_chunked_json_body_under_the_limit_when_posted_then_it_is_read_and_answered(server):
     answer = raw_exchange(
         server,
-        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
         b"Content-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b'{"text": "a ', b'red square", "k": 2}'),
     )
 
-    assert answer.startswith(b"HTTP/1.1 411 ")
-    assert b'"length_required"' in answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(body)["query"] == {"type": "text", "text": "a red square"}
+
+
+def test_given_a_chunked_image_upload_when_posted_then_the_same_coloured_picture_ranks_first(server):
+    picture = png_bytes(COLOURS["green"])
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
+    try:
+        # An iterable body with encode_chunked: http.client sends Transfer-Encoding: chunked, no length.
+        conn.request(
+            "POST",
+            "/search?k=1",
+            body=iter([picture[:50], picture[50:]]),
+            headers={"Content-Type": "image/png", "Transfer-Encoding": "chunked"},
+            encode_chunked=True,
+        )
+        r = conn.getresponse()
+        status, body = r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+    assert status == 200
+    assert [h["title"] for h in body["hits"]] == ["green"]
+
+
+def test_given_a_chunked_body_over_the_limit_when_posted_then_413_json_and_nothing_is_searched(server, fake_encoder):
+    fake_encoder.calls.clear()
+    # 256 KiB in 16 KiB chunks against the fixture's 64 KiB limit: no Content-Length to refuse up front.
+    body = chunked(*[b"x" * (16 * 1024)] * 16)
+
+    answer = raw_exchange(
+        server,
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + body,
+    )
+
+    head, _, reply = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(reply)["error"]["code"] == "payload_too_large"
+    assert fake_encoder.calls == []
 
 
 def test_given_two_different_content_lengths_when_posted_then_400_and_the_connection_closes(server):
@@ -529,9 +575,85 @@ def test_given_a_log_that_writes_in_two_steps_when_requests_run_concurrently_the
     assert len(lines[:-2]) == 16 and all(LOG_LINE.match(line) for line in lines[:-2]), lines
 
 
+def test_given_a_forwarded_for_header_when_logged_then_the_line_names_the_socket_peer(server, log_lines):
+    request(server, "GET", "/health", headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
+
+    (line,) = wait_for_lines(log_lines, 1)
+    assert line.startswith('127.0.0.1 "GET /health HTTP/1.1" 200 ') and "203.0.113.9" not in line
+
+
 def test_given_a_request_with_control_characters_when_logged_then_the_line_stays_one_line(server, log_lines):
     raw_exchange(server, b"GET /search?q=a%0Ab\x1b[2J HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
 
     lines = wait_for_lines(log_lines, 1)
     assert len(lines) == 1
     assert "\n" not in lines[0] and "\x1b" not in lines[0]
+
+
+# -- shutdown --------------------------------------------------------------------------------------
+
+
+def test_given_a_request_in_flight_when_serve_gets_sigterm_then_it_is_answered_and_serve_exits_0(
+    tmp_path, demo_encoder
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clipsearch.demo.catalogue import write_catalogue
+
+    write_catalogue(tmp_path / "images", count=4)
+    index = EmbeddedIndex(tmp_path / "index", model=demo_encoder.model, dim=demo_encoder.dim)
+    paths = sorted((tmp_path / "images").iterdir())
+    vectors = demo_encoder.encode_images([Image.open(p).convert("RGB") for p in paths])
+    index.upsert([Document(key=str(p), vector=v, title=p.stem) for p, v in zip(paths, vectors, strict=True)])
+    index.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch.cli", "serve", "--model", "demo", "--index", str(tmp_path / "index")]
+        + ["--port", "0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "CLIPSEARCH_HOME": str(tmp_path / "home")},
+    )
+    try:
+        assert proc.stderr is not None
+        listening = re.search(r"on http://127\.0\.0\.1:(\d+)/", proc.stderr.readline())
+        assert listening, "serve did not say where it listens"
+        port = int(listening.group(1))
+        picture = png_bytes((200, 40, 40))
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(
+                b"POST /search?k=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(picture)
+            )
+            # "100 Continue" comes once the server reads the body: the request is in flight.
+            assert sock.recv(1024).startswith(b"HTTP/1.1 100 ")
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30  # shutting down: the listening socket closes first
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the server kept accepting connections after SIGTERM")
+            sock.sendall(picture)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert len(json.loads(body)["hits"]) == 2
+    assert proc.returncode == 0
+    lines = rest.splitlines()
+    assert lines[-1] == "stopped" and "Traceback" not in rest, rest
+    assert sum('"POST /search?k=2 HTTP/1.1" 200' in line for line in lines) == 1, rest
