@@ -10,13 +10,14 @@ import base64
 import json
 import threading
 from collections import OrderedDict
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from clipsearch import models
-from clipsearch.errors import BadRequest, ModelUnavailable, Unavailable
+from clipsearch.errors import BadRequest, ClipsearchError, ModelUnavailable, Unavailable
 from clipsearch.images import MAX_TRANSPORT_BYTES, to_transport
 
 
@@ -29,6 +30,31 @@ class Encoder(Protocol):
     def encode_texts(self, texts: list[str]) -> np.ndarray: ...
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray: ...
+
+
+T = TypeVar("T")
+
+
+def encode_each(encoder: Encoder, images: list[Image.Image]) -> list[np.ndarray | ClipsearchError]:
+    """Each image's vector, or the typed error that kept it from one (BadRequest: the encoder refused
+    that image; Unavailable: retry later). Other encoders than SageMaker's are bisected the same way."""
+    if isinstance(encoder, SageMakerEncoder):
+        return encoder.encode_each(images)
+    return bisect_encode(encoder.encode_images, images)
+
+
+def bisect_encode(encode: Callable[[list[T]], np.ndarray], items: list[T]) -> list[np.ndarray | ClipsearchError]:
+    """encode(items) as one call; when it is refused (BadRequest), each half again, down to single items."""
+    try:
+        vectors = encode(items)
+    except BadRequest as e:
+        if len(items) == 1:
+            return [e]
+        half = len(items) // 2
+        return bisect_encode(encode, items[:half]) + bisect_encode(encode, items[half:])
+    except ClipsearchError as e:  # not the input's fault: every item may succeed on a retry
+        return [e] * len(items)
+    return list(vectors)
 
 
 class LocalEncoder:
@@ -97,10 +123,26 @@ class SageMakerEncoder:
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """As few requests as keep each body within the endpoint's 4 MB; an image alone travels raw."""
-        encoded = [to_transport(img) for img in images]
+        vectors = [self._send(request) for request in self._requests(images)]
+        return np.vstack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+
+    def encode_each(self, images: list[Image.Image]) -> list[np.ndarray | ClipsearchError]:
+        """Each image's vector or the reason it has none, in as few requests as the 4 MB allows.
+
+        A request the endpoint refuses (4xx) is split in halves until the refused images stand alone, so
+        one bad image costs its neighbours a few requests, not their vectors; a retryable failure of a
+        request (throttled, timed out) is that of each of its images.
+        """
+        out: list[np.ndarray | ClipsearchError] = []
+        for request in self._requests(images):
+            out += bisect_encode(self._send, request)
+        return out
+
+    def _requests(self, images: list[Image.Image]) -> list[list[tuple[bytes, str]]]:
+        """The images' transport forms, grouped so that each group's JSON body stays within 4 MB."""
         groups: list[list[tuple[bytes, str]]] = []
         size = 0
-        for body, ctype in encoded:
+        for body, ctype in (to_transport(img) for img in images):
             # The JSON form costs base64's 4/3 plus quotes and a separator per image.
             cost = 4 * ((len(body) + 2) // 3) + 4
             if not groups or size + cost > MAX_TRANSPORT_BYTES:
@@ -108,14 +150,19 @@ class SageMakerEncoder:
                 size = len('{"images": []}')
             groups[-1].append((body, ctype))
             size += cost
-        vectors = []
-        for group in groups:
-            if len(group) == 1:
-                vectors.append(self._invoke(self._image_endpoint, *group[0]))
-                continue
-            body = json.dumps({"images": [base64.b64encode(b).decode() for b, _ in group]}).encode()
-            vectors.append(self._invoke(self._image_endpoint, body, "application/json"))
-        return np.vstack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+        return groups
+
+    def _send(self, request: list[tuple[bytes, str]]) -> np.ndarray:
+        if len(request) == 1:
+            vectors = self._invoke(self._image_endpoint, *request[0])
+        else:
+            body = json.dumps({"images": [base64.b64encode(b).decode() for b, _ in request]}).encode()
+            vectors = self._invoke(self._image_endpoint, body, "application/json")
+        if len(vectors) != len(request):
+            raise Unavailable(
+                f"encoder endpoint {self._image_endpoint} returned {len(vectors)} vectors for {len(request)} images"
+            )
+        return vectors
 
     def _invoke(self, endpoint: str, body: bytes, content_type: str) -> np.ndarray:
         from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError

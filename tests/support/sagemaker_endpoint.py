@@ -8,7 +8,10 @@ Three layers, as in AWS, so the stand-in cannot be friendlier than the real thin
    running model_code's model_fn/input_fn/predict_fn/output_fn; any exception that is not a
    BaseInferenceToolkitError becomes 500 there.
 Knobs: throttle_next (answer ThrottlingException), delay_s (sleep before answering, as a cold or
-hung endpoint does), max_body_bytes (SageMaker Serverless refuses request bodies over 4 MB).
+hung endpoint does, or a warm one's fixed overhead per invocation), per_image_s (sleep as long again per
+image in the request: a forward's cost grows with its batch), max_body_bytes (SageMaker Serverless
+refuses request bodies over 4 MB). `calls` lists (endpoint, content type) and `images` the number of
+images of each call that reached the container.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ class InvokeEndpointServer(ThreadingHTTPServer):
         self.container = ServingContainer(model_dir, environment)
         self.throttle_next = 0
         self.delay_s = 0.0
+        self.per_image_s = 0.0
+        self.images: list[int] = []
         self.max_body_bytes = SERVERLESS_MAX_BODY_BYTES
         self.calls: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -149,6 +154,17 @@ def model_error(endpoint: str, status: int, body: bytes) -> dict[str, Any]:
     }
 
 
+def _image_count(body: bytes, content_type: str) -> int:
+    """How many images a request carries: model_code's JSON {"images": [...]}, else one (a raw image)."""
+    if not content_type.startswith("application/json"):
+        return 1
+    try:
+        images = json.loads(body).get("images", [])
+    except (ValueError, AttributeError):
+        return 0
+    return len(images) if isinstance(images, list) else 1
+
+
 class _InvokeHandler(BaseHTTPRequestHandler):
     server: InvokeEndpointServer
 
@@ -158,8 +174,9 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         if len(parts) != 3 or parts[0] != "endpoints" or parts[2] != "invocations":
             return self._send(404, {"message": "no such route"}, "UnknownOperationException")
         ctype = self.headers.get("Content-Type", "")
-        if self.server.delay_s:
-            time.sleep(self.server.delay_s)
+        images = _image_count(body, ctype)
+        if self.server.delay_s or self.server.per_image_s:
+            time.sleep(self.server.delay_s + self.server.per_image_s * images)
         if len(body) > self.server.max_body_bytes:
             return self._send(
                 400,
@@ -173,6 +190,7 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         forwarded = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
         with self.server.lock:
             self.server.calls.append((parts[1], ctype))
+            self.server.images.append(images)
             if self.server.throttle_next > 0:
                 self.server.throttle_next -= 1
                 return self._send(400, {"message": "Rate exceeded"}, "ThrottlingException")
