@@ -123,8 +123,10 @@ class SageMakerEncoder:
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """As few requests as keep each body within the endpoint's 4 MB; an image alone travels raw."""
-        vectors = [self._send(request) for request in self._requests(images)]
-        return np.vstack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+        vectors = np.zeros((len(images), self.dim), np.float32)
+        for request in self._requests(images):
+            vectors[[n for n, _, _ in request]] = self._send(request)
+        return vectors
 
     def encode_each(self, images: list[Image.Image]) -> list[np.ndarray | ClipsearchError]:
         """Each image's vector or the reason it has none, in as few requests as the 4 MB allows.
@@ -133,30 +135,36 @@ class SageMakerEncoder:
         one bad image costs its neighbours a few requests, not their vectors; a retryable failure of a
         request (throttled, timed out) is that of each of its images.
         """
-        out: list[np.ndarray | ClipsearchError] = []
+        out: dict[int, np.ndarray | ClipsearchError] = {}
         for request in self._requests(images):
-            out += bisect_encode(self._send, request)
-        return out
+            out.update(zip([n for n, _, _ in request], bisect_encode(self._send, request), strict=True))
+        return [out[n] for n in range(len(images))]
 
-    def _requests(self, images: list[Image.Image]) -> list[list[tuple[bytes, str]]]:
-        """The images' transport forms, grouped so that each group's JSON body stays within 4 MB."""
-        groups: list[list[tuple[bytes, str]]] = []
-        size = 0
-        for body, ctype in (to_transport(img) for img in images):
+    def _requests(self, images: list[Image.Image]) -> list[list[tuple[int, bytes, str]]]:
+        """The images' transport forms with their positions, packed into as few requests as keep each JSON
+        body within 4 MB: largest first, each into the first request with room (first-fit decreasing)."""
+        encoded = [to_transport(img) for img in images]
+        requests: list[list[tuple[int, bytes, str]]] = []
+        room: list[int] = []
+        for n in sorted(range(len(encoded)), key=lambda n: -len(encoded[n][0])):
+            body, ctype = encoded[n]
             # The JSON form costs base64's 4/3 plus quotes and a separator per image.
             cost = 4 * ((len(body) + 2) // 3) + 4
-            if not groups or size + cost > MAX_TRANSPORT_BYTES:
-                groups.append([])
-                size = len('{"images": []}')
-            groups[-1].append((body, ctype))
-            size += cost
-        return groups
+            fits = next((r for r, left in enumerate(room) if cost <= left), None)
+            if fits is None:
+                requests.append([])
+                room.append(MAX_TRANSPORT_BYTES - len('{"images": []}'))
+                fits = len(requests) - 1
+            requests[fits].append((n, body, ctype))
+            room[fits] -= cost
+        return [sorted(request) for request in requests]  # the batch's order within each request
 
-    def _send(self, request: list[tuple[bytes, str]]) -> np.ndarray:
+    def _send(self, request: list[tuple[int, bytes, str]]) -> np.ndarray:
         if len(request) == 1:
-            vectors = self._invoke(self._image_endpoint, *request[0])
+            _, body, ctype = request[0]
+            vectors = self._invoke(self._image_endpoint, body, ctype)
         else:
-            body = json.dumps({"images": [base64.b64encode(b).decode() for b, _ in request]}).encode()
+            body = json.dumps({"images": [base64.b64encode(b).decode() for _, b, _ in request]}).encode()
             vectors = self._invoke(self._image_endpoint, body, "application/json")
         if len(vectors) != len(request):
             raise Unavailable(
