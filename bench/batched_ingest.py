@@ -10,7 +10,9 @@ on the OpenSearch node (or the embedded index). Both modes run the same code in 
 - batched: the function's handler, a whole SQS batch of --batch-sizes records at a time: as few
   InvokeEndpoint requests as the 4 MB body allows, and one bulk write.
 
-One process handles the batches one after another: images/s is per concurrent Lambda.
+One process handles the batches one after another: images/s is per concurrent Lambda. "endpoint slot s" is
+the stand-in's modelled time (overhead x invocations + per-image cost x images): how long the run held one
+of the endpoint's concurrency slots, which ingest shares with search.
 
     python bench/batched_ingest.py [--images 60] [--batch-sizes 1,5,10] [--overhead-s 0.1] [--per-image-s 0.05]
                                    [--index opensearch|embedded] [--opensearch-url http://127.0.0.1:9200]
@@ -190,6 +192,7 @@ def run(args: argparse.Namespace) -> list[list[object]]:
                     round(invocations / args.images, 2),
                     round((sum(endpoint.images) - images) / max(1, invocations), 1),
                     index.bulks - bulks,
+                    round(invocations * args.overhead_s + (sum(endpoint.images) - images) * args.per_image_s, 1),
                     round(seconds, 1),
                     round(args.images / seconds, 2),
                 ]
@@ -207,6 +210,7 @@ HEADERS = [
     "invocations / image",
     "images / invocation",
     "index calls",
+    "endpoint slot s (modelled)",
     "seconds",
     "images/s per Lambda",
 ]

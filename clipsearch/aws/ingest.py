@@ -1,8 +1,11 @@
 """AWS ingest: S3 notifications (delivered through SQS) -> GetObject -> encode -> OpenSearch.
 
-One SQS record is handled at a time. Anything that may work on a retry (endpoint throttled or
-cold, OpenSearch down, S3 errors) raises, so only that record fails and SQS redelivers it; objects
-that can never be indexed (not images, undecodable) are skipped with one log line and a metric.
+A whole SQS batch at a time: each record's objects are read and decoded in turn, then all of them are
+encoded in as few endpoint requests as the 4 MB body limit allows and written with one bulk call. Anything
+that may work on a retry (endpoint throttled or cold, OpenSearch down, S3 errors) fails the records it
+concerns (those of that request, that write, that read), so SQS redelivers them alone; objects that can
+never be indexed (not images, undecodable, refused by the endpoint) are skipped with one log line and a
+metric, a request the endpoint refuses being halved until the refused image stands alone.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ CREATED, REMOVED = "created", "removed"
 # -- the time budget ------------------------------------------------------------------------------
 # A Lambda timeout fails the whole batch: the partial-batch report is lost and every message in it
 # comes back and burns a receive count ("Handling errors for an SQS event source in Lambda"). So each
-# record starts only when its worst case fits in what is left, and the rest are reported as failures.
+# record of a batch starts (its read and decode) only when its worst case fits in what is left: its own
+# read and decode, then one endpoint request and the bulk write, which it may be the last to join. The rest
+# are reported as failures. The batch's requests each take the read timeout the deadline leaves after the
+# bulk write; one that cannot get ENDPOINT_MIN_READ_S fails its records as items (DeadlineExceeded).
 # The worst cases follow from the client settings here, every call with explicit attempts:
 S3_ATTEMPTS, S3_CONNECT_S, S3_READ_S = 2, 3.0, 10.0
 S3_CALL_S = S3_ATTEMPTS * (S3_CONNECT_S + S3_READ_S) + 1.0  # + standard mode's backoff (at most 1 s)
