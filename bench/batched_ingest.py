@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from common import machine, table  # noqa: E402
+from common import machine, moto_aws, table  # noqa: E402
 
 BUCKET = "clipsearch-bench-batched"
 ENDPOINT = "clipsearch-demo"
@@ -97,7 +96,6 @@ class Counted:
 def run(args: argparse.Namespace) -> list[list[object]]:
     import boto3
     from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
-    from moto.server import ThreadedMotoServer
     from support.fakes import LambdaContext, load_function
     from support.sagemaker_endpoint import running_endpoint
 
@@ -111,21 +109,9 @@ def run(args: argparse.Namespace) -> list[list[object]]:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="clipsearch-batched-")))
         stack.callback(lambda: (os.environ.clear(), os.environ.update(saved)))
         endpoint = stack.enter_context(running_endpoint(work))
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        stack.callback(moto.stop)
-        host, port = moto.get_host_and_port()
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-            os.environ.pop(name, None)
+        moto_aws(stack, endpoint.url)
         os.environ.update(
             {
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
-                "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
                 "CLIPSEARCH_ENDPOINT_NAME": ENDPOINT,
                 "CLIPSEARCH_OPENSEARCH_URL": args.opensearch_url,
                 "CLIPSEARCH_OPENSEARCH_AUTH": "none",
