@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 
@@ -68,3 +70,30 @@ def load_model(name: str) -> Any:
         source = models.resolve("demo")
         return inference.load_model(source.name, source.model_dir)
     return models.random_model(name)
+
+
+def moto_aws(stack: ExitStack, runtime_url: str) -> str:
+    """Start a moto server (stopped with `stack`) and point this process's boto3 at it and at the SageMaker
+    runtime stand-in at runtime_url, with test credentials; returns the moto server's URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the moto server's access log
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    stack.callback(moto.stop)
+    host, port = moto.get_host_and_port()
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    url = f"http://{host}:{port}"
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": url,
+            "AWS_ENDPOINT_URL_SQS": url,
+            "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime_url,
+        }
+    )
+    return url

@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from common import moto_aws  # noqa: E402
 from support.fakes import LambdaContext, load_function  # noqa: E402
 from support.sagemaker_endpoint import InvokeEndpointServer, _InvokeHandler, running_endpoint  # noqa: E402
 
@@ -337,7 +338,6 @@ def run(
 ) -> Report:
     """Upload `images` valid pictures plus the bad inputs, drain the queue through the handler, check."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from clipsearch.errors import NotFound
     from clipsearch.index.base import doc_id
@@ -355,22 +355,9 @@ def run(
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         stack.callback(proxy.server_close)
         stack.callback(proxy.shutdown)
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the moto server's access log
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        stack.callback(moto.stop)
-        host, port = moto.get_host_and_port()
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-            os.environ.pop(name, None)
+        moto_aws(stack, runtime.url)
         os.environ.update(
             {
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",  # pragma: allowlist secret
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
-                "AWS_ENDPOINT_URL_SQS": f"http://{host}:{port}",
-                "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime.url,
                 "AWS_MAX_ATTEMPTS": "1",  # a throttle reaches the handler, and SQS redelivers the record
                 "CLIPSEARCH_ENDPOINT_NAME": ENDPOINT,
                 "CLIPSEARCH_OPENSEARCH_URL": proxy.url,

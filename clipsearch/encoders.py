@@ -10,13 +10,14 @@ import base64
 import json
 import threading
 from collections import OrderedDict
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from clipsearch import models
-from clipsearch.errors import BadRequest, ModelUnavailable, Unavailable
+from clipsearch.errors import BadRequest, ClipsearchError, ModelUnavailable, Unavailable
 from clipsearch.images import MAX_TRANSPORT_BYTES, to_transport
 
 
@@ -29,6 +30,31 @@ class Encoder(Protocol):
     def encode_texts(self, texts: list[str]) -> np.ndarray: ...
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray: ...
+
+
+T = TypeVar("T")
+
+
+def encode_each(encoder: Encoder, images: list[Image.Image]) -> list[np.ndarray | ClipsearchError]:
+    """Each image's vector, or the typed error that kept it from one (BadRequest: the encoder refused
+    that image; Unavailable: retry later). Other encoders than SageMaker's are bisected the same way."""
+    if isinstance(encoder, SageMakerEncoder):
+        return encoder.encode_each(images)
+    return bisect_encode(encoder.encode_images, images)
+
+
+def bisect_encode(encode: Callable[[list[T]], np.ndarray], items: list[T]) -> list[np.ndarray | ClipsearchError]:
+    """encode(items) as one call; when it is refused (BadRequest), each half again, down to single items."""
+    try:
+        vectors = encode(items)
+    except BadRequest as e:
+        if len(items) == 1:
+            return [e]
+        half = len(items) // 2
+        return bisect_encode(encode, items[:half]) + bisect_encode(encode, items[half:])
+    except ClipsearchError as e:  # not the input's fault: every item may succeed on a retry
+        return [e] * len(items)
+    return list(vectors)
 
 
 class LocalEncoder:
@@ -97,25 +123,54 @@ class SageMakerEncoder:
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """As few requests as keep each body within the endpoint's 4 MB; an image alone travels raw."""
+        vectors = np.zeros((len(images), self.dim), np.float32)
+        for request in self._requests(images):
+            vectors[[n for n, _, _ in request]] = self._send(request)
+        return vectors
+
+    def encode_each(self, images: list[Image.Image]) -> list[np.ndarray | ClipsearchError]:
+        """Each image's vector or the reason it has none, in as few requests as the 4 MB allows.
+
+        A request the endpoint refuses (4xx) is split in halves until the refused images stand alone, so
+        one bad image costs its neighbours a few requests, not their vectors; a retryable failure of a
+        request (throttled, timed out) is that of each of its images.
+        """
+        out: dict[int, np.ndarray | ClipsearchError] = {}
+        for request in self._requests(images):
+            out.update(zip([n for n, _, _ in request], bisect_encode(self._send, request), strict=True))
+        return [out[n] for n in range(len(images))]
+
+    def _requests(self, images: list[Image.Image]) -> list[list[tuple[int, bytes, str]]]:
+        """The images' transport forms with their positions, packed into as few requests as keep each JSON
+        body within 4 MB: largest first, each into the first request with room (first-fit decreasing)."""
         encoded = [to_transport(img) for img in images]
-        groups: list[list[tuple[bytes, str]]] = []
-        size = 0
-        for body, ctype in encoded:
+        requests: list[list[tuple[int, bytes, str]]] = []
+        room: list[int] = []
+        for n in sorted(range(len(encoded)), key=lambda n: -len(encoded[n][0])):
+            body, ctype = encoded[n]
             # The JSON form costs base64's 4/3 plus quotes and a separator per image.
             cost = 4 * ((len(body) + 2) // 3) + 4
-            if not groups or size + cost > MAX_TRANSPORT_BYTES:
-                groups.append([])
-                size = len('{"images": []}')
-            groups[-1].append((body, ctype))
-            size += cost
-        vectors = []
-        for group in groups:
-            if len(group) == 1:
-                vectors.append(self._invoke(self._image_endpoint, *group[0]))
-                continue
-            body = json.dumps({"images": [base64.b64encode(b).decode() for b, _ in group]}).encode()
-            vectors.append(self._invoke(self._image_endpoint, body, "application/json"))
-        return np.vstack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+            fits = next((r for r, left in enumerate(room) if cost <= left), None)
+            if fits is None:
+                requests.append([])
+                room.append(MAX_TRANSPORT_BYTES - len('{"images": []}'))
+                fits = len(requests) - 1
+            requests[fits].append((n, body, ctype))
+            room[fits] -= cost
+        return [sorted(request) for request in requests]  # the batch's order within each request
+
+    def _send(self, request: list[tuple[int, bytes, str]]) -> np.ndarray:
+        if len(request) == 1:
+            _, body, ctype = request[0]
+            vectors = self._invoke(self._image_endpoint, body, ctype)
+        else:
+            body = json.dumps({"images": [base64.b64encode(b).decode() for _, b, _ in request]}).encode()
+            vectors = self._invoke(self._image_endpoint, body, "application/json")
+        if len(vectors) != len(request):
+            raise Unavailable(
+                f"encoder endpoint {self._image_endpoint} returned {len(vectors)} vectors for {len(request)} images"
+            )
+        return vectors
 
     def _invoke(self, endpoint: str, body: bytes, content_type: str) -> np.ndarray:
         from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError

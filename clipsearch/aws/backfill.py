@@ -11,17 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote_plus, urlsplit
 
 import numpy as np
 
-from clipsearch.aws.ingest import metadata_text
+from clipsearch.aws.ingest import s3_document
 from clipsearch.errors import BadRequest, ClipsearchError, Unavailable
 from clipsearch.images import is_image_name
-from clipsearch.index.base import Document, VectorIndex, wall_clock
-from clipsearch.ingest import title_from_path
+from clipsearch.index.base import Document, VectorIndex
 from model_code.inference import is_raw_name
 
 SQS_BATCH = 10  # SendMessageBatch's limit
@@ -204,24 +202,7 @@ def read_vector(s3: Any, bucket: str, key: str) -> np.ndarray:
 def document_for(s3: Any, bucket: str, key: str, vector: np.ndarray) -> Document:
     """A Document with the object's title metadata, size and time (no decode: width/height stay 0)."""
     head = s3.head_object(Bucket=bucket, Key=key)
-    meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-    title = (
-        metadata_text(meta.get("title"))
-        or metadata_text(meta.get("description"))
-        or title_from_path(Path(PurePosixPath(key).name))
-    )
-    modified = head.get("LastModified")
-    return Document(
-        key=key,
-        vector=vector,
-        bucket=bucket,
-        title=title,
-        content_hash=str(head.get("ETag", "")),
-        size=int(head.get("ContentLength", 0)),
-        mtime=modified.timestamp() if modified is not None else 0.0,
-        # No decode here, so no EXIF: the object's LastModified, as the ingest Lambda falls back to.
-        taken_at=wall_clock(modified) if modified is not None else None,
-    )
+    return s3_document(bucket, key, vector, head, str(head.get("ETag", "")), int(head.get("ContentLength", 0)))
 
 
 def load_transform_output(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -18,7 +18,8 @@ metrics = Metrics()
 # A batch whose records all fail still answers with batchItemFailures rather than an error.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
-# Each record starts only if its worst case fits in the time left; the rest fail as items, not as a timeout.
+# The whole batch is encoded in as few endpoint requests as fit and written with one bulk call; each record
+# starts only if its worst case fits in the time left, the rest fail as items, not as a timeout.
 ingestor = build_ingestor(aws_config.from_env("ingest"), metrics)
 
 
@@ -26,6 +27,4 @@ ingestor = build_ingestor(aws_config.from_env("ingest"), metrics)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
-    return process_partial_response(
-        event=event, record_handler=ingestor.handle_record, processor=processor, context=context
-    )
+    return ingestor.handle_batch(event, context, processor)

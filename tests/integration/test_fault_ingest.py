@@ -24,7 +24,9 @@ VALID = 60
 def test_given_faults_everywhere_when_60_images_are_ingested_then_each_is_indexed_once_and_only_junk_is_dead(
     opensearch_url: str,
 ) -> None:
-    faults = Faults()
+    # A batch of 10 makes one endpoint request per 4 MB and one bulk call, where it made ten of each: the
+    # rates per call are raised so that faults still happen at this size.
+    faults = Faults(throttle=0.3, bulk_429=0.2, bulk_item_fail=0.1)
 
     report = run(VALID, opensearch_url, faults)
 

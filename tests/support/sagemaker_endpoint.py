@@ -8,11 +8,18 @@ Three layers, as in AWS, so the stand-in cannot be friendlier than the real thin
    running model_code's model_fn/input_fn/predict_fn/output_fn; any exception that is not a
    BaseInferenceToolkitError becomes 500 there.
 Knobs: throttle_next (answer ThrottlingException), delay_s (sleep before answering, as a cold or
-hung endpoint does), max_body_bytes (SageMaker Serverless refuses request bodies over 4 MB).
+hung endpoint does, or a warm one's fixed overhead per invocation), per_image_s (sleep as long again per
+image in the request: a forward's cost grows with its batch), max_body_bytes (SageMaker Serverless
+refuses request bodies over 4 MB), refuse_image (a predicate on each picture of a request: the
+container answers 400 for a request holding one it is true of, as model_code does for input it
+refuses, and SageMaker turns that into ModelError 424). `calls` lists (endpoint, content type) and
+`images` the number of images of each call that passed the runtime's checks.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import tarfile
@@ -24,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from sagemaker_pytorch_serving_container.handler_service import HandlerService
 
 # "Maximum request payload size: 4 MB" (SageMaker Developer Guide, Serverless Inference, feature exclusions / limits).
@@ -119,6 +127,9 @@ class InvokeEndpointServer(ThreadingHTTPServer):
         self.container = ServingContainer(model_dir, environment)
         self.throttle_next = 0
         self.delay_s = 0.0
+        self.per_image_s = 0.0
+        self.refuse_image: Callable[[Image.Image], bool] | None = None
+        self.images: list[int] = []
         self.max_body_bytes = SERVERLESS_MAX_BODY_BYTES
         self.calls: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -149,6 +160,30 @@ def model_error(endpoint: str, status: int, body: bytes) -> dict[str, Any]:
     }
 
 
+def _image_count(body: bytes, content_type: str) -> int:
+    """How many images a request carries: model_code's JSON {"images": [...]}, else one (a raw image)."""
+    return len(_encoded_images(body, content_type))
+
+
+def _encoded_images(body: bytes, content_type: str) -> list[bytes]:
+    if not content_type.startswith("application/json"):
+        return [body]
+    try:
+        images = json.loads(body).get("images", [])
+    except (ValueError, AttributeError):
+        return []
+    images = [images] if isinstance(images, str) else images
+    return [base64.b64decode(i) for i in images if isinstance(i, str)] if isinstance(images, list) else []
+
+
+def _pictures(body: bytes, content_type: str) -> Iterator[Image.Image]:
+    for data in _encoded_images(body, content_type):
+        try:
+            yield Image.open(io.BytesIO(data))
+        except OSError:
+            continue  # not a picture: the container's own decode refuses it
+
+
 class _InvokeHandler(BaseHTTPRequestHandler):
     server: InvokeEndpointServer
 
@@ -158,8 +193,9 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         if len(parts) != 3 or parts[0] != "endpoints" or parts[2] != "invocations":
             return self._send(404, {"message": "no such route"}, "UnknownOperationException")
         ctype = self.headers.get("Content-Type", "")
-        if self.server.delay_s:
-            time.sleep(self.server.delay_s)
+        images = _image_count(body, ctype)
+        if self.server.delay_s or self.server.per_image_s:
+            time.sleep(self.server.delay_s + self.server.per_image_s * images)
         if len(body) > self.server.max_body_bytes:
             return self._send(
                 400,
@@ -173,10 +209,17 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         forwarded = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
         with self.server.lock:
             self.server.calls.append((parts[1], ctype))
+            self.server.images.append(images)
             if self.server.throttle_next > 0:
                 self.server.throttle_next -= 1
                 return self._send(400, {"message": "Rate exceeded"}, "ThrottlingException")
-            status, payload, answer_type = self.server.container.invoke(body, forwarded)
+            refused = self.server.refuse_image is not None and any(
+                self.server.refuse_image(img) for img in _pictures(body, ctype)
+            )
+            if refused:
+                status, payload, answer_type = 400, b"the model refused one of the images", "text/plain"
+            else:
+                status, payload, answer_type = self.server.container.invoke(body, forwarded)
         if status != 200:
             return self._send(424, model_error(parts[1], status, payload), "ModelError")
         self.send_response(200)

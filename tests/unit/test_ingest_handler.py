@@ -5,10 +5,11 @@ The sample events under events/ingest/ drive it, as `sam local invoke -e` would.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.header import Header
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from clipsearch.aws import ingest as aws_ingest
 from clipsearch.aws.config import Deadline
 from clipsearch.aws.ingest import Ingestor, parse_notification
 from clipsearch.encoders import SageMakerEncoder
-from clipsearch.errors import ConfigError, Unavailable
+from clipsearch.errors import BadRequest, ConfigError, Unavailable
 from clipsearch.index.base import Document, UpsertResult, doc_id, wall_clock
 from clipsearch.index.embedded import EmbeddedIndex
 from model_code.inference import decode_image, downscale
@@ -90,7 +91,7 @@ def log_lines() -> Iterator[list[str]]:
 
 
 def run_batch(ingestor: Ingestor, event: dict[str, Any]) -> list[str]:
-    """Run a batch the way functions/ingest/app.py does; returns the failed message ids."""
+    """Run a batch record by record (Ingestor.handle_record); returns the failed message ids."""
     result = process_partial_response(
         event=event,
         record_handler=ingestor.handle_record,
@@ -98,6 +99,12 @@ def run_batch(ingestor: Ingestor, event: dict[str, Any]) -> list[str]:
         context=None,
     )
     return [f["itemIdentifier"] for f in result["batchItemFailures"]]
+
+
+def handle_batch(ingestor: Ingestor, event: dict[str, Any], context: Any = None) -> list[str]:
+    """Run a batch the way functions/ingest/app.py does; returns the failed message ids."""
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    return [f["itemIdentifier"] for f in ingestor.handle_batch(event, context, processor)["batchItemFailures"]]
 
 
 def counted(metrics: Metrics, name: str) -> float:
@@ -219,13 +226,15 @@ def test_given_object_deleted_before_processing_when_handled_then_skipped(
     assert index.count() == 0 and counted(metrics, "ObjectsSkipped") == 1
 
 
+# A whole batch is read first and written after: the delete of a key put earlier in it must still come last.
+@pytest.mark.parametrize("handle", [run_batch, handle_batch], ids=["record by record", "whole batch"])
 def test_given_mixed_batch_when_handled_then_each_record_gets_its_own_outcome(
-    s3: Any, index: EmbeddedIndex, metrics: Metrics
+    s3: Any, index: EmbeddedIndex, metrics: Metrics, handle: Callable[[Ingestor, dict[str, Any]], list[str]]
 ) -> None:
     s3.put_object(Bucket=BUCKET, Key=ODD_KEY, Body=picture())
 
     # put, test event, non-image, delete of the same key
-    assert run_batch(Ingestor(FakeEncoder(), index, s3, metrics), load_event("batch.json")) == []
+    assert handle(Ingestor(FakeEncoder(), index, s3, metrics), load_event("batch.json")) == []
 
     assert index.count() == 0
     assert [counted(metrics, m) for m in ("ImagesIndexed", "ObjectsSkipped", "ImagesDeleted")] == [1, 1, 1]
@@ -391,7 +400,8 @@ def test_given_ingest_module_when_less_than_one_records_worst_case_is_left_then_
 class EndpointClients:
     """Makes sagemaker-runtime clients (one per read timeout) whose endpoint runs the fake encoder.
 
-    Each call first raises the next of `errors`, if any; `made` and `calls` record read timeouts.
+    Each call first raises the next of `errors`, if any; `made` and `calls` record read timeouts, `images`
+    the number of images in each call answered.
     """
 
     def __init__(self, errors: list[Exception] | None = None) -> None:
@@ -399,6 +409,7 @@ class EndpointClients:
         self.errors = list(errors or [])
         self.made: list[float] = []
         self.calls: list[float] = []
+        self.images: list[int] = []
 
     def __call__(self, read_timeout_s: float) -> Any:
         self.made.append(read_timeout_s)
@@ -415,7 +426,12 @@ class EndpointClients:
                 clients.calls.append(read_timeout_s)
                 if clients.errors:
                     raise clients.errors.pop(0)
-                vectors = clients.encoder.encode_images([decode_image(Body)])
+                if ContentType == "application/json":  # model_code's several images in one request
+                    images = [decode_image(base64.b64decode(i)) for i in json.loads(Body)["images"]]
+                else:
+                    images = [decode_image(Body)]
+                clients.images.append(len(images))
+                vectors = clients.encoder.encode_images(images)
                 return {"Body": io.BytesIO(json.dumps(vectors.tolist()).encode())}
 
         return Client()
@@ -538,6 +554,68 @@ def test_given_an_invocation_running_down_when_the_endpoint_is_called_each_secon
 
     assert len(clients.calls) > 100
     assert len(clients.made) == len(set(clients.made)) <= 8
+
+
+# -- whole batches ----------------------------------------------------------------------------------
+
+
+def test_given_a_batch_whose_reads_run_the_time_down_when_handled_then_the_records_read_in_time_share_one_request(
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
+    clock = FakeClock()
+    clients = EndpointClients()
+    ingestor = fake_model_ingestor(index, clients, clock, SlowS3(s3, clock, 30.0))
+    ingestor.metrics = metrics
+    keys = [f"reads/{n}.jpg" for n in range(4)]
+    context = LambdaContext(timeout_s=aws_ingest.RECORD_MIN_S + aws_ingest.END_RESERVE_S + 70.0, clock=clock)
+
+    failed = handle_batch(ingestor, put_batch(s3, keys), context)
+
+    # Records start with 70, 40 and 10 s to spare; the fourth would start 20 s short of its worst case.
+    assert failed == keys[3:] and counted(metrics, "RecordsOutOfTime") == 1
+    assert sorted(index.fingerprints()) == keys[:3]
+    assert clients.images == [3] and context.get_remaining_time_in_millis() > 0
+
+
+def test_given_a_throttled_request_when_a_batch_is_handled_then_its_records_fail_and_a_redelivery_indexes_them(
+    s3: Any, index: EmbeddedIndex
+) -> None:
+    keys = ["busy/a.jpg", "busy/b.jpg"]
+    event = put_batch(s3, keys)
+    event["Records"].insert(0, load_event("poison.json")["Records"][0])
+    encoder = ThrottledOnce()
+    ingestor = Ingestor(encoder, index, s3)
+
+    assert handle_batch(ingestor, event) == [event["Records"][0]["messageId"], *keys]
+    assert encoder.calls == [] and index.count() == 0  # the throttled call never answered
+
+    assert handle_batch(ingestor, put_batch(s3, keys)) == []
+    assert encoder.calls == [("image", 2)] and index.count() == 2
+
+
+class RefusingEncoder(FakeEncoder):
+    """An encoder that refuses any call holding a green picture, as an endpoint answering 4xx does."""
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        if any(img.convert("RGB").getpixel((img.width // 2, img.height // 2)) == (0, 200, 0) for img in images):
+            raise BadRequest("encoder refused the input: images[0] is not a photo")
+        return super().encode_images(images)
+
+
+def test_given_an_encoder_refusing_one_image_when_a_batch_is_handled_then_halves_isolate_it_and_it_is_skipped(
+    s3: Any, index: EmbeddedIndex, metrics: Metrics
+) -> None:
+    keys = [f"mixed/{n}.png" for n in range(5)]
+    event = put_batch(s3, keys)
+    s3.put_object(Bucket=BUCKET, Key="mixed/3.png", Body=picture((0, 200, 0), size=(600, 600), fmt="PNG"))
+    encoder = RefusingEncoder()
+
+    assert handle_batch(Ingestor(encoder, index, s3, metrics), event) == []
+
+    assert sorted(index.fingerprints()) == ["mixed/0.png", "mixed/1.png", "mixed/2.png", "mixed/4.png"]
+    assert counted(metrics, "ObjectsSkipped") == 1 and counted(metrics, "ImagesIndexed") == 4
+    # Refused calls record nothing: 5 -> 2 + (3 -> 1 + (2 -> 1 + 1)) answered as 2, 1 and 1.
+    assert encoder.calls == [("image", 2), ("image", 1), ("image", 1)]
 
 
 # -- the handler module and its configuration -------------------------------------------------------
