@@ -74,9 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_positive, default=2, help="decoding threads")
 
-    p = sub.add_parser("search", help="search by text or by an image")
-    p.add_argument("text", nargs="?")
-    p.add_argument("--image", help="an image file to search with")
+    p = sub.add_parser(
+        "search",
+        help="search by text, by an image, or by weighted terms",
+        description='Search by TERMs, in rclip\'s syntax: clipsearch search "2:golden retriever" + ./pool.jpg - fruit. '
+        "A + or - standing alone separates terms and adds or subtracts the next one (so t-shirt and "
+        "2018-2020 stay text); W:TERM gives a term the weight W; a term that names an existing file is "
+        "an image. The query is the normalised weighted sum of the terms' vectors.",
+    )
+    p.add_argument("text", nargs="*", metavar="TERM", help="a text, or an image file; + and - join terms")
+    p.add_argument(
+        "--image", help="an image file to search with; with TERMs too, it is one more term of weight 1 (+ FILE)"
+    )
+    p.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="fuse a word search of titles and paths with the vector ranking (RRF); for one text only",
+    )
     p.add_argument("-k", type=_positive, default=10, help="how many results (default 10)")
     p.add_argument(
         "--from",
@@ -376,10 +390,10 @@ def _prefix(args: argparse.Namespace) -> str | None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from clipsearch.search import SearchRequest, SearchService, date_range, text_request
+    from clipsearch.search import SearchService, date_range
 
-    if (args.text is None) == (args.image is None):
-        raise errors.BadRequest("give a search TEXT or --image FILE (one of them)")
+    if not args.text and args.image is None:
+        raise errors.BadRequest("give a search TEXT, --image FILE, or terms joined by + and -")
     index = _open_for_query(args)
     if args.min_score is not None and not -1.0 <= args.min_score <= 1.0:
         raise errors.BadRequest("--min-score must be a cosine between -1 and 1")
@@ -389,17 +403,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         "min_score": args.min_score,
         "prefix": _prefix(args),
         "taken": date_range(args.after, args.before, prefix="--"),
+        "mode": "hybrid" if args.hybrid else "vector",
     }
-    if args.image is not None:
-        try:
-            data = Path(args.image).read_bytes()
-        except OSError as e:
-            raise errors.BadRequest(f"cannot read {args.image}: {e.strerror or e}") from None
-        request = SearchRequest("image", image=data, name=args.image, **options)
-    else:
-        if not args.text.strip():
-            raise errors.BadRequest("the search text is empty")
-        request = text_request(args.text.strip(), args.dates, **options)
+    request = _search_request(args.text, args.image, args.dates, options)
     service = SearchService(_encoder(index.model), index, url_for=lambda hit: f"/images/{hit.id}")
     response = service.search(request)
     if args.json:
@@ -414,9 +420,41 @@ def cmd_search(args: argparse.Namespace) -> int:
         if "\ufffd" in key:  # the response shows undecodable bytes as U+FFFD; print the real name, escaped
             doc = index.get(hit["id"])
             key = doc.key if doc is not None else key
+        fused = f"  rrf {hit['rank_score']:.4f}" if "rank_score" in hit else ""
         # The capture time as in the JSON (EXIF offset appended when known); "-": not known (schema 1).
-        print(f"{rank:3d}  {hit['score']:+.4f}  {hit['taken_at'] or '-':<25}  {shown(key)}")
+        print(f"{rank:3d}  {hit['score']:+.4f}{fused}  {hit['taken_at'] or '-':<25}  {shown(key)}")
     return EXIT_OK
+
+
+def _search_request(words: list[str], image: str | None, dates: bool, options: dict[str, Any]) -> Any:
+    """The request for the CLI's terms (rclip's syntax, clipsearch.terms.parse_argv) and --image FILE.
+
+    One text or one picture of weight 1 is a plain text or image query (a text's date words become its
+    taken_at filter unless --no-dates); anything else is weighted terms.
+    """
+    from clipsearch.search import SearchRequest, text_request
+    from clipsearch.terms import MAX_TERMS, Term, parse_argv
+
+    if words and not "".join(words).strip():
+        raise errors.BadRequest("the search text is empty")
+    parsed = parse_argv(words) + ([("image", 1.0, image)] if image is not None else [])
+    terms = []
+    for kind, weight, value in parsed:
+        if kind == "image":
+            try:
+                terms.append(Term("image", weight, image=Path(value).expanduser().read_bytes()))
+            except OSError as e:
+                raise errors.BadRequest(f"cannot read {value}: {e.strerror or e}") from None
+        else:
+            terms.append(Term("text", weight, text=value))
+    if len(terms) == 1 and terms[0].weight == 1.0:
+        if terms[0].kind == "text":
+            return text_request(terms[0].text or "", dates, **options)
+        # The file name tells the decode a camera RAW file (its preview, not its thumbnail).
+        return SearchRequest("image", image=terms[0].image, name=Path(parsed[0][2]).name, **options)
+    if len(terms) > MAX_TERMS:
+        raise errors.BadRequest(f"at most {MAX_TERMS} terms, --image included")
+    return SearchRequest("terms", terms=tuple(terms), **options)
 
 
 def _empty_index_note(args: argparse.Namespace) -> str:

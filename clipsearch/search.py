@@ -14,19 +14,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from clipsearch import fusion
 from clipsearch.dates import parse_dates
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest, NotFound
 from clipsearch.images import load_bytes
 from clipsearch.index.base import DateRange, Hit, VectorIndex
+from clipsearch.terms import Term, base64_image, combine, parse_terms
 
 MAX_K = 100
 DEFAULT_K = 10
 MAX_FROM = 10_000
 MAX_TEXT_CHARS = 10_000
-QUERY_FIELDS = ("text", "image", "id")
+QUERY_FIELDS = ("text", "image", "id", "query")
 _SURROGATES = re.compile("[\udc80-\udcff]")  # the undecodable bytes of an OS file name (os.fsdecode)
-OPTION_FIELDS = ("k", "from", "min_score", "filter", "dates")
+OPTION_FIELDS = ("k", "from", "min_score", "filter", "dates", "mode")
+MODES = ("vector", "hybrid")
 FILTER_FIELDS = ("prefix", "taken_after", "taken_before")
 # The query-string names of the filters of GET /search and of a raw image POST.
 PARAM_FILTERS = {"prefix": "prefix", "after": "taken_after", "before": "taken_before"}
@@ -37,7 +42,7 @@ _ZONE = re.compile(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """One query (text, image bytes, or the id of an indexed image) plus its options."""
+    """One query (text, image bytes, the id of an indexed image, or weighted terms) plus its options."""
 
     kind: str
     text: str | None = None
@@ -50,6 +55,14 @@ class SearchRequest:
     taken: DateRange = DateRange()  # taken_after (inclusive) and taken_before (exclusive), wall-clock
     name: str = ""  # the query picture's file name, where it has one: it tells a camera RAW file
     search_text: str | None = None  # what CLIP reads when the text held date words; None: all of text
+    terms: tuple[Term, ...] = ()  # kind "terms": the weighted terms
+    mode: str = "vector"  # "hybrid": RRF of the vector and the word ranking (text queries only)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BadRequest(f"mode must be one of {', '.join(MODES)}")
+        if self.mode == "hybrid" and self.kind != "text":
+            raise BadRequest('mode "hybrid" is for text queries only (not image, id or query terms)')
 
     def describe(self) -> dict[str, Any]:
         if self.kind == "text":
@@ -58,8 +71,12 @@ class SearchRequest:
                 described["search_text"] = self.search_text
         elif self.kind == "id":
             described = {"type": "id", "id": self.id}
+        elif self.kind == "terms":
+            described = {"type": "terms", "terms": [t.describe() for t in self.terms]}
         else:
             described = {"type": "image", "bytes": len(self.image or b"")}
+        if self.mode != "vector":
+            described["mode"] = self.mode
         if self.taken:
             described["filter"] = {
                 name: _shown_time(value)
@@ -196,11 +213,11 @@ def _param_filter(params: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, name: str = "text") -> str:
     if not isinstance(value, str):
-        raise BadRequest("text must be a string")
+        raise BadRequest(f"{name} must be a string")
     if not value.strip():
-        raise BadRequest("text is empty")
+        raise BadRequest(f"{name} is empty")
     # Far beyond CLIP's 77 tokens, so cutting here never changes the vector but bounds the work.
     return value.strip()[:MAX_TEXT_CHARS]
 
@@ -214,31 +231,34 @@ def parse_json(payload: Any, max_k: int = MAX_K, now: datetime.datetime | None =
         raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
     given = [f for f in QUERY_FIELDS if payload.get(f) is not None]
     if len(given) != 1:
-        raise BadRequest('give exactly one of "text", "image" or "id"')
-    opts = _options(payload, max_k)
+        raise BadRequest('give exactly one of "text", "image", "id" or "query"')
+    opts = {**_options(payload, max_k), **_mode(payload)}
     dates = _dates_flag(payload["dates"]) if payload.get("dates") is not None else True
     field = given[0]
     if field == "text":
         return text_request(_text(payload["text"]), dates, now, **opts)
+    if field == "query":
+        return SearchRequest("terms", terms=parse_terms(payload["query"], _text), **opts)
     if field == "id":
         if not isinstance(payload["id"], str) or not payload["id"]:
             raise BadRequest("id must be a non-empty string")
         return SearchRequest("id", id=payload["id"], **opts)
-    if not isinstance(payload["image"], str):
-        raise BadRequest("image must be a base64 string")
-    import base64
-    import binascii
+    return SearchRequest("image", image=base64_image(payload["image"], "image"), **opts)
 
-    try:
-        data = base64.b64decode(payload["image"], validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest("image is not valid base64") from None
-    return SearchRequest("image", image=data, **opts)
+
+def _mode(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The `mode` of a JSON body or a query string: vector (the default) or hybrid."""
+    mode = params.get("mode")
+    if mode is None:
+        return {}
+    if mode not in MODES:
+        raise BadRequest(f"mode must be one of {', '.join(MODES)}")
+    return {"mode": mode}
 
 
 def parse_params(params: Mapping[str, str], max_k: int = MAX_K, now: datetime.datetime | None = None) -> SearchRequest:
-    """Parse GET /search?q=TEXT&k=10&from=0&min_score=0.2&prefix=a/&dates=false."""
-    unknown = set(params) - {"q", "k", "from", "min_score", "dates"} - set(PARAM_FILTERS)
+    """Parse GET /search?q=TEXT&k=10&from=0&min_score=0.2&prefix=a/&dates=false&mode=hybrid."""
+    unknown = set(params) - {"q", "k", "from", "min_score", "dates", "mode"} - set(PARAM_FILTERS)
     if unknown:
         raise BadRequest(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     if "q" not in params:
@@ -250,7 +270,7 @@ def parse_params(params: Mapping[str, str], max_k: int = MAX_K, now: datetime.da
     dates = (
         _dates_flag({"true": True, "false": False}.get(params["dates"], params["dates"])) if "dates" in params else True
     )
-    return text_request(_text(params["q"]), dates, now, **_options(payload, max_k))
+    return text_request(_text(params["q"]), dates, now, **_options(payload, max_k), **_mode(params))
 
 
 def image_request(data: bytes, params: Mapping[str, str] | None = None, max_k: int = MAX_K) -> SearchRequest:
@@ -259,7 +279,7 @@ def image_request(data: bytes, params: Mapping[str, str] | None = None, max_k: i
     payload: dict[str, Any] = {k: v for k, v in params.items() if k in ("k", "from", "min_score")}
     if flt := _param_filter(params):
         payload["filter"] = flt
-    return SearchRequest("image", image=data, **_options(payload, max_k))
+    return SearchRequest("image", image=data, **_options(payload, max_k), **_mode(params))
 
 
 class SearchService:
@@ -274,21 +294,20 @@ class SearchService:
 
     def search(self, req: SearchRequest) -> dict[str, Any]:
         started = time.perf_counter()
-        exclude = None
-        if req.kind == "text":
-            vector = self.encoder.encode_texts([req.search_text or req.text or ""])[0]
-        elif req.kind == "image":
-            vector = self.encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0]
+        vector, exclude = self._vector(req)
+        if req.mode == "hybrid":
+            hits = self._hybrid(req, vector)
         else:
-            doc = self.index.get(req.id or "")
-            if doc is None:
-                raise NotFound(f"no indexed image with id {req.id!r}")
-            vector, exclude = doc.vector, doc.id
-        k = req.k + (1 if exclude else 0)
-        hits = self.index.search(
-            vector, k=k, offset=req.offset, min_score=req.min_score, prefix=req.prefix, taken=req.taken or None
-        )
-        hits = [h for h in hits if h.id != exclude][: req.k]
+            # Room for the query's own pictures (an id query, id terms), which are never shown as hits.
+            hits = self.index.search(
+                vector,
+                k=req.k + len(exclude),
+                offset=req.offset,
+                min_score=req.min_score,
+                prefix=req.prefix,
+                taken=req.taken or None,
+            )
+            hits = [h for h in hits if h.id not in exclude][: req.k]
         return {
             "query": req.describe(),
             "model": self.index.model,
@@ -298,10 +317,48 @@ class SearchService:
             "hits": [self._hit(h) for h in hits],
         }
 
+    def _vector(self, req: SearchRequest) -> tuple[np.ndarray, set[str]]:
+        """The query vector, and the ids of indexed pictures the query names (left out of the hits)."""
+        if req.kind == "text":
+            return self.encoder.encode_texts([req.search_text or req.text or ""])[0], set()
+        if req.kind == "image":
+            return self.encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0], set()
+        if req.kind == "id":
+            return self._stored(req.id or ""), {req.id or ""}
+        terms = req.terms
+        vectors: dict[int, np.ndarray] = {}
+        texts = [n for n, t in enumerate(terms) if t.kind == "text"]
+        images = [n for n, t in enumerate(terms) if t.kind == "image"]
+        # One encoder call per kind: a SageMaker endpoint is one round trip for all of a kind's terms.
+        if texts:
+            vectors.update(zip(texts, self.encoder.encode_texts([terms[n].text or "" for n in texts]), strict=True))
+        if images:
+            pictures = [load_bytes(terms[n].image or b"") for n in images]
+            vectors.update(zip(images, self.encoder.encode_images(pictures), strict=True))
+        for n, t in enumerate(terms):
+            if t.kind == "id":
+                vectors[n] = self._stored(t.id or "")
+        vector = combine([vectors[n] for n in range(len(terms))], [t.weight for t in terms])
+        return vector, {t.id for t in terms if t.kind == "id" and t.id}
+
+    def _stored(self, id: str) -> np.ndarray:
+        doc = self.index.get(id)
+        if doc is None:
+            raise NotFound(f"no indexed image with id {id!r}")
+        return doc.vector
+
+    def _hybrid(self, req: SearchRequest, vector: np.ndarray) -> list[Hit]:
+        """RRF of the vector ranking (min_score applies here only) and the word ranking of the text."""
+        n = fusion.candidates(req.k, req.offset)
+        taken = req.taken or None
+        by_vector = self.index.search(vector, k=n, min_score=req.min_score, prefix=req.prefix, taken=taken)
+        by_words = self.index.lexical(req.search_text or req.text or "", vector, k=n, prefix=req.prefix, taken=taken)
+        return fusion.fuse(by_vector, by_words)[req.offset : req.offset + req.k]
+
     def _hit(self, hit: Hit) -> dict[str, Any]:
         # taken_at: wall-clock, with the EXIF offset appended when known (CONTRACT §7); null: not known yet.
         taken = hit.taken_at + hit.taken_offset if hit.taken_at else None
-        return {
+        shown = {
             "id": hit.id,
             "key": display_text(hit.key),
             "score": round(hit.score, 6),
@@ -309,6 +366,9 @@ class SearchService:
             "url": self.url_for(hit),
             "taken_at": taken,
         }
+        if hit.rank_score is not None:  # hybrid mode only
+            shown["rank_score"] = round(hit.rank_score, 6)
+        return shown
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.index.model, "count": self.index.count()}

@@ -427,6 +427,16 @@ class LazyIndex:
     ) -> list[Hit]:
         return self.opened.search(vector, k=k, offset=offset, min_score=min_score, prefix=prefix, taken=taken)
 
+    def lexical(
+        self,
+        text: str,
+        vector: np.ndarray,
+        k: int = 10,
+        prefix: str | None = None,
+        taken: DateRange | None = None,
+    ) -> list[Hit]:
+        return self.opened.lexical(text, vector, k=k, prefix=prefix, taken=taken)
+
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
         return self.opened.fingerprints(prefix)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -30,6 +31,7 @@ __all__ = [
     "check_schema",
     "Redatable",
     "wall_clock",
+    "query_words",
 ]
 
 
@@ -126,6 +128,7 @@ class Hit:
     height: int = 0
     taken_at: str | None = None
     taken_offset: str = ""
+    rank_score: float | None = None  # the fused (RRF) score of a hybrid search; None otherwise
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,18 @@ class VectorIndex(Protocol):
         taken: DateRange | None = None,
     ) -> list[Hit]: ...
 
+    def lexical(
+        self,
+        text: str,
+        vector: np.ndarray,
+        k: int = 10,
+        prefix: str | None = None,
+        taken: DateRange | None = None,
+    ) -> list[Hit]:
+        """The k best documents for the words of text over their title and key, best first (the lexical
+        side of a hybrid search); each hit's score is its cosine to vector, as search() gives it."""
+        ...
+
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
         """key -> (size, mtime) for documents whose key starts with prefix (for incremental indexing)."""
         ...
@@ -211,6 +226,15 @@ def check_model(recorded_model: str, recorded_dim: int, model: str | None, dim: 
         )
     if dim is not None and dim != recorded_dim:
         raise ModelMismatch(f"index has dimension {recorded_dim}, the model gives {dim}")
+
+
+MAX_QUERY_WORDS = 32
+
+
+def query_words(text: str) -> list[str]:
+    """The distinct words of a lexical query, lower-cased, in order (at most MAX_QUERY_WORDS): letters and
+    digits as both backends' standard tokenizers split them, so punctuation never reaches a query parser."""
+    return list(dict.fromkeys(w.lower() for w in re.findall(r"[^\W_]+", text)))[:MAX_QUERY_WORDS]
 
 
 def check_query(vector: np.ndarray, dim: int, k: int, offset: int) -> np.ndarray:

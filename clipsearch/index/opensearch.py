@@ -31,19 +31,32 @@ from clipsearch.index.base import (
     check_query,
     check_schema,
     doc_id,
+    query_words,
 )
 
 __all__ = ["OpenSearchIndex", "ENGINES", "AUTH_MODES", "MAX_K"]
 
 # 1: the first release. 2: taken_at (a `date` holding the wall-clock capture time with no zone, so
-# OpenSearch's UTC handling shifts nothing) and taken_offset (keyword). An older index gets the two fields
-# (put_mapping) and the new version in `_meta` on its first write; a search never changes it.
-SCHEMA_VERSION = 2
+# OpenSearch's UTC handling shifts nothing) and taken_offset (keyword). 3: key.text, the key's words for
+# hybrid search. An older index gets the new fields (put_mapping) and the new version in `_meta` on its
+# first write; a search never changes it.
+SCHEMA_VERSION = 3
 # yyyy-MM-dd'T'HH:mm:ss (OpenSearch docs, "Date field type": built-in formats).
 TAKEN_FORMAT = "strict_date_hour_minute_second"
 _DATE_FIELDS: dict[str, Any] = {
     "taken_at": {"type": "date", "format": TAKEN_FORMAT},
     "taken_offset": {"type": "keyword"},
+}
+# The keyword `key` gains a text sub-field (standard analyzer) for the lexical side of hybrid search. Adding
+# a multi-field to an existing field is allowed by put_mapping (OpenSearch docs, "Create or update mappings");
+# documents written before it gain the sub-field when they are written again (the title, a text field since
+# schema 1, matches at once).
+_KEY_FIELD: dict[str, Any] = {"type": "keyword", "fields": {"text": {"type": "text"}}}
+# multi_match over both, a title word counting twice a key word (as the embedded index's BM25 weights).
+LEXICAL_FIELDS = ["title^2", "key.text"]
+_MIGRATIONS: dict[int, dict[str, Any]] = {  # version -> the fields that bring an index to the next one
+    1: _DATE_FIELDS,
+    2: {"key": _KEY_FIELD},
 }
 ENGINES = ("lucene", "faiss")
 AUTH_MODES = ("none", "basic", "sigv4")
@@ -245,7 +258,7 @@ class OpenSearchIndex:
                             "parameters": {"m": self.m, "ef_construction": self.ef_construction},
                         },
                     },
-                    "key": {"type": "keyword"},
+                    "key": _KEY_FIELD,
                     "bucket": {"type": "keyword"},
                     "title": {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 512}}},
                     "content_hash": {"type": "keyword"},
@@ -288,11 +301,14 @@ class OpenSearchIndex:
         if self.schema >= SCHEMA_VERSION:
             return
         meta = {**self._meta, "schema_version": SCHEMA_VERSION}
+        fields: dict[str, Any] = {}
+        for version in range(self.schema, SCHEMA_VERSION):
+            fields.update(_MIGRATIONS[version])
         self._call(
             "migrating the mapping",
             self.client.indices.put_mapping,
             index=self.name,
-            body={"_meta": {"clipsearch": meta}, "properties": _DATE_FIELDS},
+            body={"_meta": {"clipsearch": meta}, "properties": fields},
         )
         self._meta, self.schema = meta, SCHEMA_VERSION
 
@@ -452,6 +468,60 @@ class OpenSearchIndex:
         knn: dict[str, Any] = {"vector": q.tolist(), "k": want}
         # Lucene widens its candidate list to ef_search and then keeps k; a larger list buys recall.
         knn["method_parameters"] = {"ef_search": max(self.ef_search, want)}
+        filters = self._filters(prefix, taken)
+        if len(filters) == 1:
+            knn["filter"] = filters[0]
+        elif filters:
+            knn["filter"] = {"bool": {"filter": filters}}
+        body: dict[str, Any] = {
+            "size": k,
+            "from": offset,
+            "_source": _SOURCE_FIELDS,
+            "query": {"knn": {VECTOR_FIELD: knn}},
+        }
+        if min_score is not None:
+            body["min_score"] = _cos_to_score(min_score)
+        self._see_own_writes()
+        resp = self._call("a search", self.client.search, index=self.name, body=body)
+        return [_hit(h, _score_to_cos(float(h["_score"]))) for h in resp["hits"]["hits"]]
+
+    def lexical(
+        self,
+        text: str,
+        vector: np.ndarray,
+        k: int = 10,
+        prefix: str | None = None,
+        taken: DateRange | None = None,
+    ) -> list[Hit]:
+        """The k best documents for any word of text in their title or key (multi_match, BM25), ties by key;
+        each hit's score is its cosine to vector, computed here from the stored vector."""
+        q = check_query(vector, self.dim, k, 0)
+        words = query_words(text)
+        if not words:
+            return []
+        if k > MAX_K:
+            raise BadRequest(f"k must be at most {MAX_K} on the OpenSearch backend")
+        query: dict[str, Any] = {"multi_match": {"query": " ".join(words), "fields": LEXICAL_FIELDS}}
+        filters = self._filters(prefix, taken)
+        body: dict[str, Any] = {
+            "size": k,
+            "_source": [*_SOURCE_FIELDS, VECTOR_FIELD],
+            "query": {"bool": {"must": [query], "filter": filters}} if filters else query,
+            "sort": [{"_score": "desc"}, {"key": "asc"}, {"bucket": "asc"}],
+        }
+        self._see_own_writes()
+        resp = self._call("a word search", self.client.search, index=self.name, body=body)
+        q_norm = float(np.linalg.norm(q)) or 1.0
+        hits = []
+        for h in resp["hits"]["hits"]:
+            v = np.asarray(h["_source"][VECTOR_FIELD], dtype=np.float32)
+            # cosinesimil, as the k-NN side scores it: the stored vector need not be exactly unit.
+            cos = float(v @ q) / ((float(np.linalg.norm(v)) or 1.0) * q_norm)
+            hits.append(_hit(h, max(-1.0, min(1.0, cos))))
+        return hits
+
+    def _filters(self, prefix: str | None, taken: DateRange | None) -> list[dict[str, Any]]:
+        """The prefix and capture-time filter clauses shared by the k-NN and the word search."""
         filters: list[dict[str, Any]] = []
         if prefix:
             filters.append({"prefix": {"key": prefix}})
@@ -467,37 +537,7 @@ class OpenSearchIndex:
                 )
             bounds = {op: value for op, value in (("gte", taken.after), ("lt", taken.before)) if value}
             filters.append({"range": {"taken_at": {**bounds, "format": TAKEN_FORMAT}}})
-        if len(filters) == 1:
-            knn["filter"] = filters[0]
-        elif filters:
-            knn["filter"] = {"bool": {"filter": filters}}
-        body: dict[str, Any] = {
-            "size": k,
-            "from": offset,
-            "_source": _SOURCE_FIELDS,
-            "query": {"knn": {VECTOR_FIELD: knn}},
-        }
-        if min_score is not None:
-            body["min_score"] = _cos_to_score(min_score)
-        self._see_own_writes()
-        resp = self._call("a search", self.client.search, index=self.name, body=body)
-        hits = []
-        for h in resp["hits"]["hits"]:
-            s = h.get("_source", {})
-            hits.append(
-                Hit(
-                    id=h["_id"],
-                    key=s.get("key", ""),
-                    score=_score_to_cos(float(h["_score"])),
-                    title=s.get("title", ""),
-                    bucket=s.get("bucket", ""),
-                    width=int(s.get("width", 0)),
-                    height=int(s.get("height", 0)),
-                    taken_at=s.get("taken_at"),
-                    taken_offset=s.get("taken_offset") or "",
-                )
-            )
-        return hits
+        return filters
 
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
         # search_after on (key, bucket) rather than scroll: it also works on Serverless.
@@ -622,6 +662,21 @@ class OpenSearchIndex:
         except NotFound:
             pass
         self.client.close()
+
+
+def _hit(h: dict[str, Any], cos: float) -> Hit:
+    s = h.get("_source", {})
+    return Hit(
+        id=h["_id"],
+        key=s.get("key", ""),
+        score=cos,
+        title=s.get("title", ""),
+        bucket=s.get("bucket", ""),
+        width=int(s.get("width", 0)),
+        height=int(s.get("height", 0)),
+        taken_at=s.get("taken_at"),
+        taken_offset=s.get("taken_offset") or "",
+    )
 
 
 class _Attempts:

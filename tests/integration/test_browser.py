@@ -189,7 +189,7 @@ def test_given_results_when_one_is_chosen_with_the_keyboard_then_more_like_it_re
     wait_for_results(page, "a green triangle")
     first = page.locator("#results .hit").first
     first_id = first.get_attribute("data-id")
-    first.locator("button").focus()
+    first.locator(".hit-button").focus()
 
     page.keyboard.press("Enter")
 
@@ -199,6 +199,34 @@ def test_given_results_when_one_is_chosen_with_the_keyboard_then_more_like_it_re
     # Pictures like a green triangle: green ones first, another green triangle among the first few.
     assert all("green" in t for t in titles[:3]), titles
     assert any("green triangle" in t for t in titles[:5]), titles
+
+
+def test_given_results_when_one_is_added_and_another_subtracted_then_the_query_holds_both_as_weighted_terms(page):
+    page.locator("#q").fill("a red circle")
+    titles = wait_for_results(page, "a red circle")
+    tenth = page.locator("#results .hit").last  # not a red circle
+    added_id, added_title = tenth.get_attribute("data-id"), tenth.locator(".hit-title").inner_text().strip()
+
+    with page.expect_request(lambda r: r.method == "POST" and "/search" in r.url) as added:
+        tenth.locator(".hit-add").click()
+
+    expect(page.locator("#status")).to_contain_text(f"\u201ca red circle\u201d + \u201c{added_title}\u201d")
+    assert added.value.post_data_json["query"] == [{"text": "a red circle"}, {"id": added_id, "weight": 1}]
+    mixed = hit_titles(page)
+    assert added_id not in page.locator("#results .hit").evaluate_all("(hits) => hits.map((h) => h.dataset.id)")
+    assert "red circle" not in added_title and any("red circle" in t for t in mixed[:3]), (added_title, mixed)
+    assert mixed != titles
+
+    circle = page.locator("#results .hit", has_text="circle").first
+    circle_id, circle_title = circle.get_attribute("data-id"), circle.locator(".hit-title").inner_text().strip()
+    with page.expect_request(lambda r: r.method == "POST" and "/search" in r.url) as subtracted:
+        circle.locator(".hit-subtract").click()
+
+    expect(page.locator("#status")).to_contain_text(f"\u2212 \u201c{circle_title}\u201d")
+    terms = subtracted.value.post_data_json["query"]
+    assert terms == [{"text": "a red circle"}, {"id": added_id, "weight": 1}, {"id": circle_id, "weight": -1}]
+    after = hit_titles(page)
+    assert sum("circle" in t for t in after[:5]) < sum("circle" in t for t in mixed[:5]), (mixed, after)
 
 
 def test_given_results_when_k_changes_then_the_same_query_returns_that_many(page):

@@ -257,7 +257,14 @@ def _half_created(kind: str, index_dir: Path, healthy: Path) -> None:
     db.execute("PRAGMA journal_mode=WAL")
     if kind == "schema without model record":
         source = sqlite3.connect(f"file:{urllib.parse.quote(str(healthy / DB_NAME))}?mode=ro", uri=True)
-        schema = [r[0] for r in source.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL")]
+        # FTS5's shadow tables are created by their virtual table's own statement.
+        schema = [
+            r[0]
+            for r in source.execute(
+                "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL "
+                "AND NOT (type = 'table' AND name LIKE 'images_fts_%')"
+            )
+        ]
         source.close()
         for statement in schema:
             db.execute(statement)

@@ -1,4 +1,4 @@
-// clipsearch page: text, image and more-like-this queries against the REST API of the same origin.
+// clipsearch page: text, image, more-like-this and weighted-terms queries against the REST API of the same origin.
 "use strict";
 
 (() => {
@@ -13,6 +13,7 @@
   const MAX_SIDE = 448;
   const MAX_ASPECT = 2;
   const JPEG_QUALITY = 0.92;
+  const MAX_TERMS = 10; // the API's limit on weighted terms
 
   const $ = (id) => document.getElementById(id);
   const form = $("search-form");
@@ -28,7 +29,7 @@
   const queryCaption = $("query-caption");
 
   // The query being shown, so changing k re-runs it: {type: "text", text} | {type: "image", blob, name}
-  // | {type: "id", id, title}.
+  // | {type: "id", id, title} | {type: "terms", terms: [{term, label}]}, term as the API's query terms.
   let current = null;
   let inflight = null;
   let sequence = 0;
@@ -64,6 +65,9 @@
       url = `/search?${new URLSearchParams({ k: String(k()) })}`;
       init.headers["Content-Type"] = query.blob.type;
       init.body = query.blob;
+    } else if (query.type === "terms") {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify({ query: query.terms.map((t) => t.term), k: k() });
     } else {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify({ id: query.id, k: k() });
@@ -94,7 +98,41 @@
   function describe(query) {
     if (query.type === "text") return `\u201c${query.text}\u201d`;
     if (query.type === "image") return `the picture ${query.name}`;
+    if (query.type === "terms") {
+      return query.terms
+        .map((t, i) => `${t.term.weight < 0 ? "\u2212 " : i ? "+ " : ""}${t.label}`)
+        .join(" ");
+    }
     return `pictures like \u201c${query.title}\u201d`;
+  }
+
+  // -- weighted terms: add a result to the current query, or subtract it ----------------------
+
+  async function base64Of(blob) {
+    const bytes = new Uint8Array(await blob.arrayBuffer());
+    let binary = "";
+    for (let i = 0; i < bytes.length; i += 0x8000) {
+      binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    }
+    return btoa(binary);
+  }
+
+  // The current query as a list of terms, each with the label the status line shows.
+  async function termsOf(query) {
+    if (query.type === "terms") return query.terms;
+    if (query.type === "text") return [{ term: { text: query.text }, label: `\u201c${query.text}\u201d` }];
+    if (query.type === "id") return [{ term: { id: query.id }, label: `\u201c${query.title}\u201d` }];
+    return [{ term: { image: await base64Of(query.blob) }, label: `the picture ${query.name}` }];
+  }
+
+  async function combine(hit, title, weight) {
+    if (!current) return;
+    const terms = await termsOf(current);
+    if (terms.length >= MAX_TERMS) {
+      showError(`A query holds at most ${MAX_TERMS} terms; start a new search to add more.`);
+      return;
+    }
+    run({ type: "terms", terms: [...terms, { term: { id: hit.id, weight }, label: `\u201c${title}\u201d` }] });
   }
 
   function render(body, query) {
@@ -157,7 +195,20 @@
     // The capture time (wall clock, with the camera's UTC offset when known) in the path's tooltip.
     path.title = hit.taken_at ? `${hit.key}\ntaken ${hit.taken_at.replace("T", " ")}` : hit.key;
 
-    item.append(button, path);
+    const actions = document.createElement("span");
+    actions.className = "hit-actions";
+    for (const [sign, weight, verb] of [["+", 1, "Add"], ["\u2212", -1, "Subtract"]]) {
+      const change = document.createElement("button");
+      change.type = "button";
+      change.className = weight > 0 ? "hit-add" : "hit-subtract";
+      change.textContent = sign;
+      change.title = `${verb} this picture ${weight > 0 ? "to" : "from"} the query`;
+      change.setAttribute("aria-label", `${verb} ${title} ${weight > 0 ? "to" : "from"} the query`);
+      change.addEventListener("click", () => combine(hit, title, weight));
+      actions.append(change);
+    }
+
+    item.append(button, actions, path);
     return item;
   }
 
