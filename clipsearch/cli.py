@@ -629,6 +629,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
     to = argparse.Namespace(
         backend=args.to_backend, index=args.to_index, opensearch_url=args.to_opensearch_url or args.opensearch_url
     )
+    if to.backend == "opensearch" and not to.opensearch_url:
+        raise errors.ConfigError("--to-backend opensearch needs --to-opensearch-url (or --opensearch-url)")
     if _where(args) == _where(to):
         raise errors.BadRequest("the source and the destination are the same index")
     source = _open(args, read_only=True)

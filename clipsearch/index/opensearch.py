@@ -646,7 +646,7 @@ class OpenSearchIndex:
             hits = self._call("reading documents", self.client.search, index=self.name, body=body)["hits"]["hits"]
             docs = []
             for h in hits:
-                source = h["_source"]
+                source = h.get("_source", {})  # absent where the mapping disables _source
                 if VECTOR_FIELD not in source:
                     raise IndexError_(
                         f"OpenSearch index {self.name!r} keeps no {VECTOR_FIELD!r} in _source (document {h['_id']}); "
