@@ -83,7 +83,9 @@ def copy_index(
     check_compatible(source, dest)
     started = time.perf_counter()
     summary = CopySummary()
-    # Read once, before the first write: key -> (size, mtime), as `clipsearch index` uses it.
+    # Read once, before the first write: key -> (size, mtime), as `clipsearch index` uses it. Fingerprints
+    # name no bucket, so a destination holding the same key, size and mtime in another bucket counts as
+    # having it; --rewrite (rewrite=True) writes every document regardless.
     have = {} if rewrite else dest.fingerprints()
     for docs in source.scan(batch):
         summary.read += len(docs)

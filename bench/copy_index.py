@@ -1,7 +1,10 @@
 """`clipsearch copy` throughput: an embedded index into OpenSearch, back, and a re-run that finds all done.
 
+(Not bench/copy.py: as a script its folder comes first on sys.path, and a copy.py there would shadow the
+standard library's copy module.)
+
     scripts/opensearch-local start
-    python bench/copy.py [--n 100000] [--dim 512] [--batch 500] [--url http://127.0.0.1:9200]
+    python bench/copy_index.py [--n 100000] [--dim 512] [--batch 500] [--url http://127.0.0.1:9200]
 
 Builds an embedded index of N synthetic unit vectors (model "bench", never loaded), then times
 transfer.copy_index, as `clipsearch copy` runs it: embedded -> OpenSearch, OpenSearch -> a new embedded
