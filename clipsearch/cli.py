@@ -171,6 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models --model takes, their dimensions and which are cached")
     p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = sub.add_parser("copy", help="copy an index's documents and vectors into another index (no re-encoding)")
+    _add_index_options(p, model=False)
+    p.add_argument("--to-backend", choices=("embedded", "opensearch"), required=True)
+    p.add_argument(
+        "--to-index",
+        required=True,
+        help="the destination's folder (embedded) or name (opensearch); created with the source's model if missing",
+    )
+    p.add_argument("--to-opensearch-url", help="the destination's OpenSearch URL (default: --opensearch-url)")
+    p.add_argument("--to-bucket", help="with --strip-prefix: the S3 bucket the pictures were uploaded to")
+    p.add_argument(
+        "--strip-prefix",
+        metavar="FOLDER",
+        help="with --to-bucket: FOLDER/x becomes key x in the bucket; documents not under FOLDER are left out",
+    )
+    p.add_argument("--batch-size", type=_positive, default=500, help="documents read and written together")
+    p.add_argument(
+        "--rewrite", action="store_true", help="also write documents the destination has with the same size and mtime"
+    )
     return parser
 
 
@@ -645,6 +665,65 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from clipsearch.transfer import Rekey, copy_index
+
+    if (args.to_bucket is None) != (args.strip_prefix is None):
+        raise errors.BadRequest("--to-bucket and --strip-prefix go together")
+    rekey = None
+    if args.strip_prefix is not None:
+        folder = Path(args.strip_prefix).expanduser()  # resolved as `index` resolves the keys it records
+        rekey = Rekey(args.to_bucket, str(folder.resolve() if folder.exists() else folder))
+    to = argparse.Namespace(
+        backend=args.to_backend, index=args.to_index, opensearch_url=args.to_opensearch_url or args.opensearch_url
+    )
+    if to.backend == "opensearch" and not to.opensearch_url:
+        raise errors.ConfigError("--to-backend opensearch needs --to-opensearch-url (or --opensearch-url)")
+    if _where(args) == _where(to):
+        raise errors.BadRequest("the source and the destination are the same index")
+    source = _open(args, read_only=True)
+    try:
+        with _writing(to, create=True):
+            try:
+                dest = _open(to)
+            except errors.NotFound:
+                dest = _open(to, model=source.model, dim=source.dim)
+            bar = tqdm(total=source.count(), unit="doc", desc="copying", file=sys.stderr, disable=None)
+            try:
+                summary = copy_index(
+                    source, dest, rekey=rekey, batch=args.batch_size, rewrite=args.rewrite, on_batch=bar.update
+                )
+                held = dest.count()
+            finally:
+                bar.close()
+                dest.close()
+    finally:
+        source.close()
+    if rekey is not None and summary.outside:
+        print(
+            f"warning: left out {summary.outside} documents not under {shown(rekey.strip_prefix)}, "
+            f"e.g. {shown(summary.outside_example)}",
+            file=sys.stderr,
+        )
+    for id_, reason in list(summary.failed.items())[:20]:
+        print(f"warning: {id_}: {reason}", file=sys.stderr)
+    print(
+        f"copied {summary.copied}, unchanged {summary.unchanged}, failed {len(summary.failed)} of "
+        f"{summary.read} documents in {summary.seconds:.1f}s ({summary.docs_per_second:.0f} docs/s); "
+        f"the destination holds {held}"
+    )
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _where(args: argparse.Namespace) -> tuple[str, str]:
+    """Which index a backend, index and URL name, to tell a copy onto itself."""
+    if args.backend == "embedded":
+        return "embedded", str((Path(args.index).expanduser() if args.index else default_home() / "index").resolve())
+    return args.opensearch_url or "", args.index or "clipsearch"
+
+
 COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
@@ -656,6 +735,7 @@ COMMANDS = {
     "package-model": cmd_package_model,
     "backfill": cmd_backfill,
     "models": cmd_models,
+    "copy": cmd_copy,
 }
 
 

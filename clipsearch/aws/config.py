@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,3 +449,6 @@ class LazyIndex:
     def close(self) -> None:
         if self._index is not None:
             self._index.close()
+
+    def scan(self, batch: int = 500) -> Iterator[list[Document]]:
+        return self.opened.scan(batch)

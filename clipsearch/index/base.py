@@ -8,8 +8,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -32,6 +32,7 @@ __all__ = [
     "Redatable",
     "wall_clock",
     "query_words",
+    "document_from",
 ]
 
 
@@ -203,6 +204,13 @@ class VectorIndex(Protocol):
 
     def close(self) -> None: ...
 
+    def scan(self, batch: int = 500) -> Iterator[list[Document]]:
+        """Every document with its vector, in batches of at most `batch`, holding one batch in memory.
+
+        Each document is read once (a stable order); a document written during the scan may be missed.
+        """
+        ...
+
 
 @runtime_checkable
 class Redatable(Protocol):
@@ -247,3 +255,24 @@ def check_query(vector: np.ndarray, dim: int, k: int, offset: int) -> np.ndarray
     if offset < 0:
         raise BadRequest("from must be 0 or more")
     return q
+
+
+def document_from(values: Mapping[str, Any], vector: np.ndarray) -> Document:
+    """A Document from a stored record (an SQLite row, an OpenSearch _source) by Document's own fields.
+
+    Generic, so a field added to Document travels through scan() once a backend stores it: names that are
+    not fields (id, model) are dropped, a missing or null value takes the field's default, and a value is
+    cast to its default's type (JSON gives 3 for a stored 3.0).
+    """
+    out: dict[str, Any] = {}
+    for f in fields(Document):
+        if f.name == "vector" or f.name not in values:
+            continue
+        value, default = values[f.name], f.default
+        if default is MISSING or default is None:
+            out[f.name] = value
+        elif value is None:
+            out[f.name] = default
+        else:
+            out[f.name] = type(default)(value)
+    return Document(vector=np.asarray(vector, dtype=np.float32).reshape(-1), **out)

@@ -45,6 +45,7 @@ from clipsearch.index.base import (
     check_query,
     check_schema,
     doc_id,
+    document_from,
     query_words,
 )
 
@@ -939,6 +940,39 @@ class EmbeddedIndex:
                 self._refresh_if_changed()
                 self._save_ann(self._synced_ann(self._matrix), self._ann_header())
             self._db.close()
+
+    def scan(self, batch: int = 500) -> Iterator[list[Document]]:
+        """Every row with a usable vector, in rowid order, one batch per query (keyset paging on rowid).
+
+        Each query runs alone under the lock, so no read transaction or cursor stays open between batches
+        and the caller may write meanwhile. Columns map to Document fields by name (document_from), so a
+        column added for a new field travels without a change here. Rows whose vector is unusable (wrong
+        size, NaN) are left out, as they are from searches; `clipsearch check` reports them.
+        """
+        last = 0
+        while True:
+            rows, names = self._scan_page(last, batch)
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            docs = []
+            for row in rows:
+                values = dict(zip(names, row, strict=True))
+                vector = values["vector"]
+                if isinstance(vector, bytes) and len(vector) == 4 * self.dim:
+                    array = np.frombuffer(vector, dtype=np.float32)
+                    if np.isfinite(array).all():
+                        docs.append(document_from(values, array.copy()))
+            if docs:
+                yield docs
+
+    @_sqlite_errors
+    def _scan_page(self, after: int, batch: int) -> tuple[list[tuple], list[str]]:
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT rowid AS _rowid, * FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, batch)
+            )
+            return cursor.fetchall(), [d[0] for d in cursor.description]
 
 
 def _prefix_end(prefix: str) -> str | None:

@@ -31,6 +31,7 @@ from clipsearch.index.base import (
     check_query,
     check_schema,
     doc_id,
+    document_from,
     query_words,
 )
 
@@ -662,6 +663,41 @@ class OpenSearchIndex:
         except NotFound:
             pass
         self.client.close()
+
+    def scan(self, batch: int = 500) -> Iterator[list[Document]]:
+        """Every document with its vector, sorted by (key, bucket), one search_after page per batch.
+
+        search_after on the unique (key, bucket) pair, as fingerprints() does, rather than a scroll or a
+        point in time: it holds no context on the node between pages and also works on Serverless. The
+        vector comes from _source: the mapping clipsearch creates keeps it there (no `_source.excludes`);
+        an index that leaves it out is refused, since the vector cannot be rebuilt without re-encoding.
+        """
+        after: list[Any] | None = None
+        self._see_own_writes()
+        while True:
+            body: dict[str, Any] = {
+                "size": min(batch, MAX_K),
+                "query": {"match_all": {}},
+                "sort": [{"key": "asc"}, {"bucket": "asc"}],
+                "track_total_hits": False,
+            }
+            if after is not None:
+                body["search_after"] = after
+            hits = self._call("reading documents", self.client.search, index=self.name, body=body)["hits"]["hits"]
+            docs = []
+            for h in hits:
+                source = h.get("_source", {})  # absent where the mapping disables _source
+                if VECTOR_FIELD not in source:
+                    raise IndexError_(
+                        f"OpenSearch index {self.name!r} keeps no {VECTOR_FIELD!r} in _source (document {h['_id']}); "
+                        "its vectors cannot be read back, so it cannot be copied without re-encoding"
+                    )
+                docs.append(document_from(source, np.asarray(source[VECTOR_FIELD], dtype=np.float32)))
+            if docs:
+                yield docs
+            if len(hits) < min(batch, MAX_K):
+                return
+            after = hits[-1]["sort"]
 
 
 def _hit(h: dict[str, Any], cos: float) -> Hit:
