@@ -1,6 +1,6 @@
 """Hybrid ranking: reciprocal rank fusion (RRF) of a lexical and a vector ranking, the same for every backend.
 
-Each side contributes its `candidates(k, offset)` best hits; a hit's fused score is the sum, over the
+Each side contributes its WINDOW best hits; a hit's fused score is the sum, over the
 rankings it appears in, of 1 / (RRF_CONSTANT + rank), rank counted from 1 (Cormack, Clarke and Büttcher,
 "Reciprocal rank fusion outperforms Condorcet and individual rank learning methods", SIGIR 2009, which
 also gives the constant 60). Fusing here rather than in OpenSearch keeps both backends' answers the same.
@@ -11,16 +11,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from clipsearch.errors import BadRequest
 from clipsearch.index.base import Hit
 
 RRF_CONSTANT = 60
-MIN_CANDIDATES = 50
+# Each side contributes its WINDOW best hits, for every page alike: a depth that grew with `from` would
+# fuse deeper lists for page 2 than for page 1, so the pages would repeat some hits and skip others.
+WINDOW = 200
 
 
 def candidates(k: int, offset: int) -> int:
-    """How many hits each side contributes: every hit of the page asked for, and at least MIN_CANDIDATES,
-    so that a document ranked a little lower on one side can still be lifted by the other."""
-    return max(offset + k, MIN_CANDIDATES)
+    """How many hits each side contributes: WINDOW, the same for every page; a page past it is a 400."""
+    if offset + k > WINDOW:
+        raise BadRequest(f"hybrid ranks the best {WINDOW} pictures: from + k must be at most {WINDOW}")
+    return WINDOW
 
 
 def fuse(vector_hits: Sequence[Hit], lexical_hits: Sequence[Hit], constant: int = RRF_CONSTANT) -> list[Hit]:

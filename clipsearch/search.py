@@ -173,7 +173,7 @@ def _score_field(value: Any) -> float:
         raise BadRequest("min_score must be a number")
     try:
         score = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise BadRequest("min_score must be a number") from None
     if not math.isfinite(score) or not -1.0 <= score <= 1.0:
         raise BadRequest("min_score must be a cosine between -1 and 1")
@@ -298,16 +298,19 @@ class SearchService:
         if req.mode == "hybrid":
             hits = self._hybrid(req, vector)
         else:
-            # Room for the query's own pictures (an id query, id terms), which are never shown as hits.
+            # The query's own pictures (an id query, id terms) are never hits: rank from the top with room
+            # for them, drop them, then take the page, so that pages neither repeat nor skip a hit.
+            first = req.offset if not exclude else 0
             hits = self.index.search(
                 vector,
-                k=req.k + len(exclude),
-                offset=req.offset,
+                k=req.offset - first + req.k + len(exclude),
+                offset=first,
                 min_score=req.min_score,
                 prefix=req.prefix,
                 taken=req.taken or None,
             )
-            hits = [h for h in hits if h.id not in exclude][: req.k]
+            skip = req.offset - first
+            hits = [h for h in hits if h.id not in exclude][skip : skip + req.k]
         return {
             "query": req.describe(),
             "model": self.index.model,

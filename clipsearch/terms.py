@@ -50,7 +50,10 @@ def weight_value(value: Any, where: str) -> float:
     """A term's weight: a finite, non-zero number between -MAX_WEIGHT and MAX_WEIGHT."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"{where}.weight must be a number")
-    weight = float(value)
+    try:
+        weight = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise BadRequest(f"{where}.weight must be a finite number between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}") from None
     if not math.isfinite(weight) or not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
         raise BadRequest(f"{where}.weight must be a finite number between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
     if weight == 0:

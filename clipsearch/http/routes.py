@@ -119,7 +119,8 @@ def build_app(
             )
         try:
             payload = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        # ValueError: an integer past Python's 4300-digit limit for int(str) (json.JSONDecodeError is one too).
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise errors.BadRequest("body is not valid JSON") from None
         return service.search(parse_json(payload))
 

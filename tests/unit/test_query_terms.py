@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clipsearch.errors import BadRequest
-from clipsearch.fusion import RRF_CONSTANT, candidates, fuse
+from clipsearch.fusion import RRF_CONSTANT, WINDOW, candidates, fuse
 from clipsearch.index.base import Hit
 from clipsearch.search import parse_json, parse_params
 from clipsearch.terms import Term, combine, parse_argv
@@ -142,6 +142,5 @@ def test_given_two_rankings_when_fused_then_rrf_sums_reciprocal_ranks_and_keeps_
     assert [h.id for h in tied] == ["y", "x"] and tied[0].rank_score == tied[1].rank_score
 
 
-def test_given_a_page_when_candidates_counted_then_every_hit_of_the_page_and_at_least_fifty():
-    assert candidates(10, 0) == 50
-    assert candidates(30, 40) == 70
+def test_given_any_page_when_candidates_counted_then_the_same_window_for_every_page():
+    assert candidates(10, 0) == candidates(30, 40) == candidates(100, 100) == WINDOW

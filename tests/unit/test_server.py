@@ -657,3 +657,9 @@ def test_given_a_request_in_flight_when_serve_gets_sigterm_then_it_is_answered_a
     lines = rest.splitlines()
     assert lines[-1] == "stopped" and "Traceback" not in rest, rest
     assert sum('"POST /search?k=2 HTTP/1.1" 200' in line for line in lines) == 1, rest
+
+
+def test_given_a_json_integer_past_pythons_digit_limit_when_posted_then_json_400_not_500(server: LocalServer) -> None:
+    body = b'{"text": "red", "k": ' + b"9" * 5000 + b"}"
+    reply = request(server, "POST", "/search", body, {"Content-Type": "application/json"})
+    assert reply.status == 400 and json.loads(reply.body)["error"]["code"] == "bad_request"
