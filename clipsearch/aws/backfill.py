@@ -6,6 +6,7 @@ or run a SageMaker batch transform over the images and bulk-load its `.out` vect
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,8 @@ from clipsearch.errors import BadRequest, ClipsearchError, Unavailable
 from clipsearch.images import is_image_name
 from clipsearch.index.base import Document, VectorIndex, wall_clock
 from clipsearch.ingest import title_from_path
-from model_code.inference import is_raw_name
+from clipsearch.perceptual import perceptual_hash
+from model_code.inference import decode_for_model, is_raw_name
 
 SQS_BATCH = 10  # SendMessageBatch's limit
 UPSERT_BATCH = 200
@@ -202,8 +204,18 @@ def read_vector(s3: Any, bucket: str, key: str) -> np.ndarray:
 
 
 def document_for(s3: Any, bucket: str, key: str, vector: np.ndarray) -> Document:
-    """A Document with the object's title metadata, size and time (no decode: width/height stay 0)."""
-    head = s3.head_object(Bucket=bucket, Key=key)
+    """A Document with the object's title metadata, size, time and hashes (width/height stay 0).
+
+    A transform's `.out` holds the vector alone, so the object is read here (GetObject where HeadObject
+    would do for the metadata) for its sha256 and its perceptual hash, from the same decode as every other
+    path; it is decoded, never encoded.
+    """
+    head = s3.get_object(Bucket=bucket, Key=key)
+    data = head["Body"].read()
+    try:
+        phash: str | None = perceptual_hash(decode_for_model(data, name=key).image)
+    except ValueError:
+        phash = None  # the container decoded what this machine cannot (HEIC without pillow-heif)
     meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
     title = (
         metadata_text(meta.get("title"))
@@ -216,8 +228,9 @@ def document_for(s3: Any, bucket: str, key: str, vector: np.ndarray) -> Document
         vector=vector,
         bucket=bucket,
         title=title,
-        content_hash=str(head.get("ETag", "")),
-        size=int(head.get("ContentLength", 0)),
+        content_hash=hashlib.sha256(data).hexdigest(),
+        phash=phash,
+        size=len(data),
         mtime=modified.timestamp() if modified is not None else 0.0,
         # No decode here, so no EXIF: the object's LastModified, as the ingest Lambda falls back to.
         taken_at=wall_clock(modified) if modified is not None else None,

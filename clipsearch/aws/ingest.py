@@ -29,6 +29,7 @@ from clipsearch.errors import BadRequest, ClipsearchError
 from clipsearch.images import is_image_name
 from clipsearch.index.base import Document, IndexError_, VectorIndex, doc_id, wall_clock
 from clipsearch.ingest import title_from_path
+from clipsearch.perceptual import perceptual_hash
 from model_code.inference import decode_for_model
 
 logger = Logger(service="clipsearch", child=True)
@@ -228,6 +229,7 @@ class Ingestor:
             height=decoded.height,
             taken_at=taken_at,
             taken_offset=decoded.taken_offset,
+            phash=perceptual_hash(decoded.image),
         )
 
     def _skip(self, event: ObjectEvent, reason: str) -> None:

@@ -29,6 +29,8 @@ __all__ = [
     "SchemaTooNew",
     "check_schema",
     "Redatable",
+    "Rehashable",
+    "HashScannable",
     "wall_clock",
 ]
 
@@ -107,6 +109,10 @@ class Document:
     # time or the object's LastModified); None: not known (an index written before schema 2).
     taken_at: str | None = None
     taken_offset: str = ""  # EXIF OffsetTimeOriginal ("+02:00") when given: shown, never used to filter
+    # content_hash is the sha256 of the file's bytes (hex): equal hashes are exact duplicates. phash is the
+    # perceptual hash of the decoded picture (clipsearch/perceptual.py, 16 hex digits); None: not computed
+    # (an index written before schema 3), filled in by the next `clipsearch index` without re-encoding.
+    phash: str | None = None
 
     @property
     def id(self) -> str:
@@ -199,6 +205,40 @@ class Redatable(Protocol):
 
     def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
         """key -> (taken_at, taken_offset) for documents of this index (bucket ""); returns how many."""
+        ...
+
+
+@runtime_checkable
+class Rehashable(Protocol):
+    """A backend that can list documents without a perceptual hash and fill both hashes in without re-encoding."""
+
+    def unhashed(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose phash is not known (written before schema 3)."""
+        ...
+
+    def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
+        """key -> (sha256, phash) for documents of this index (bucket ""); returns how many."""
+        ...
+
+
+@runtime_checkable
+class HashScannable(Protocol):
+    """A backend that answers the duplicate scan's questions from its own storage (clipsearch/duplicates.py)."""
+
+    def exact_groups(self) -> list[tuple[str, int]]:
+        """(content_hash, count) of every content hash that 2 or more documents share, in any order."""
+        ...
+
+    def members(self, content_hashes: Sequence[str], cap: int) -> dict[str, list[str]]:
+        """content_hash -> the ids of up to cap documents with it, in key order."""
+        ...
+
+    def perceptual_hashes(self) -> list[tuple[str, str, str]]:
+        """(id, content_hash, phash) of every document that has a phash."""
+        ...
+
+    def documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        """id -> Document (vector included) of those ids that exist."""
         ...
 
 

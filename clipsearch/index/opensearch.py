@@ -38,18 +38,22 @@ __all__ = ["OpenSearchIndex", "ENGINES", "AUTH_MODES", "MAX_K"]
 # 1: the first release. 2: taken_at (a `date` holding the wall-clock capture time with no zone, so
 # OpenSearch's UTC handling shifts nothing) and taken_offset (keyword). An older index gets the two fields
 # (put_mapping) and the new version in `_meta` on its first write; a search never changes it.
-SCHEMA_VERSION = 2
+# 3: phash (keyword, the perceptual hash) beside content_hash (the sha256), for the duplicate scan.
+SCHEMA_VERSION = 3
 # yyyy-MM-dd'T'HH:mm:ss (OpenSearch docs, "Date field type": built-in formats).
 TAKEN_FORMAT = "strict_date_hour_minute_second"
 _DATE_FIELDS: dict[str, Any] = {
     "taken_at": {"type": "date", "format": TAKEN_FORMAT},
     "taken_offset": {"type": "keyword"},
 }
+_HASH_FIELDS: dict[str, Any] = {"phash": {"type": "keyword"}}
 ENGINES = ("lucene", "faiss")
 AUTH_MODES = ("none", "basic", "sigv4")
 VECTOR_FIELD = "vector"
 # The k-NN plugin caps k at 10000, and index.max_result_window caps from + size at the same.
 MAX_K = 10_000
+# The most duplicate groups by content hash one scan lists (a terms aggregation's size).
+MAX_GROUPS = 10_000
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _SOURCE_FIELDS = ["key", "bucket", "title", "width", "height", "taken_at", "taken_offset"]
 
@@ -191,6 +195,12 @@ class OpenSearchIndex:
         """Whether a pause of pause_s and then one attempt's worst case (timeout_s) fit in the deadline."""
         return self._deadline is None or self._deadline() >= pause_s + self.timeout_s
 
+    def _reload_schema(self) -> None:
+        """Pick up a migration another process made since this one opened the index."""
+        meta = self._load_meta() or {}
+        if int(meta.get("schema_version", 1)) > self.schema:
+            self._meta, self.schema = meta, int(meta["schema_version"])
+
     def _load_meta(self) -> dict[str, Any] | None:
         try:
             mapping = self._call(
@@ -256,6 +266,7 @@ class OpenSearchIndex:
                     "model": {"type": "keyword"},
                     "indexed_at": {"type": "date", "format": "epoch_second"},
                     **_DATE_FIELDS,
+                    **_HASH_FIELDS,
                 },
             },
         }
@@ -292,7 +303,7 @@ class OpenSearchIndex:
             "migrating the mapping",
             self.client.indices.put_mapping,
             index=self.name,
-            body={"_meta": {"clipsearch": meta}, "properties": _DATE_FIELDS},
+            body={"_meta": {"clipsearch": meta}, "properties": {**_DATE_FIELDS, **_HASH_FIELDS}},
         )
         self._meta, self.schema = meta, SCHEMA_VERSION
 
@@ -321,6 +332,7 @@ class OpenSearchIndex:
                 "indexed_at": d.indexed_at or now,
                 "taken_at": d.taken_at,
                 "taken_offset": d.taken_offset,
+                "phash": d.phash,
             }
             action = json.dumps({"index": {"_index": self.name, "_id": d.id}})
             lines[d.id] = action + "\n" + json.dumps(source, separators=(",", ":")) + "\n"
@@ -415,21 +427,7 @@ class OpenSearchIndex:
             resp = self._call("a get", self.client.get, index=self.name, id=id, expect=(os_errors.NotFoundError,))
         except os_errors.NotFoundError:
             return None
-        s = resp["_source"]
-        return Document(
-            key=s["key"],
-            bucket=s.get("bucket", ""),
-            title=s.get("title", ""),
-            content_hash=s.get("content_hash", ""),
-            size=int(s.get("size", 0)),
-            mtime=float(s.get("mtime", 0)),
-            width=int(s.get("width", 0)),
-            height=int(s.get("height", 0)),
-            indexed_at=float(s.get("indexed_at", 0)),
-            vector=np.asarray(s[VECTOR_FIELD], dtype=np.float32),
-            taken_at=s.get("taken_at"),
-            taken_offset=s.get("taken_offset") or "",
-        )
+        return _document(resp["_source"])
 
     def search(
         self,
@@ -457,9 +455,7 @@ class OpenSearchIndex:
             filters.append({"prefix": {"key": prefix}})
         if taken:
             if self.schema < 2:  # migrated since this process opened it (a warm search Lambda)?
-                meta = self._load_meta() or {}
-                if int(meta.get("schema_version", 1)) >= 2:
-                    self._meta, self.schema = meta, int(meta["schema_version"])
+                self._reload_schema()
             if self.schema < 2:
                 raise BadRequest(
                     f"OpenSearch index {self.name!r} has no capture dates yet (it was written by an "
@@ -530,29 +526,37 @@ class OpenSearchIndex:
         query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": "taken_at"}}]}}
         if prefix:
             query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
-        out: set[str] = set()
+        return {s["key"] for s in self._scan(query, ["key"], "listing undated keys")}
+
+    def _scan(self, query: dict[str, Any], fields: list[str], what: str, page: int = 1000) -> Iterator[dict[str, Any]]:
+        """The _source (those fields) of every document the query matches, paged by search_after on (key, bucket)."""
         after: list[Any] | None = None
         self._see_own_writes()
         while True:
             body: dict[str, Any] = {
-                "size": 1000,
+                "size": page,
                 "query": query,
-                "_source": ["key"],
+                "_source": fields,
                 "sort": [{"key": "asc"}, {"bucket": "asc"}],
                 "track_total_hits": False,
             }
             if after is not None:
                 body["search_after"] = after
-            hits = self._call("listing undated keys", self.client.search, index=self.name, body=body)["hits"]["hits"]
-            out.update(h["_source"]["key"] for h in hits)
-            if len(hits) < 1000:
-                return out
+            hits = self._call(what, self.client.search, index=self.name, body=body)["hits"]["hits"]
+            for h in hits:
+                yield {"_id": h["_id"], **h.get("_source", {})}
+            if len(hits) < page:
+                return
             after = hits[-1]["sort"]
 
     def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
         """Fill in capture times (key -> (taken_at, taken_offset)) by partial updates; vectors are kept."""
+        wanted = {doc_id("", key): {"taken_at": at, "taken_offset": offset} for key, (at, offset) in taken.items()}
+        return self._update(wanted, "capture-date updates")
+
+    def _update(self, wanted: dict[str, dict[str, Any]], what: str) -> int:
+        """Partial updates (id -> fields) of documents that exist; vectors are kept."""
         self._migrate()
-        wanted = {doc_id("", key): value for key, value in taken.items()}
         if not wanted:
             return 0
         # A partial update re-parses the whole stored source, and a stored float such as indexed_at
@@ -569,8 +573,7 @@ class OpenSearchIndex:
         for entry in got.get("docs", []):
             if not entry.get("found"):
                 continue  # deleted meanwhile: nothing to date
-            at, offset = wanted[entry["_id"]]
-            doc: dict[str, Any] = {"taken_at": at, "taken_offset": offset}
+            doc = dict(wanted[entry["_id"]])
             if entry.get("_source", {}).get("indexed_at") is not None:
                 doc["indexed_at"] = repr(float(entry["_source"]["indexed_at"]))
             lines[entry["_id"]] = (
@@ -581,8 +584,96 @@ class OpenSearchIndex:
             )
         done, failed = self._bulk(lines)
         if failed:
-            raise IndexError_(f"{len(failed)} capture-date updates failed, e.g. {next(iter(failed.values()))}")
+            raise IndexError_(f"{len(failed)} {what} failed, e.g. {next(iter(failed.values()))}")
         return done
+
+    # -- hashes (the duplicate scan, clipsearch/duplicates.py) ------------------------------------
+
+    def unhashed(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose documents have no phash (written before schema 3)."""
+        if self.schema < 3:
+            return set()
+        query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": "phash"}}]}}
+        if prefix:
+            query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
+        return {s["key"] for s in self._scan(query, ["key"], "listing keys without hashes")}
+
+    def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
+        """Fill in key -> (sha256, phash) by partial updates; vectors are kept."""
+        wanted = {doc_id("", key): {"content_hash": sha, "phash": phash} for key, (sha, phash) in hashes.items()}
+        return self._update(wanted, "hash updates")
+
+    def exact_groups(self) -> list[tuple[str, int]]:
+        """A terms aggregation on content_hash keeping the values 2 or more documents share, the largest
+        MAX_GROUPS of them (search.max_buckets is 65,535 by default: OpenSearch docs, "Bucket aggregations")."""
+        body = {
+            "size": 0,
+            "query": {"match_all": {}},
+            "aggs": {
+                "groups": {
+                    "terms": {
+                        "field": "content_hash",
+                        "min_doc_count": 2,
+                        "size": MAX_GROUPS,
+                        "shard_size": MAX_GROUPS,
+                        "exclude": [""],
+                    }
+                }
+            },
+        }
+        self._see_own_writes()
+        resp = self._call("grouping by content hash", self.client.search, index=self.name, body=body)
+        return [(b["key"], int(b["doc_count"])) for b in resp["aggregations"]["groups"]["buckets"]]
+
+    def members(self, content_hashes: Sequence[str], cap: int) -> dict[str, list[str]]:
+        """One terms aggregation over the given hashes, each bucket's first `cap` ids (top_hits, by key)."""
+        found: dict[str, list[str]] = {h: [] for h in content_hashes}
+        if not found:
+            return found
+        # top_hits returns at most index.max_inner_result_window (100) hits per bucket.
+        size = min(cap, 100)
+        body = {
+            "size": 0,
+            "query": {"terms": {"content_hash": list(found)}},
+            "aggs": {
+                "groups": {
+                    "terms": {"field": "content_hash", "size": len(found)},
+                    "aggs": {
+                        "first": {
+                            "top_hits": {"size": size, "_source": False, "sort": [{"key": "asc"}, {"bucket": "asc"}]}
+                        }
+                    },
+                }
+            },
+        }
+        self._see_own_writes()
+        resp = self._call("listing duplicate groups", self.client.search, index=self.name, body=body)
+        for bucket in resp["aggregations"]["groups"]["buckets"]:
+            found[bucket["key"]] = [h["_id"] for h in bucket["first"]["hits"]["hits"]]
+        return found
+
+    def perceptual_hashes(self) -> list[tuple[str, str, str]]:
+        if self.schema < 3:  # migrated since this process opened it (a warm search Lambda)?
+            self._reload_schema()
+        if self.schema < 3:
+            raise BadRequest(
+                f"OpenSearch index {self.name!r} has no perceptual hashes yet (it was written by an "
+                "older clipsearch): run `clipsearch index` once to add them"
+            )
+        query = {"exists": {"field": "phash"}}
+        found = self._scan(query, ["content_hash", "phash"], "listing perceptual hashes", page=5000)
+        return [(s["_id"], s.get("content_hash") or "", s["phash"]) for s in found]
+
+    def documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, Document] = {}
+        self._see_own_writes()
+        for start in range(0, len(wanted), 500):
+            got = self._call(
+                "reading documents", self.client.mget, index=self.name, body={"ids": wanted[start : start + 500]}
+            )
+            out.update((e["_id"], _document(e["_source"])) for e in got.get("docs", []) if e.get("found"))
+        return out
 
     def count(self) -> int:
         self._see_own_writes()
@@ -622,6 +713,25 @@ class OpenSearchIndex:
         except NotFound:
             pass
         self.client.close()
+
+
+def _document(s: dict[str, Any]) -> Document:
+    """A Document from a stored _source."""
+    return Document(
+        key=s["key"],
+        bucket=s.get("bucket", ""),
+        title=s.get("title", ""),
+        content_hash=s.get("content_hash", ""),
+        size=int(s.get("size", 0)),
+        mtime=float(s.get("mtime", 0)),
+        width=int(s.get("width", 0)),
+        height=int(s.get("height", 0)),
+        indexed_at=float(s.get("indexed_at", 0)),
+        vector=np.asarray(s[VECTOR_FIELD], dtype=np.float32),
+        taken_at=s.get("taken_at"),
+        taken_offset=s.get("taken_offset") or "",
+        phash=s.get("phash"),
+    )
 
 
 class _Attempts:
