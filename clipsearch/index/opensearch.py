@@ -528,23 +528,37 @@ class OpenSearchIndex:
             query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
         return {s["key"] for s in self._scan(query, ["key"], "listing undated keys")}
 
-    def _scan(self, query: dict[str, Any], fields: list[str], what: str, page: int = 1000) -> Iterator[dict[str, Any]]:
-        """The _source (those fields) of every document the query matches, paged by search_after on (key, bucket)."""
+    def _scan(
+        self, query: dict[str, Any], fields: list[str], what: str, page: int = 1000, doc_values: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Those fields of every document the query matches, paged by search_after on (key, bucket).
+
+        doc_values: read keyword fields from their doc values and no stored field at all, not even _id (stored
+        fields are compressed together with _source, so reading any decompresses each document's source, vector
+        included: 34 s for 10,000 documents, measured); the id is then doc_id(bucket, key), as it was written.
+        """
         after: list[Any] | None = None
         self._see_own_writes()
         while True:
             body: dict[str, Any] = {
                 "size": page,
                 "query": query,
-                "_source": fields,
+                "_source": False if doc_values else fields,
                 "sort": [{"key": "asc"}, {"bucket": "asc"}],
                 "track_total_hits": False,
             }
+            if doc_values:
+                body["docvalue_fields"] = ["key", "bucket", *fields]
+                body["stored_fields"] = "_none_"
             if after is not None:
                 body["search_after"] = after
             hits = self._call(what, self.client.search, index=self.name, body=body)["hits"]["hits"]
             for h in hits:
-                yield {"_id": h["_id"], **h.get("_source", {})}
+                if doc_values:
+                    values = {k: v[0] for k, v in h.get("fields", {}).items() if v}
+                    yield {"_id": doc_id(values.get("bucket", ""), values["key"]), **values}
+                else:
+                    yield {"_id": h["_id"], **h.get("_source", {})}
             if len(hits) < page:
                 return
             after = hits[-1]["sort"]
@@ -661,7 +675,7 @@ class OpenSearchIndex:
                 "older clipsearch): run `clipsearch index` once to add them"
             )
         query = {"exists": {"field": "phash"}}
-        found = self._scan(query, ["content_hash", "phash"], "listing perceptual hashes", page=5000)
+        found = self._scan(query, ["content_hash", "phash"], "listing perceptual hashes", page=5000, doc_values=True)
         return [(s["_id"], s.get("content_hash") or "", s["phash"]) for s in found]
 
     def documents(self, ids: Sequence[str]) -> dict[str, Document]:

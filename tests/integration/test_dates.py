@@ -24,6 +24,7 @@ from support.schema_v1 import opensearch_v1_body, opensearch_v1_source, write_em
 
 from clipsearch.cli import main
 from clipsearch.errors import BadRequest
+from clipsearch.index import embedded, opensearch
 from clipsearch.index.base import DateRange, Document, SchemaTooNew
 from clipsearch.index.embedded import EmbeddedIndex
 from clipsearch.ingest import title_from_path
@@ -260,8 +261,10 @@ def test_given_a_version_1_index_when_searched_then_it_answers_unchanged_and_the
 def test_given_a_version_1_index_when_checked_and_repaired_then_repair_migrates_it(photos, tmp_path, demo_encoder):
     v1_index(photos, tmp_path / "v1", demo_encoder)
     assert "schema version 1" in run("check", "--index", str(tmp_path / "v1")).stdout
-    assert "migrated the schema from version 1 to 2" in run("check", "--repair", "--index", str(tmp_path / "v1")).stdout
-    assert json.loads(run("stats", "--index", str(tmp_path / "v1"), "--json").stdout)["schema_version"] == 2
+    migrated = f"migrated the schema from version 1 to {embedded.SCHEMA_VERSION}"
+    assert migrated in run("check", "--repair", "--index", str(tmp_path / "v1")).stdout
+    stats = json.loads(run("stats", "--index", str(tmp_path / "v1"), "--json").stdout)
+    assert stats["schema_version"] == embedded.SCHEMA_VERSION
 
 
 def test_given_an_index_from_a_newer_release_when_any_command_opens_it_then_one_line_and_exit_2(
@@ -270,14 +273,15 @@ def test_given_an_index_from_a_newer_release_when_any_command_opens_it_then_one_
     directory = tmp_path / "v3"
     db_path = v1_index(photos, directory, demo_encoder)
     db = sqlite3.connect(db_path)
-    db.execute("UPDATE meta SET value = '3' WHERE name = 'schema_version'")
+    db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(embedded.SCHEMA_VERSION + 1),))
     db.commit()
     db.close()
     before = db_path.read_bytes()
     for args in (["search", "a red square"], ["stats"], ["index", str(photos)], ["check"], ["check", "--repair"]):
         proc = run(*args, "--index", str(directory), check=False)
         assert proc.returncode == 2, (args, proc.stderr)
-        assert proc.stderr.count("\n") == 1 and "schema version 3, newer than this clipsearch" in proc.stderr
+        newer = f"schema version {embedded.SCHEMA_VERSION + 1}, newer than this clipsearch"
+        assert proc.stderr.count("\n") == 1 and newer in proc.stderr
     assert db_path.read_bytes() == before
 
 
@@ -340,7 +344,7 @@ def test_given_a_version_1_opensearch_index_when_searched_then_written_then_it_i
         assert index.upsert([new]).failed == {}
         mapping = client.indices.get_mapping(index=os_name)[os_name]["mappings"]
         assert mapping["properties"]["taken_at"]["type"] == "date"
-        assert mapping["_meta"]["clipsearch"]["schema_version"] == 2
+        assert mapping["_meta"]["clipsearch"]["schema_version"] == opensearch.SCHEMA_VERSION
         assert mapping["_meta"]["clipsearch"]["model"] == "fake"
         assert index.undated("old/") == {d.key for d in old}
         assert index.set_taken({old[3].key: ("2019-07-01T08:00:00", "")}) == 1
@@ -349,12 +353,17 @@ def test_given_a_version_1_opensearch_index_when_searched_then_written_then_it_i
         assert [(h.key, h.taken_at, h.taken_offset) for h in dated][:1] == [(old[3].key, "2019-07-01T08:00:00", "")]
         assert {h.key for h in dated} == {old[3].key, new.key}
         assert reader.search(old[3].vector, k=10, taken=DateRange("2019-07-01T00:00:00", None)) == dated
-        assert OpenSearchIndex(os_name, url=opensearch_url).info().extra["schema_version"] == 2
+        assert OpenSearchIndex(os_name, url=opensearch_url).info().extra["schema_version"] == opensearch.SCHEMA_VERSION
         # a newer release's index is refused, in one line
         client.indices.put_mapping(
-            index=os_name, body={"_meta": {"clipsearch": {**mapping["_meta"]["clipsearch"], "schema_version": 3}}}
+            index=os_name,
+            body={
+                "_meta": {
+                    "clipsearch": {**mapping["_meta"]["clipsearch"], "schema_version": opensearch.SCHEMA_VERSION + 1}
+                }
+            },
         )
-        with pytest.raises(SchemaTooNew, match="schema version 3"):
+        with pytest.raises(SchemaTooNew, match=f"schema version {opensearch.SCHEMA_VERSION + 1}"):
             OpenSearchIndex(os_name, url=opensearch_url)
     finally:
         raw.drop()

@@ -85,4 +85,8 @@ def cropped(img: Image.Image) -> bytes:
 
 
 # The edits a duplicate finder must see through, by name.
-EDITS: dict[str, Callable[[Image.Image], bytes]] = {"jpeg-q60": reencoded, "resized-50%": half_size, "cropped-5%": cropped}
+EDITS: dict[str, Callable[[Image.Image], bytes]] = {
+    "jpeg-q60": reencoded,
+    "resized-50%": half_size,
+    "cropped-5%": cropped,
+}

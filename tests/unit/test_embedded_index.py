@@ -19,7 +19,7 @@ from clipsearch.errors import (
 )
 from clipsearch.index import embedded, open_index
 from clipsearch.index.base import Document, doc_id
-from clipsearch.index.embedded import DB_NAME, EmbeddedIndex, check_index, storage_error
+from clipsearch.index.embedded import DB_NAME, SCHEMA_VERSION, EmbeddedIndex, check_index, storage_error
 from clipsearch.ingest import forget
 
 DIM = 8
@@ -471,9 +471,9 @@ def test_given_a_version_1_index_when_opened_for_writing_then_it_is_migrated_and
     docs = corpus(20)
     write_embedded_v1(tmp_path / "idx", "fake", DIM, docs)
     idx = open_index("embedded", str(tmp_path / "idx"))
-    assert idx.info().extra["schema_version"] == 2
+    assert idx.info().extra["schema_version"] == SCHEMA_VERSION
     db = sqlite3.connect(tmp_path / "idx" / DB_NAME)
-    assert db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()
     assert idx.undated("a/") == {d.key for d in docs if d.key.startswith("a/")}
     assert idx.search(docs[0].vector, k=5, taken=DateRange("2019-01-01T00:00:00", None)) == []
@@ -494,9 +494,10 @@ def test_given_an_index_from_a_newer_release_when_opened_then_it_is_refused_with
 
     from clipsearch.index.base import SchemaTooNew
 
-    path = write_embedded_v1(tmp_path / "idx", "fake", DIM, corpus(3), schema_version=3)
+    path = write_embedded_v1(tmp_path / "idx", "fake", DIM, corpus(3), schema_version=SCHEMA_VERSION + 1)
     before = path.read_bytes()
-    with pytest.raises(SchemaTooNew, match="schema version 3, newer than this clipsearch supports") as info:
+    newer = f"schema version {SCHEMA_VERSION + 1}, newer than this clipsearch supports"
+    with pytest.raises(SchemaTooNew, match=newer) as info:
         open_index("embedded", str(tmp_path / "idx"), read_only=read_only)
     assert "\n" not in str(info.value)
     with pytest.raises(SchemaTooNew):
@@ -511,8 +512,9 @@ def test_given_a_version_1_index_when_checked_then_noted_and_repair_migrates_it(
     report = check_index(tmp_path / "idx")
     assert report.healthy and "schema version 1" in report.notes[0]
     report = check_index(tmp_path / "idx", repair=True)
-    assert report.healthy and "migrated the schema from version 1 to 2" in report.repaired[0]
-    assert open_index("embedded", str(tmp_path / "idx"), read_only=True).info().extra["schema_version"] == 2
+    assert report.healthy and f"migrated the schema from version 1 to {SCHEMA_VERSION}" in report.repaired[0]
+    index = open_index("embedded", str(tmp_path / "idx"), read_only=True)
+    assert index.info().extra["schema_version"] == SCHEMA_VERSION
 
 
 def test_given_a_page_damaged_then_repair_keeps_every_row_not_on_that_page(tmp_path):
@@ -597,7 +599,8 @@ def test_given_another_process_creates_the_index_first_then_its_model_record_is_
     first.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
     first.execute("CREATE TABLE images (id TEXT PRIMARY KEY, key TEXT NOT NULL, vector BLOB NOT NULL)")
     first.executemany(
-        "INSERT INTO meta VALUES (?, ?)", [("schema_version", "2"), ("model", "fake-a"), ("dim", str(DIM))]
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema_version", str(SCHEMA_VERSION)), ("model", "fake-a"), ("dim", str(DIM))],
     )
     first.execute("COMMIT")
     thread.join(30)
