@@ -25,6 +25,7 @@ import numpy as np
 from clipsearch.errors import BadRequest
 from clipsearch.index.base import Document, HashScannable, Hit, VectorIndex
 from clipsearch.perceptual import HASH_BITS, parse_hash
+from clipsearch.search import _int_field
 
 KINDS = ("exact", "near", "all")
 DEFAULT_LIMIT = 50
@@ -65,16 +66,6 @@ class Group:
     tiebreak: str
 
 
-def _int_param(name: str, value: str, low: int, high: int) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
-    if not low <= number <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}")
-    return number
-
-
 def parse_params(params: Mapping[str, str]) -> DuplicatesRequest:
     """GET /duplicates?kind=exact|near|all&limit=50&from=0; BadRequest on anything else."""
     unknown = set(params) - {"kind", "limit", "from"}
@@ -83,8 +74,8 @@ def parse_params(params: Mapping[str, str]) -> DuplicatesRequest:
     kind = params.get("kind", "all")
     if kind not in KINDS:
         raise BadRequest(f"kind must be one of {', '.join(KINDS)}")
-    limit = _int_param("limit", params["limit"], 1, MAX_LIMIT) if "limit" in params else DEFAULT_LIMIT
-    offset = _int_param("from", params["from"], 0, MAX_FROM) if "from" in params else 0
+    limit = _int_field("limit", params["limit"], 1, MAX_LIMIT) if "limit" in params else DEFAULT_LIMIT
+    offset = _int_field("from", params["from"], 0, MAX_FROM) if "from" in params else 0
     return DuplicatesRequest(kind, limit, offset)
 
 

@@ -795,26 +795,34 @@ class EmbeddedIndex:
     @_sqlite_errors
     def undated(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose capture time was never read (rows written before schema 2)."""
-        if self._schema < 2:
+        return self._keys_lacking("taken_at", 2, prefix)
+
+    def _keys_lacking(self, column: str, schema: int, prefix: str) -> set[str]:
+        """Keys starting with prefix whose column (added in that schema version) is NULL."""
+        if self._schema < schema:
             return set()  # read-only and not migrated: nothing can be filled in anyway
         with self._lock:
             rows = self._db.execute(
-                "SELECT key FROM images WHERE taken_at IS NULL AND substr(CAST(key AS BLOB), 1, ?) = ?",
+                f"SELECT key FROM images WHERE {column} IS NULL AND substr(CAST(key AS BLOB), 1, ?) = ?",
                 (len(key_param(prefix)), key_param(prefix)),
             ).fetchall()
         return {r[0] for r in rows}
+
+    def _update(self, statement: str, updates: list[tuple[Any, ...]]) -> int:
+        """Run an UPDATE for each parameter tuple in one transaction; returns how many rows changed."""
+        self._check_writable_schema()
+        with self._tx():
+            before = self._db.total_changes
+            self._db.executemany(statement, updates)
+            return self._db.total_changes - before
 
     @_sqlite_errors
     def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
         """Fill in capture times (key -> (taken_at, taken_offset)) without touching the vectors."""
         if not taken:
             return 0
-        self._check_writable_schema()
         updates = [(at, offset, doc_id("", key)) for key, (at, offset) in taken.items()]
-        with self._tx():
-            before = self._db.total_changes
-            self._db.executemany("UPDATE images SET taken_at = ?, taken_offset = ? WHERE id = ?", updates)
-            changed = self._db.total_changes - before
+        changed = self._update("UPDATE images SET taken_at = ?, taken_offset = ? WHERE id = ?", updates)
         with self._lock:
             for at, _, id_ in updates:
                 i = self._row.get(id_)
@@ -835,26 +843,15 @@ class EmbeddedIndex:
     @_sqlite_errors
     def unhashed(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose perceptual hash was never computed (rows written before schema 3)."""
-        if self._schema < 3:
-            return set()  # read-only and not migrated: nothing can be filled in anyway
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key FROM images WHERE phash IS NULL AND substr(CAST(key AS BLOB), 1, ?) = ?",
-                (len(key_param(prefix)), key_param(prefix)),
-            ).fetchall()
-        return {r[0] for r in rows}
+        return self._keys_lacking("phash", 3, prefix)
 
     @_sqlite_errors
     def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
         """Fill in key -> (sha256, phash) without touching the vectors."""
         if not hashes:
             return 0
-        self._check_writable_schema()
         updates = [(sha, phash, doc_id("", key)) for key, (sha, phash) in hashes.items()]
-        with self._tx():
-            before = self._db.total_changes
-            self._db.executemany("UPDATE images SET content_hash = ?, phash = ? WHERE id = ?", updates)
-            changed = self._db.total_changes - before
+        changed = self._update("UPDATE images SET content_hash = ?, phash = ? WHERE id = ?", updates)
         with self._lock:
             self._data_version = self._current_version()
         return changed

@@ -195,11 +195,17 @@ class OpenSearchIndex:
         """Whether a pause of pause_s and then one attempt's worst case (timeout_s) fit in the deadline."""
         return self._deadline is None or self._deadline() >= pause_s + self.timeout_s
 
-    def _reload_schema(self) -> None:
-        """Pick up a migration another process made since this one opened the index."""
-        meta = self._load_meta() or {}
-        if int(meta.get("schema_version", 1)) > self.schema:
-            self._meta, self.schema = meta, int(meta["schema_version"])
+    def _require_schema(self, version: int, what: str) -> None:
+        """BadRequest unless the index has reached that schema version (what: the fields it added)."""
+        if self.schema < version:  # migrated since this process opened it (a warm search Lambda)?
+            meta = self._load_meta() or {}
+            if int(meta.get("schema_version", 1)) > self.schema:
+                self._meta, self.schema = meta, int(meta["schema_version"])
+        if self.schema < version:
+            raise BadRequest(
+                f"OpenSearch index {self.name!r} has no {what} yet (it was written by an "
+                "older clipsearch): run `clipsearch index` once to add them"
+            )
 
     def _load_meta(self) -> dict[str, Any] | None:
         try:
@@ -454,13 +460,7 @@ class OpenSearchIndex:
         if prefix:
             filters.append({"prefix": {"key": prefix}})
         if taken:
-            if self.schema < 2:  # migrated since this process opened it (a warm search Lambda)?
-                self._reload_schema()
-            if self.schema < 2:
-                raise BadRequest(
-                    f"OpenSearch index {self.name!r} has no capture dates yet (it was written by an "
-                    "older clipsearch): run `clipsearch index` once to add them"
-                )
+            self._require_schema(2, "capture dates")
             bounds = {op: value for op, value in (("gte", taken.after), ("lt", taken.before)) if value}
             filters.append({"range": {"taken_at": {**bounds, "format": TAKEN_FORMAT}}})
         if len(filters) == 1:
@@ -521,12 +521,16 @@ class OpenSearchIndex:
 
     def undated(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose documents have no taken_at (written before schema 2)."""
-        if self.schema < 2:
+        return self._keys_lacking("taken_at", 2, prefix)
+
+    def _keys_lacking(self, field: str, schema: int, prefix: str) -> set[str]:
+        """Keys starting with prefix whose documents lack the field (added in that schema version)."""
+        if self.schema < schema:
             return set()
-        query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": "taken_at"}}]}}
+        query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": field}}]}}
         if prefix:
             query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
-        return {s["key"] for s in self._scan(query, ["key"], "listing undated keys")}
+        return {s["key"] for s in self._scan(query, ["key"], f"listing keys without {field}", doc_values=True)}
 
     def _scan(
         self, query: dict[str, Any], fields: list[str], what: str, page: int = 1000, doc_values: bool = False
@@ -605,12 +609,7 @@ class OpenSearchIndex:
 
     def unhashed(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose documents have no phash (written before schema 3)."""
-        if self.schema < 3:
-            return set()
-        query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": "phash"}}]}}
-        if prefix:
-            query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
-        return {s["key"] for s in self._scan(query, ["key"], "listing keys without hashes")}
+        return self._keys_lacking("phash", 3, prefix)
 
     def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
         """Fill in key -> (sha256, phash) by partial updates; vectors are kept."""
@@ -667,13 +666,7 @@ class OpenSearchIndex:
         return found
 
     def perceptual_hashes(self) -> list[tuple[str, str, str]]:
-        if self.schema < 3:  # migrated since this process opened it (a warm search Lambda)?
-            self._reload_schema()
-        if self.schema < 3:
-            raise BadRequest(
-                f"OpenSearch index {self.name!r} has no perceptual hashes yet (it was written by an "
-                "older clipsearch): run `clipsearch index` once to add them"
-            )
+        self._require_schema(3, "perceptual hashes")
         query = {"exists": {"field": "phash"}}
         found = self._scan(query, ["content_hash", "phash"], "listing perceptual hashes", page=5000, doc_values=True)
         return [(s["_id"], s.get("content_hash") or "", s["phash"]) for s in found]
