@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the REST response object")
     _add_index_options(p)
 
+    p = sub.add_parser("duplicates", help="list groups of duplicate pictures: exact copies and near ones")
+    p.add_argument(
+        "--kind",
+        choices=("exact", "near", "all"),
+        default="all",
+        help="exact: the same bytes; near: the same picture re-encoded, resized or lightly cropped (default all)",
+    )
+    p.add_argument("--limit", type=_positive, default=50, help="how many groups, at most 200 (default 50)")
+    p.add_argument("--from", dest="offset", type=_non_negative, default=0, help="skip this many groups first")
+    p.add_argument("--json", action="store_true", help="print the REST response object")
+    _add_index_options(p, model=False)
+
     p = sub.add_parser("stats", help="show the index's figures")
     p.add_argument("--json", action="store_true")
     _add_index_options(p, model=False)
@@ -366,6 +378,8 @@ def _index(args: argparse.Namespace, encoder: Any) -> int:
         ignored += f"; {summary.mtime_dated} indexed without an EXIF capture date (dated by their file time)"
     if summary.dated:
         ignored += f"; read the capture dates of {summary.dated} unchanged pictures indexed without them"
+    if summary.hashed:
+        ignored += f"; hashed {summary.hashed} unchanged pictures indexed without a perceptual hash"
     if summary.unlisted:
         ignored += (
             f"; {len(summary.unlisted)} folder(s) could not be listed, {summary.kept} of their indexed pictures kept"
@@ -436,13 +450,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not response["hits"]:
         print("no results" if index.count() else _empty_index_note(args))
     for rank, hit in enumerate(response["hits"], start=args.offset + 1):
-        key = hit["key"]
-        if "\ufffd" in key:  # the response shows undecodable bytes as U+FFFD; print the real name, escaped
-            doc = index.get(hit["id"])
-            key = doc.key if doc is not None else key
         fused = f"  rrf {hit['rank_score']:.4f}" if "rank_score" in hit else ""
         # The capture time as in the JSON (EXIF offset appended when known); "-": not known (schema 1).
-        print(f"{rank:3d}  {hit['score']:+.4f}{fused}  {hit['taken_at'] or '-':<25}  {shown(key)}")
+        print(f"{rank:3d}  {hit['score']:+.4f}{fused}  {hit['taken_at'] or '-':<25}  {shown(_real_key(index, hit))}")
     return EXIT_OK
 
 
@@ -475,6 +485,36 @@ def _search_request(words: list[str], image: str | None, dates: bool, options: d
     if len(terms) > MAX_TERMS:
         raise errors.BadRequest(f"at most {MAX_TERMS} terms, --image included")
     return SearchRequest("terms", terms=tuple(terms), **options)
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from clipsearch import duplicates
+    from clipsearch.search import hit_json
+
+    params = {"kind": args.kind, "limit": str(args.limit), "from": str(args.offset)}
+    index = _open(args, read_only=True)
+    request = duplicates.parse_params(params)
+    response = duplicates.duplicates(index, request, lambda hit: hit_json(hit, f"/images/{hit.id}"))
+    if args.json:
+        print(json.dumps(response, ensure_ascii=False))
+        return EXIT_OK
+    if not response["groups"]:
+        print("no duplicates" if index.count() else _empty_index_note(args))
+    for number, group in enumerate(response["groups"], start=args.offset + 1):
+        print(f"{number:3d}  {group['kind']}, {group['count']} pictures")
+        for hit in group["hits"]:
+            print(f"     {hit['score']:+.4f}  {shown(_real_key(index, hit))}")
+    if response["next_from"] is not None:
+        print(f"more: --from {response['next_from']}")
+    return EXIT_OK
+
+
+def _real_key(index: VectorIndex, hit: dict[str, Any]) -> str:
+    """A hit's key as the file is named: the response shows undecodable bytes as U+FFFD."""
+    if "\ufffd" not in hit["key"]:
+        return str(hit["key"])
+    doc = index.get(hit["id"])
+    return doc.key if doc is not None else str(hit["key"])
 
 
 def _empty_index_note(args: argparse.Namespace) -> str:
@@ -727,6 +767,7 @@ def _where(args: argparse.Namespace) -> tuple[str, str]:
 COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
+    "duplicates": cmd_duplicates,
     "stats": cmd_stats,
     "serve": cmd_serve,
     "check": cmd_check,

@@ -26,14 +26,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadImage, BadRequest, ConfigError
 from clipsearch.images import is_image_name
-from clipsearch.index.base import Document, Redatable, VectorIndex, doc_id, wall_clock
+from clipsearch.index.base import Document, Redatable, Rehashable, VectorIndex, doc_id, wall_clock
+from clipsearch.perceptual import perceptual_hash
 from model_code.inference import decode_for_model, read_capture_time
 
 # The largest file read whole. An uncompressed 100 MP picture (the pixel limit) in 8-bit RGBA is
@@ -100,6 +101,7 @@ class IngestSummary:
     seconds: float = 0.0
     dated: int = 0  # unchanged pictures given the capture time they were indexed without
     mtime_dated: int = 0  # pictures indexed in this run without an EXIF capture date: dated by their mtime
+    hashed: int = 0  # unchanged pictures given the perceptual hash they were indexed without
 
     @property
     def images_per_second(self) -> float:
@@ -119,6 +121,7 @@ class _Loaded:
     taken_at: str | None = None
     taken_offset: str = ""
     mtime_dated: bool = False
+    phash: str | None = None
 
 
 @dataclass
@@ -348,6 +351,7 @@ def _load(path: Path) -> _Loaded:
         taken_at=decoded.taken_at or wall_clock(st.st_mtime),
         taken_offset=decoded.taken_offset,
         mtime_dated=decoded.taken_at is None,
+        phash=perceptual_hash(decoded.image),
     )
 
 
@@ -373,16 +377,48 @@ def _fill_capture_times(index: VectorIndex, roots: list[Path], unchanged: list[P
     """Give unchanged files indexed without a capture time (an index migrated from schema 1) theirs."""
     if not unchanged or not isinstance(index, Redatable):
         return 0
-    undated: set[str] = set()
+    return _fill_in(roots, unchanged, pool, index.undated, capture_time_of, index.set_taken)
+
+
+_T = TypeVar("_T")
+
+
+def _fill_in(
+    roots: list[Path],
+    unchanged: list[Path],
+    pool: ThreadPoolExecutor,
+    missing: Callable[[str], set[str]],
+    read: Callable[[Path], _T | None],
+    write: Callable[[dict[str, _T]], int],
+) -> int:
+    """For the unchanged files whose keys missing(prefix) lists, read(path) in the pool and write(key -> value)."""
+    lacking: set[str] = set()
     for root in roots:
-        undated |= index.undated(str(root).rstrip(os.sep) + os.sep if os.path.isdir(root) else str(root))
-    todo = [p for p in unchanged if str(p) in undated]
+        lacking |= missing(str(root).rstrip(os.sep) + os.sep if os.path.isdir(root) else str(root))
+    todo = [p for p in unchanged if str(p) in lacking]
     filled = 0
     for start in range(0, len(todo), 256):
         batch = todo[start : start + 256]
-        taken = {str(p): t for p, t in zip(batch, pool.map(capture_time_of, batch), strict=True) if t}
-        filled += index.set_taken(taken)
+        found = {str(p): v for p, v in zip(batch, pool.map(read, batch), strict=True) if v is not None}
+        filled += write(found)
     return filled
+
+
+def hashes_of(path: Path) -> tuple[str, str] | None:
+    """(sha256, perceptual hash) of a file: read and decoded again, never encoded; None: unreadable now."""
+    try:
+        data, _ = read_picture_file(path)
+        decoded = decode_for_model(data, name=path.name)
+    except (BadImage, ValueError):
+        return None
+    return hashlib.sha256(data).hexdigest(), perceptual_hash(decoded.image)
+
+
+def _fill_hashes(index: VectorIndex, roots: list[Path], unchanged: list[Path], pool: ThreadPoolExecutor) -> int:
+    """Give unchanged files indexed without a perceptual hash (an index migrated from schema 1 or 2) theirs."""
+    if not unchanged or not isinstance(index, Rehashable):
+        return 0
+    return _fill_in(roots, unchanged, pool, index.unhashed, hashes_of, index.set_hashes)
 
 
 @runtime_checkable
@@ -483,6 +519,7 @@ def index_paths(
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         summary.dated = _fill_capture_times(index, roots, unchanged, pool)
+        summary.hashed = _fill_hashes(index, roots, unchanged, pool)
         _encode_all(todo, pool, encoder, index, batch_size, summary, skip, on_progress)
     except BaseException:
         # Ctrl-C: stop now. Waiting for the workers would hang on one stuck in a read (a network share).
@@ -536,6 +573,7 @@ def _encode_all(
                     height=item.height,
                     taken_at=item.taken_at,
                     taken_offset=item.taken_offset,
+                    phash=item.phash,
                 )
                 for item, vec in zip(good, vectors, strict=True)
             ]

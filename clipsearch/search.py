@@ -359,22 +359,27 @@ class SearchService:
         return fusion.fuse(by_vector, by_words)[req.offset : req.offset + req.k]
 
     def _hit(self, hit: Hit) -> dict[str, Any]:
-        # taken_at: wall-clock, with the EXIF offset appended when known (CONTRACT §7); null: not known yet.
-        taken = hit.taken_at + hit.taken_offset if hit.taken_at else None
-        shown = {
-            "id": hit.id,
-            "key": display_text(hit.key),
-            "score": round(hit.score, 6),
-            "title": display_text(hit.title),
-            "url": self.url_for(hit),
-            "taken_at": taken,
-        }
-        if hit.rank_score is not None:  # hybrid mode only
-            shown["rank_score"] = round(hit.rank_score, 6)
-        return shown
+        return hit_json(hit, self.url_for(hit))
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.index.model, "count": self.index.count()}
+
+
+def hit_json(hit: Hit, url: str) -> dict[str, Any]:
+    """A hit as the REST contract writes it, in /search and /duplicates alike."""
+    # taken_at: wall-clock, with the EXIF offset appended when known (CONTRACT §7); null: not known yet.
+    taken = hit.taken_at + hit.taken_offset if hit.taken_at else None
+    shown: dict[str, Any] = {
+        "id": hit.id,
+        "key": display_text(hit.key),
+        "score": round(hit.score, 6),
+        "title": display_text(hit.title),
+        "url": url,
+        "taken_at": taken,
+    }
+    if hit.rank_score is not None:  # hybrid mode only
+        shown["rank_score"] = round(hit.rank_score, 6)
+    return shown
 
 
 def display_text(text: str) -> str:

@@ -6,6 +6,7 @@ or run a SageMaker batch transform over the images and bulk-load its `.out` vect
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ from clipsearch.aws.ingest import s3_document
 from clipsearch.errors import BadRequest, ClipsearchError, Unavailable
 from clipsearch.images import is_image_name
 from clipsearch.index.base import Document, VectorIndex
-from model_code.inference import is_raw_name
+from clipsearch.perceptual import perceptual_hash
+from model_code.inference import decode_for_model, is_raw_name
 
 SQS_BATCH = 10  # SendMessageBatch's limit
 UPSERT_BATCH = 200
@@ -200,9 +202,19 @@ def read_vector(s3: Any, bucket: str, key: str) -> np.ndarray:
 
 
 def document_for(s3: Any, bucket: str, key: str, vector: np.ndarray) -> Document:
-    """A Document with the object's title metadata, size and time (no decode: width/height stay 0)."""
-    head = s3.head_object(Bucket=bucket, Key=key)
-    return s3_document(bucket, key, vector, head, str(head.get("ETag", "")), int(head.get("ContentLength", 0)))
+    """A Document with the object's title metadata, size, time and hashes (width/height stay 0).
+
+    A transform's `.out` holds the vector alone, so the object is read here (GetObject where HeadObject
+    would do for the metadata) for its sha256 and its perceptual hash, from the same decode as every other
+    path; it is decoded, never encoded. Its time stays the object's LastModified, as before.
+    """
+    response = s3.get_object(Bucket=bucket, Key=key)
+    data = response.pop("Body").read()
+    try:
+        phash: str | None = perceptual_hash(decode_for_model(data, name=key).image)
+    except ValueError:
+        phash = None  # the container decoded what this machine cannot (HEIC without pillow-heif)
+    return s3_document(bucket, key, vector, response, hashlib.sha256(data).hexdigest(), len(data), phash=phash)
 
 
 def load_transform_output(

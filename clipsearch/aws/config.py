@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from aws_lambda_powertools import Logger
 
+from clipsearch.duplicates import scannable
 from clipsearch.errors import ConfigError, Unavailable
 from clipsearch.index.base import DateRange, Document, Hit, IndexInfo, UpsertResult, VectorIndex
 from clipsearch.index.opensearch import AUTH_MODES
@@ -439,6 +440,19 @@ class LazyIndex:
 
     def fingerprints(self, prefix: str = "") -> dict[str, tuple[int, float]]:
         return self.opened.fingerprints(prefix)
+
+    # The duplicate scan (GET /duplicates): the backend's own answers, through the same deadline check.
+    def exact_groups(self) -> list[tuple[str, int]]:
+        return scannable(self.opened).exact_groups()
+
+    def members(self, content_hashes: Sequence[str], cap: int) -> dict[str, list[str]]:
+        return scannable(self.opened).members(content_hashes, cap)
+
+    def perceptual_hashes(self) -> list[tuple[str, str, str]]:
+        return scannable(self.opened).perceptual_hashes()
+
+    def documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        return scannable(self.opened).documents(ids)
 
     def count(self) -> int:
         return self.opened.count()

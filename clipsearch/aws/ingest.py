@@ -36,6 +36,7 @@ from clipsearch.errors import BadRequest, ClipsearchError
 from clipsearch.images import is_image_name
 from clipsearch.index.base import Document, IndexError_, VectorIndex, doc_id, wall_clock
 from clipsearch.ingest import title_from_path
+from clipsearch.perceptual import perceptual_hash
 from model_code.inference import DecodedImage, decode_for_model
 
 logger = Logger(service="clipsearch", child=True)
@@ -140,6 +141,7 @@ def s3_document(
     content_hash: str,
     size: int,
     decoded: DecodedImage | None = None,
+    phash: str | None = None,
 ) -> Document:
     """The Document of an S3 object from its GetObject or HeadObject response (user metadata, LastModified).
 
@@ -167,6 +169,8 @@ def s3_document(
         height=decoded.height if decoded else 0,
         taken_at=(decoded.taken_at if decoded else None) or modified_at,
         taken_offset=decoded.taken_offset if decoded else "",
+        # The perceptual hash of the one shared decode (duplicates); a caller without the decode passes its own.
+        phash=perceptual_hash(decoded.image) if decoded else phash,
     )
 
 

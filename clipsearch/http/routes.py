@@ -13,9 +13,9 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, CORSConfig, Response
 
-from clipsearch import errors
+from clipsearch import duplicates, errors
 from clipsearch.images import UPLOAD_TYPES
-from clipsearch.search import SearchService, image_request, parse_json, parse_params
+from clipsearch.search import SearchService, hit_json, image_request, parse_json, parse_params
 
 logger = Logger(service="clipsearch", child=True)
 
@@ -100,6 +100,12 @@ def build_app(
     def search_get() -> dict[str, Any]:
         params = app.current_event.query_string_parameters or {}
         return service.search(parse_params(params))
+
+    @app.get("/duplicates")
+    def duplicates_get() -> dict[str, Any]:
+        params = app.current_event.query_string_parameters or {}
+        request = duplicates.parse_params(params)
+        return duplicates.duplicates(service.index, request, lambda hit: hit_json(hit, service.url_for(hit)))
 
     @app.post("/search")
     def search_post() -> dict[str, Any]:

@@ -98,7 +98,7 @@ def allowed_methods(path: str) -> str | None:
     """The methods a known path answers (for 405 and OPTIONS), or None for a path this server lacks."""
     if path == "/search":
         return "GET, HEAD, POST"
-    if path in ASSETS or path == "/health":
+    if path in ASSETS or path in ("/health", "/duplicates"):
         return "GET, HEAD"
     if _image_id(path):
         return "GET, HEAD"

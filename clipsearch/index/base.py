@@ -30,7 +30,10 @@ __all__ = [
     "SchemaTooNew",
     "check_schema",
     "Redatable",
+    "Rehashable",
+    "HashScannable",
     "wall_clock",
+    "key_words",
     "query_words",
     "document_from",
 ]
@@ -110,6 +113,10 @@ class Document:
     # time or the object's LastModified); None: not known (an index written before schema 2).
     taken_at: str | None = None
     taken_offset: str = ""  # EXIF OffsetTimeOriginal ("+02:00") when given: shown, never used to filter
+    # content_hash is the sha256 of the file's bytes (hex): equal hashes are exact duplicates. phash is the
+    # perceptual hash of the decoded picture (clipsearch/perceptual.py, 16 hex digits); None: not computed
+    # (an index written before schema 3), filled in by the next `clipsearch index` without re-encoding.
+    phash: str | None = None
 
     @property
     def id(self) -> str:
@@ -225,6 +232,40 @@ class Redatable(Protocol):
         ...
 
 
+@runtime_checkable
+class Rehashable(Protocol):
+    """A backend that can list documents without a perceptual hash and fill both hashes in without re-encoding."""
+
+    def unhashed(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose phash is not known (written before schema 3)."""
+        ...
+
+    def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
+        """key -> (sha256, phash) for documents of this index (bucket ""); returns how many."""
+        ...
+
+
+@runtime_checkable
+class HashScannable(Protocol):
+    """A backend that answers the duplicate scan's questions from its own storage (clipsearch/duplicates.py)."""
+
+    def exact_groups(self) -> list[tuple[str, int]]:
+        """(content_hash, count) of every content hash that 2 or more documents share, in any order."""
+        ...
+
+    def members(self, content_hashes: Sequence[str], cap: int) -> dict[str, list[str]]:
+        """content_hash -> the ids of up to cap documents with it, in key order."""
+        ...
+
+    def perceptual_hashes(self) -> list[tuple[str, str, str]]:
+        """(id, content_hash, phash) of every document that has a phash."""
+        ...
+
+    def documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        """id -> Document (vector included) of those ids that exist."""
+        ...
+
+
 def check_model(recorded_model: str, recorded_dim: int, model: str | None, dim: int | None) -> None:
     """Refuse to use an index with another model than the one that built it."""
     if model is not None and model != recorded_model:
@@ -237,6 +278,12 @@ def check_model(recorded_model: str, recorded_dim: int, model: str | None, dim: 
 
 
 MAX_QUERY_WORDS = 32
+
+
+def key_words(key: str) -> str:
+    """A key's words for the lexical search, split as query_words splits a query (and as SQLite FTS5's
+    unicode61 tokenizer splits a key): `trips/beach_day.png` -> "trips beach day png"."""
+    return " ".join(re.findall(r"[^\W_]+", key))
 
 
 def query_words(text: str) -> list[str]:

@@ -50,9 +50,10 @@ from clipsearch.index.base import (
 )
 
 # 1: the first release. 2: images.taken_at (wall-clock "YYYY-MM-DDTHH:MM:SS", NULL: not read yet) and
-# images.taken_offset. 3: images_fts, the word index of titles and keys for hybrid search (_migrate_fts).
-# An older file is migrated when it is opened for writing (`index`, `forget`, `check --repair`), never by
-# a read-only open (`search`, `stats`, `serve`); a newer one is refused.
+# images.taken_offset. 3: images_fts, the word index of titles and keys for hybrid search (_migrate_fts);
+# images.phash (the perceptual hash, NULL: not computed yet) and an index on content_hash (the sha256), for
+# the duplicate scan (_migrate_hashes). An older file is migrated when it is opened for writing (`index`,
+# `forget`, `check --repair`), never by a read-only open (`search`, `stats`, `serve`); a newer one is refused.
 SCHEMA_VERSION = 3
 DB_NAME = "index.sqlite"
 
@@ -71,19 +72,24 @@ CREATE TABLE IF NOT EXISTS images (
     indexed_at REAL NOT NULL DEFAULT 0,
     vector BLOB NOT NULL,
     taken_at TEXT,
-    taken_offset TEXT NOT NULL DEFAULT ''
+    taken_offset TEXT NOT NULL DEFAULT '',
+    phash TEXT
 );
 CREATE INDEX IF NOT EXISTS images_key ON images (key);
+CREATE INDEX IF NOT EXISTS images_content_hash ON images (content_hash);
 """
 
 _COLUMNS = "id, key, bucket, title, content_hash, size, mtime, width, height, indexed_at"
 _DATE_COLUMNS = "taken_at, taken_offset"  # schema 2
-_MIGRATIONS = {  # version -> the statements that bring a file of that version to the next one
-    1: [
-        "ALTER TABLE images ADD COLUMN taken_at TEXT",
-        "ALTER TABLE images ADD COLUMN taken_offset TEXT NOT NULL DEFAULT ''",
-    ],
-}
+
+
+def _migrate_hashes(db: sqlite3.Connection) -> None:
+    """Schema 3, the duplicates' part: images.phash and an index on content_hash. Idempotent."""
+    if "phash" not in {row[1] for row in db.execute("PRAGMA table_info(images)")}:
+        db.execute("ALTER TABLE images ADD COLUMN phash TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS images_content_hash ON images (content_hash)")
+
+
 # The word index (schema 3): an FTS5 table whose rowid is the images row's, kept in step by triggers, so
 # every writer (upsert's INSERT OR REPLACE, delete, a repair's copy) updates it in the same transaction.
 # INSERT OR REPLACE fires no DELETE trigger unless recursive_triggers is on
@@ -107,6 +113,14 @@ _FTS_STATEMENTS = [
     "INSERT INTO images_fts (rowid, id, title, key) SELECT rowid, id, title, key FROM images",
 ]
 LEXICAL_SCHEMA = 3  # the first schema with images_fts
+_MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
+    # version -> the statements (or step functions) that bring a file of that version to the next one
+    1: [
+        "ALTER TABLE images ADD COLUMN taken_at TEXT",
+        "ALTER TABLE images ADD COLUMN taken_offset TEXT NOT NULL DEFAULT ''",
+    ],
+    2: [_migrate_hashes, *_FTS_STATEMENTS],
+}
 SEARCH_MODES = ("exact", "approx")
 # Each write transaction bumps this, so a persisted ANN structure can tell whether it is stale.
 _BUMP_GENERATION = (
@@ -281,10 +295,11 @@ def _migrate(db: sqlite3.Connection) -> int:
     found = _schema_version(meta)
     version = found
     while version < SCHEMA_VERSION:
-        for stmt in _MIGRATIONS.get(version, []):
-            db.execute(stmt)
-        if version + 1 == LEXICAL_SCHEMA:
-            _migrate_fts(db)
+        for step in _MIGRATIONS[version]:
+            if isinstance(step, str):
+                db.execute(step)
+            else:
+                step(db)
         version += 1
     if found < SCHEMA_VERSION:
         db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)", (str(version),))
@@ -552,6 +567,7 @@ class EmbeddedIndex:
                     d.indexed_at or now,
                     d.taken_at,
                     d.taken_offset,
+                    d.phash,
                     vec.tobytes(),
                 )
             )
@@ -559,8 +575,8 @@ class EmbeddedIndex:
             self._check_writable_schema()
             with self._tx():
                 self._db.executemany(
-                    f"INSERT OR REPLACE INTO images ({_COLUMNS}, {_DATE_COLUMNS}, vector) "
-                    "VALUES (?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR REPLACE INTO images ({_COLUMNS}, {_DATE_COLUMNS}, phash, vector) "
+                    "VALUES (?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(r[0], key_param(r[1]), *r[2:]) for r in rows],
                 )
                 self._db.execute(_BUMP_GENERATION)
@@ -625,23 +641,13 @@ class EmbeddedIndex:
     def get(self, id: str) -> Document | None:
         with self._lock:
             dates = _DATE_COLUMNS if self._schema >= 2 else "NULL, ''"
-            row = self._db.execute(f"SELECT {_COLUMNS}, vector, {dates} FROM images WHERE id = ?", (id,)).fetchone()
+            hashed = "phash" if self._schema >= 3 else "NULL"
+            row = self._db.execute(
+                f"SELECT {_COLUMNS}, vector, {dates}, {hashed} FROM images WHERE id = ?", (id,)
+            ).fetchone()
         if row is None:
             return None
-        return Document(
-            key=row[1],
-            bucket=row[2],
-            title=row[3],
-            content_hash=row[4],
-            size=row[5],
-            mtime=row[6],
-            width=row[7],
-            height=row[8],
-            indexed_at=row[9],
-            vector=np.frombuffer(row[10], dtype=np.float32).copy(),
-            taken_at=row[11],
-            taken_offset=row[12],
-        )
+        return _document(row)
 
     @_sqlite_errors
     def search(
@@ -873,26 +879,34 @@ class EmbeddedIndex:
     @_sqlite_errors
     def undated(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose capture time was never read (rows written before schema 2)."""
-        if self._schema < 2:
+        return self._keys_lacking("taken_at", 2, prefix)
+
+    def _keys_lacking(self, column: str, schema: int, prefix: str) -> set[str]:
+        """Keys starting with prefix whose column (added in that schema version) is NULL."""
+        if self._schema < schema:
             return set()  # read-only and not migrated: nothing can be filled in anyway
         with self._lock:
             rows = self._db.execute(
-                "SELECT key FROM images WHERE taken_at IS NULL AND substr(CAST(key AS BLOB), 1, ?) = ?",
+                f"SELECT key FROM images WHERE {column} IS NULL AND substr(CAST(key AS BLOB), 1, ?) = ?",
                 (len(key_param(prefix)), key_param(prefix)),
             ).fetchall()
         return {r[0] for r in rows}
+
+    def _update(self, statement: str, updates: list[tuple[Any, ...]]) -> int:
+        """Run an UPDATE for each parameter tuple in one transaction; returns how many rows changed."""
+        self._check_writable_schema()
+        with self._tx():
+            before = self._db.total_changes
+            self._db.executemany(statement, updates)
+            return self._db.total_changes - before
 
     @_sqlite_errors
     def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
         """Fill in capture times (key -> (taken_at, taken_offset)) without touching the vectors."""
         if not taken:
             return 0
-        self._check_writable_schema()
         updates = [(at, offset, doc_id("", key)) for key, (at, offset) in taken.items()]
-        with self._tx():
-            before = self._db.total_changes
-            self._db.executemany("UPDATE images SET taken_at = ?, taken_offset = ? WHERE id = ?", updates)
-            changed = self._db.total_changes - before
+        changed = self._update("UPDATE images SET taken_at = ?, taken_offset = ? WHERE id = ?", updates)
         with self._lock:
             for at, _, id_ in updates:
                 i = self._row.get(id_)
@@ -907,6 +921,86 @@ class EmbeddedIndex:
                 f"the index {self.directory} was opened read-only and has an older schema; "
                 "open it for writing (`clipsearch index`) to migrate it"
             )
+
+    # -- hashes (the duplicate scan, clipsearch/duplicates.py) ------------------------------------
+
+    @_sqlite_errors
+    def unhashed(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose perceptual hash was never computed (rows written before schema 3)."""
+        return self._keys_lacking("phash", 3, prefix)
+
+    @_sqlite_errors
+    def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
+        """Fill in key -> (sha256, phash) without touching the vectors."""
+        if not hashes:
+            return 0
+        updates = [(sha, phash, doc_id("", key)) for key, (sha, phash) in hashes.items()]
+        changed = self._update("UPDATE images SET content_hash = ?, phash = ? WHERE id = ?", updates)
+        with self._lock:
+            self._data_version = self._current_version()
+        return changed
+
+    def _require_hashes(self) -> None:
+        if self._schema < 3:
+            raise BadRequest(
+                f"the index {self.directory} has no perceptual hashes yet (it was written by an older "
+                "clipsearch): run `clipsearch index` on its folders once to add them"
+            )
+
+    @_sqlite_errors
+    def exact_groups(self) -> list[tuple[str, int]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT content_hash, COUNT(*) FROM images WHERE content_hash != '' "
+                "GROUP BY content_hash HAVING COUNT(*) > 1"
+            ).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    @_sqlite_errors
+    def members(self, content_hashes: Sequence[str], cap: int) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {h: [] for h in content_hashes}
+        wanted = list(found)
+        for start in range(0, len(wanted), 500):  # under SQLite's bound-parameter limit
+            chunk = wanted[start : start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT content_hash, id FROM images WHERE content_hash IN ({','.join('?' * len(chunk))}) "
+                    "ORDER BY key, bucket",
+                    chunk,
+                ).fetchall()
+            for content_hash, id_ in rows:
+                if len(found[content_hash]) < cap:
+                    found[content_hash].append(id_)
+        return found
+
+    @_sqlite_errors
+    def perceptual_hashes(self) -> list[tuple[str, str, str]]:
+        self._require_hashes()
+        with self._lock:
+            rows = self._db.execute("SELECT id, content_hash, phash FROM images WHERE phash IS NOT NULL").fetchall()
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    @_sqlite_errors
+    def documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        """Rows whose vector is unusable (see _usable_rows) are left out."""
+        hashed = "phash" if self._schema >= 3 else "NULL"
+        dates = _DATE_COLUMNS if self._schema >= 2 else "NULL, ''"
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, Document] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS}, vector, {dates}, {hashed} FROM images "
+                    f"WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            for row in rows:
+                if isinstance(row[10], bytes) and len(row[10]) == 4 * self.dim:
+                    doc = _document(row)
+                    if np.isfinite(doc.vector).all():
+                        out[str(row[0])] = doc
+        return out
 
     @_sqlite_errors
     def count(self) -> int:
@@ -973,6 +1067,25 @@ class EmbeddedIndex:
                 "SELECT rowid AS _rowid, * FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, batch)
             )
             return cursor.fetchall(), [d[0] for d in cursor.description]
+
+
+def _document(row: Sequence[Any]) -> Document:
+    """A Document from a row of {_COLUMNS}, vector, {_DATE_COLUMNS}, phash."""
+    return Document(
+        key=row[1],
+        bucket=row[2],
+        title=row[3],
+        content_hash=row[4],
+        size=row[5],
+        mtime=row[6],
+        width=row[7],
+        height=row[8],
+        indexed_at=row[9],
+        vector=np.frombuffer(row[10], dtype=np.float32).copy(),
+        taken_at=row[11],
+        taken_offset=row[12] or "",
+        phash=row[13],
+    )
 
 
 def _prefix_end(prefix: str) -> str | None:
@@ -1115,17 +1228,17 @@ def check_index(directory: str | Path, repair: bool = False) -> CheckReport:
     finally:
         db.close()
     if schema < SCHEMA_VERSION:
-        lacks = "capture dates" if schema < 2 else "word index for hybrid search"
         if repair:
             _migrate_file(path)
-            then = "the next `clipsearch index` of its folders fills in the capture dates" if schema < 2 else ""
             report.repaired.append(
-                f"migrated the schema from version {schema} to {SCHEMA_VERSION}" + (f"; {then}" if then else "")
+                f"migrated the schema from version {schema} to {SCHEMA_VERSION}; the next "
+                "`clipsearch index` of its folders fills in what it lacks (capture dates, perceptual hashes)"
             )
         else:
             report.notes.append(
-                f"schema version {schema} (this clipsearch writes {SCHEMA_VERSION}): it has no "
-                f"{lacks}; the next `clipsearch index` or `check --repair` migrates it"
+                f"schema version {schema} (this clipsearch writes {SCHEMA_VERSION}): it lacks capture dates, "
+                "perceptual hashes or the word index for hybrid search; the next `clipsearch index` or "
+                "`check --repair` migrates it"
             )
     if unreadable:
         report.problems.append(
@@ -1226,29 +1339,12 @@ def _repair_damaged(directory: Path, report: CheckReport) -> None:
         if work.exists():
             _remove_index_files(work / DB_NAME)
         fresh = EmbeddedIndex(work, model=meta["model"], dim=int(meta["dim"]))
-        dated = _schema_version(meta) >= 2
+        version = _schema_version(meta)
         try:
             saved = 0
             keys: list[str] = []
-            for batch in _readable_rows(src, dated=dated):
-                docs = [
-                    Document(
-                        key=r[1],
-                        bucket=r[2],
-                        title=r[3],
-                        content_hash=r[4],
-                        size=r[5],
-                        mtime=r[6],
-                        width=r[7],
-                        height=r[8],
-                        indexed_at=r[9],
-                        vector=np.frombuffer(r[10], dtype=np.float32),
-                        taken_at=r[11],
-                        taken_offset=r[12] or "",
-                    )
-                    for r in batch
-                    if isinstance(r[10], bytes) and len(r[10]) == 4 * fresh.dim
-                ]
+            for batch in _readable_rows(src, dated=version >= 2, hashed=version >= 3):
+                docs = [_document(r) for r in batch if isinstance(r[10], bytes) and len(r[10]) == 4 * fresh.dim]
                 saved += fresh.upsert(docs).written
                 keys.extend(d.key for d in docs if not d.bucket and os.path.isabs(d.key))
         finally:
@@ -1316,14 +1412,17 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def _readable_rows(db: sqlite3.Connection, batch: int = 256, dated: bool = True) -> Iterator[list[tuple]]:
+def _readable_rows(
+    db: sqlite3.Connection, batch: int = 256, dated: bool = True, hashed: bool = True
+) -> Iterator[list[tuple]]:
     """Rows of a damaged images table, in batches, stepping over the rowids whose pages cannot be read.
 
     Past a damaged range the probe steps ahead doubling, then searches back (bisects) between the last
     rowid it could not seek to and the first probe that worked, so no readable row after it is skipped.
     """
     dates = _DATE_COLUMNS if dated else "NULL, ''"
-    query = f"SELECT rowid, {_COLUMNS}, vector, {dates} FROM images WHERE rowid >= ? ORDER BY rowid LIMIT ?"
+    phash = "phash" if hashed else "NULL"
+    query = f"SELECT rowid, {_COLUMNS}, vector, {dates}, {phash} FROM images WHERE rowid >= ? ORDER BY rowid LIMIT ?"
 
     def readable(start: int) -> bool:
         try:

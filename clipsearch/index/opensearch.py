@@ -32,15 +32,17 @@ from clipsearch.index.base import (
     check_schema,
     doc_id,
     document_from,
+    key_words,
     query_words,
 )
 
 __all__ = ["OpenSearchIndex", "ENGINES", "AUTH_MODES", "MAX_K"]
 
 # 1: the first release. 2: taken_at (a `date` holding the wall-clock capture time with no zone, so
-# OpenSearch's UTC handling shifts nothing) and taken_offset (keyword). 3: key.text, the key's words for
-# hybrid search. An older index gets the new fields (put_mapping) and the new version in `_meta` on its
-# first write; a search never changes it.
+# OpenSearch's UTC handling shifts nothing) and taken_offset (keyword). 3: key_words, the key's words for
+# hybrid search, and phash (keyword, the perceptual hash) beside content_hash (the sha256), for the duplicate
+# scan. An older index gets the new fields (put_mapping) and the new version in `_meta` on its first write;
+# a search never changes it.
 SCHEMA_VERSION = 3
 # yyyy-MM-dd'T'HH:mm:ss (OpenSearch docs, "Date field type": built-in formats).
 TAKEN_FORMAT = "strict_date_hour_minute_second"
@@ -48,22 +50,26 @@ _DATE_FIELDS: dict[str, Any] = {
     "taken_at": {"type": "date", "format": TAKEN_FORMAT},
     "taken_offset": {"type": "keyword"},
 }
-# The keyword `key` gains a text sub-field (standard analyzer) for the lexical side of hybrid search. Adding
-# a multi-field to an existing field is allowed by put_mapping (OpenSearch docs, "Create or update mappings");
-# documents written before it gain the sub-field when they are written again (the title, a text field since
-# schema 1, matches at once).
-_KEY_FIELD: dict[str, Any] = {"type": "keyword", "fields": {"text": {"type": "text"}}}
+# key_words: the key's words as clipsearch splits them (index.base.key_words: letters and digits, so
+# `beach_day.png` is "beach day png", as SQLite FTS5's unicode61 tokenizer splits it in the embedded index),
+# for the lexical side of hybrid search. Split here rather than by an analyzer: a custom analyzer cannot be
+# added to an existing index without closing it, and the standard one keeps `lighthouse.jpg` whole.
+_KEY_WORDS: dict[str, Any] = {"key_words": {"type": "text"}}
 # multi_match over both, a title word counting twice a key word (as the embedded index's BM25 weights).
-LEXICAL_FIELDS = ["title^2", "key.text"]
+LEXICAL_FIELDS = ["title^2", "key_words"]
+_HASH_FIELDS: dict[str, Any] = {"phash": {"type": "keyword"}}
 _MIGRATIONS: dict[int, dict[str, Any]] = {  # version -> the fields that bring an index to the next one
     1: _DATE_FIELDS,
-    2: {"key": _KEY_FIELD},
+    2: {**_KEY_WORDS, **_HASH_FIELDS},
 }
+BACKFILL_PAGE = 1000  # documents given their key_words per partial-update bulk when an index is migrated
 ENGINES = ("lucene", "faiss")
 AUTH_MODES = ("none", "basic", "sigv4")
 VECTOR_FIELD = "vector"
 # The k-NN plugin caps k at 10000, and index.max_result_window caps from + size at the same.
 MAX_K = 10_000
+# The most duplicate groups by content hash one scan lists (a terms aggregation's size).
+MAX_GROUPS = 10_000
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _SOURCE_FIELDS = ["key", "bucket", "title", "width", "height", "taken_at", "taken_offset"]
 
@@ -205,6 +211,18 @@ class OpenSearchIndex:
         """Whether a pause of pause_s and then one attempt's worst case (timeout_s) fit in the deadline."""
         return self._deadline is None or self._deadline() >= pause_s + self.timeout_s
 
+    def _require_schema(self, version: int, what: str) -> None:
+        """BadRequest unless the index has reached that schema version (what: the fields it added)."""
+        if self.schema < version:  # migrated since this process opened it (a warm search Lambda)?
+            meta = self._load_meta() or {}
+            if int(meta.get("schema_version", 1)) > self.schema:
+                self._meta, self.schema = meta, int(meta["schema_version"])
+        if self.schema < version:
+            raise BadRequest(
+                f"OpenSearch index {self.name!r} has no {what} yet (it was written by an "
+                "older clipsearch): run `clipsearch index` once to add them"
+            )
+
     def _load_meta(self) -> dict[str, Any] | None:
         try:
             mapping = self._call(
@@ -259,7 +277,8 @@ class OpenSearchIndex:
                             "parameters": {"m": self.m, "ef_construction": self.ef_construction},
                         },
                     },
-                    "key": _KEY_FIELD,
+                    "key": {"type": "keyword"},
+                    **_KEY_WORDS,
                     "bucket": {"type": "keyword"},
                     "title": {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 512}}},
                     "content_hash": {"type": "keyword"},
@@ -270,6 +289,7 @@ class OpenSearchIndex:
                     "model": {"type": "keyword"},
                     "indexed_at": {"type": "date", "format": "epoch_second"},
                     **_DATE_FIELDS,
+                    **_HASH_FIELDS,
                 },
             },
         }
@@ -311,7 +331,22 @@ class OpenSearchIndex:
             index=self.name,
             body={"_meta": {"clipsearch": meta}, "properties": fields},
         )
-        self._meta, self.schema = meta, SCHEMA_VERSION
+        found, (self._meta, self.schema) = self.schema, (meta, SCHEMA_VERSION)
+        if found < 3:
+            self._backfill_key_words()
+
+    def _backfill_key_words(self) -> None:
+        """Give documents written before schema 3 their key_words, by partial updates (vectors are kept), so
+        hybrid search finds them by their file names at once, as the embedded index's migration does."""
+        lacking = {"bool": {"must_not": [{"exists": {"field": "key_words"}}]}}
+        pages = self._scan(lacking, [], "listing documents without key_words", page=BACKFILL_PAGE, doc_values=True)
+        wanted: dict[str, dict[str, Any]] = {}
+        for found in pages:
+            wanted[found["_id"]] = {"key_words": key_words(found["key"])}
+            if len(wanted) >= BACKFILL_PAGE:
+                self._update(wanted, "word-index updates")
+                wanted = {}
+        self._update(wanted, "word-index updates")
 
     def upsert(self, docs: Sequence[Document]) -> UpsertResult:
         """Bulk-index docs under their deterministic ids; per-item failures land in `failed`."""
@@ -330,6 +365,7 @@ class OpenSearchIndex:
                 "bucket": d.bucket,
                 "title": d.title,
                 "content_hash": d.content_hash,
+                "key_words": key_words(d.key),
                 "size": d.size,
                 "mtime": d.mtime,
                 "width": d.width,
@@ -338,6 +374,7 @@ class OpenSearchIndex:
                 "indexed_at": d.indexed_at or now,
                 "taken_at": d.taken_at,
                 "taken_offset": d.taken_offset,
+                "phash": d.phash,
             }
             action = json.dumps({"index": {"_index": self.name, "_id": d.id}})
             lines[d.id] = action + "\n" + json.dumps(source, separators=(",", ":")) + "\n"
@@ -432,21 +469,7 @@ class OpenSearchIndex:
             resp = self._call("a get", self.client.get, index=self.name, id=id, expect=(os_errors.NotFoundError,))
         except os_errors.NotFoundError:
             return None
-        s = resp["_source"]
-        return Document(
-            key=s["key"],
-            bucket=s.get("bucket", ""),
-            title=s.get("title", ""),
-            content_hash=s.get("content_hash", ""),
-            size=int(s.get("size", 0)),
-            mtime=float(s.get("mtime", 0)),
-            width=int(s.get("width", 0)),
-            height=int(s.get("height", 0)),
-            indexed_at=float(s.get("indexed_at", 0)),
-            vector=np.asarray(s[VECTOR_FIELD], dtype=np.float32),
-            taken_at=s.get("taken_at"),
-            taken_offset=s.get("taken_offset") or "",
-        )
+        return _document(resp["_source"])
 
     def search(
         self,
@@ -527,15 +550,7 @@ class OpenSearchIndex:
         if prefix:
             filters.append({"prefix": {"key": prefix}})
         if taken:
-            if self.schema < 2:  # migrated since this process opened it (a warm search Lambda)?
-                meta = self._load_meta() or {}
-                if int(meta.get("schema_version", 1)) >= 2:
-                    self._meta, self.schema = meta, int(meta["schema_version"])
-            if self.schema < 2:
-                raise BadRequest(
-                    f"OpenSearch index {self.name!r} has no capture dates yet (it was written by an "
-                    "older clipsearch): run `clipsearch index` once to add them"
-                )
+            self._require_schema(2, "capture dates")
             bounds = {op: value for op, value in (("gte", taken.after), ("lt", taken.before)) if value}
             filters.append({"range": {"taken_at": {**bounds, "format": TAKEN_FORMAT}}})
         return filters
@@ -566,34 +581,60 @@ class OpenSearchIndex:
 
     def undated(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose documents have no taken_at (written before schema 2)."""
-        if self.schema < 2:
+        return self._keys_lacking("taken_at", 2, prefix)
+
+    def _keys_lacking(self, field: str, schema: int, prefix: str) -> set[str]:
+        """Keys starting with prefix whose documents lack the field (added in that schema version)."""
+        if self.schema < schema:
             return set()
-        query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": "taken_at"}}]}}
+        query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": field}}]}}
         if prefix:
             query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
-        out: set[str] = set()
+        return {s["key"] for s in self._scan(query, ["key"], f"listing keys without {field}", doc_values=True)}
+
+    def _scan(
+        self, query: dict[str, Any], fields: list[str], what: str, page: int = 1000, doc_values: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Those fields of every document the query matches, paged by search_after on (key, bucket).
+
+        doc_values: read keyword fields from their doc values and no stored field at all, not even _id (stored
+        fields are compressed together with _source, so reading any decompresses each document's source, vector
+        included: 34 s for 10,000 documents, measured); the id is then doc_id(bucket, key), as it was written.
+        """
         after: list[Any] | None = None
         self._see_own_writes()
         while True:
             body: dict[str, Any] = {
-                "size": 1000,
+                "size": page,
                 "query": query,
-                "_source": ["key"],
+                "_source": False if doc_values else fields,
                 "sort": [{"key": "asc"}, {"bucket": "asc"}],
                 "track_total_hits": False,
             }
+            if doc_values:
+                body["docvalue_fields"] = ["key", "bucket", *fields]
+                body["stored_fields"] = "_none_"
             if after is not None:
                 body["search_after"] = after
-            hits = self._call("listing undated keys", self.client.search, index=self.name, body=body)["hits"]["hits"]
-            out.update(h["_source"]["key"] for h in hits)
-            if len(hits) < 1000:
-                return out
+            hits = self._call(what, self.client.search, index=self.name, body=body)["hits"]["hits"]
+            for h in hits:
+                if doc_values:
+                    values = {k: v[0] for k, v in h.get("fields", {}).items() if v}
+                    yield {"_id": doc_id(values.get("bucket", ""), values["key"]), **values}
+                else:
+                    yield {"_id": h["_id"], **h.get("_source", {})}
+            if len(hits) < page:
+                return
             after = hits[-1]["sort"]
 
     def set_taken(self, taken: dict[str, tuple[str, str]]) -> int:
         """Fill in capture times (key -> (taken_at, taken_offset)) by partial updates; vectors are kept."""
+        wanted = {doc_id("", key): {"taken_at": at, "taken_offset": offset} for key, (at, offset) in taken.items()}
+        return self._update(wanted, "capture-date updates")
+
+    def _update(self, wanted: dict[str, dict[str, Any]], what: str) -> int:
+        """Partial updates (id -> fields) of documents that exist; vectors are kept."""
         self._migrate()
-        wanted = {doc_id("", key): value for key, value in taken.items()}
         if not wanted:
             return 0
         # A partial update re-parses the whole stored source, and a stored float such as indexed_at
@@ -610,8 +651,7 @@ class OpenSearchIndex:
         for entry in got.get("docs", []):
             if not entry.get("found"):
                 continue  # deleted meanwhile: nothing to date
-            at, offset = wanted[entry["_id"]]
-            doc: dict[str, Any] = {"taken_at": at, "taken_offset": offset}
+            doc = dict(wanted[entry["_id"]])
             if entry.get("_source", {}).get("indexed_at") is not None:
                 doc["indexed_at"] = repr(float(entry["_source"]["indexed_at"]))
             lines[entry["_id"]] = (
@@ -622,8 +662,85 @@ class OpenSearchIndex:
             )
         done, failed = self._bulk(lines)
         if failed:
-            raise IndexError_(f"{len(failed)} capture-date updates failed, e.g. {next(iter(failed.values()))}")
+            raise IndexError_(f"{len(failed)} {what} failed, e.g. {next(iter(failed.values()))}")
         return done
+
+    # -- hashes (the duplicate scan, clipsearch/duplicates.py) ------------------------------------
+
+    def unhashed(self, prefix: str = "") -> set[str]:
+        """Keys starting with prefix whose documents have no phash (written before schema 3)."""
+        return self._keys_lacking("phash", 3, prefix)
+
+    def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
+        """Fill in key -> (sha256, phash) by partial updates; vectors are kept."""
+        wanted = {doc_id("", key): {"content_hash": sha, "phash": phash} for key, (sha, phash) in hashes.items()}
+        return self._update(wanted, "hash updates")
+
+    def exact_groups(self) -> list[tuple[str, int]]:
+        """A terms aggregation on content_hash keeping the values 2 or more documents share, the largest
+        MAX_GROUPS of them (search.max_buckets is 65,535 by default: OpenSearch docs, "Bucket aggregations")."""
+        body = {
+            "size": 0,
+            "query": {"match_all": {}},
+            "aggs": {
+                "groups": {
+                    "terms": {
+                        "field": "content_hash",
+                        "min_doc_count": 2,
+                        "size": MAX_GROUPS,
+                        "shard_size": MAX_GROUPS,
+                        "exclude": [""],
+                    }
+                }
+            },
+        }
+        self._see_own_writes()
+        resp = self._call("grouping by content hash", self.client.search, index=self.name, body=body)
+        return [(b["key"], int(b["doc_count"])) for b in resp["aggregations"]["groups"]["buckets"]]
+
+    def members(self, content_hashes: Sequence[str], cap: int) -> dict[str, list[str]]:
+        """One terms aggregation over the given hashes, each bucket's first `cap` ids (top_hits, by key)."""
+        found: dict[str, list[str]] = {h: [] for h in content_hashes}
+        if not found:
+            return found
+        # top_hits returns at most index.max_inner_result_window (100) hits per bucket.
+        size = min(cap, 100)
+        body = {
+            "size": 0,
+            "query": {"terms": {"content_hash": list(found)}},
+            "aggs": {
+                "groups": {
+                    "terms": {"field": "content_hash", "size": len(found)},
+                    "aggs": {
+                        "first": {
+                            "top_hits": {"size": size, "_source": False, "sort": [{"key": "asc"}, {"bucket": "asc"}]}
+                        }
+                    },
+                }
+            },
+        }
+        self._see_own_writes()
+        resp = self._call("listing duplicate groups", self.client.search, index=self.name, body=body)
+        for bucket in resp["aggregations"]["groups"]["buckets"]:
+            found[bucket["key"]] = [h["_id"] for h in bucket["first"]["hits"]["hits"]]
+        return found
+
+    def perceptual_hashes(self) -> list[tuple[str, str, str]]:
+        self._require_schema(3, "perceptual hashes")
+        query = {"exists": {"field": "phash"}}
+        found = self._scan(query, ["content_hash", "phash"], "listing perceptual hashes", page=5000, doc_values=True)
+        return [(s["_id"], s.get("content_hash") or "", s["phash"]) for s in found]
+
+    def documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, Document] = {}
+        self._see_own_writes()
+        for start in range(0, len(wanted), 500):
+            got = self._call(
+                "reading documents", self.client.mget, index=self.name, body={"ids": wanted[start : start + 500]}
+            )
+            out.update((e["_id"], _document(e["_source"])) for e in got.get("docs", []) if e.get("found"))
+        return out
 
     def count(self) -> int:
         self._see_own_writes()
@@ -712,6 +829,25 @@ def _hit(h: dict[str, Any], cos: float) -> Hit:
         height=int(s.get("height", 0)),
         taken_at=s.get("taken_at"),
         taken_offset=s.get("taken_offset") or "",
+    )
+
+
+def _document(s: dict[str, Any]) -> Document:
+    """A Document from a stored _source."""
+    return Document(
+        key=s["key"],
+        bucket=s.get("bucket", ""),
+        title=s.get("title", ""),
+        content_hash=s.get("content_hash", ""),
+        size=int(s.get("size", 0)),
+        mtime=float(s.get("mtime", 0)),
+        width=int(s.get("width", 0)),
+        height=int(s.get("height", 0)),
+        indexed_at=float(s.get("indexed_at", 0)),
+        vector=np.asarray(s[VECTOR_FIELD], dtype=np.float32),
+        taken_at=s.get("taken_at"),
+        taken_offset=s.get("taken_offset") or "",
+        phash=s.get("phash"),
     )
 
 

@@ -214,17 +214,57 @@ def test_given_an_older_opensearch_index_when_first_written_then_keys_gain_their
     client = raw.client
     try:
         client.indices.create(index=name, body=opensearch_v1_body("fake", FAKE_DIM))
-        for d in DOCS[:20]:
+        old_boat = Document(key="trips/old_boat.jpg", vector=DOCS[5].vector, title="snow snow")
+        for d in [*DOCS[:20], old_boat]:
             client.index(index=name, id=d.id, body=opensearch_v1_source(d, "fake"), refresh=True)
         index = OpenSearchIndex(name, url=opensearch_url)
         # an older index searched hybrid: titles match, keys not yet, and nothing is changed
         assert hits(index, text="lighthouse", mode="hybrid")[0]["id"] == DOCS[LIGHTHOUSE].id
-        assert "fields" not in client.indices.get_mapping(index=name)[name]["mappings"]["properties"]["key"]
+        assert "key_words" not in client.indices.get_mapping(index=name)[name]["mappings"]["properties"]
+        assert index.lexical("boat", DOCS[5].vector, k=5) == []
         new = Document(key="trips/harbour/new.jpg", vector=DOCS[3].vector, title="snow snow")
         assert index.upsert([new]).failed == {}
         mapping = client.indices.get_mapping(index=name)[name]["mappings"]
-        assert mapping["properties"]["key"]["fields"]["text"]["type"] == "text"
+        assert mapping["properties"]["key_words"]["type"] == "text"
         assert mapping["_meta"]["clipsearch"]["schema_version"] == 3
         assert hits(index, text="harbour", mode="hybrid")[0]["id"] == new.id
+        # the first write also gave the older documents their key words: a file name matches at once
+        assert [h.id for h in index.lexical("boat", DOCS[5].vector, k=5)] == [old_boat.id]
     finally:
         raw.drop()
+
+
+@pytest.mark.opensearch
+@pytest.mark.parametrize("word", ["lighthouse", "beach", "day", "boat", "0001", "harbour"])
+def test_given_file_names_when_a_word_of_one_is_searched_then_both_backends_match_the_same_files(
+    embedded_files, remote_files, word
+):
+    # `lighthouse.jpg`, `beach_day.png`, `IMG_0001.JPG`: the standard analyzer keeps such names whole, so
+    # both backends must split keys alike (letters and digits) for the word side to agree.
+    vector = FILES[0].vector
+    found = [sorted(h.key for h in index.lexical(word, vector, k=10)) for index in (embedded_files, remote_files)]
+    assert found[0] == found[1] != []
+
+
+FILES = [
+    Document(key=key, vector=DOCS[n].vector, title="Summer trip")
+    for n, key in enumerate(
+        ["trips/lighthouse.jpg", "trips/beach_day.png", "trips/harbour/boat.jpg", "family/2019/IMG_0001.JPG"]
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def embedded_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedIndex]:
+    index = EmbeddedIndex(tmp_path_factory.mktemp("files"), model="fake", dim=FAKE_DIM)
+    index.upsert(FILES)
+    yield index
+    index.close()
+
+
+@pytest.fixture(scope="module")
+def remote_files(opensearch_url: str) -> Iterator[OpenSearchIndex]:
+    index = OpenSearchIndex(f"terms-files-{uuid.uuid4().hex[:10]}", model="fake", dim=FAKE_DIM, url=opensearch_url)
+    index.upsert(FILES)
+    yield index
+    index.drop()

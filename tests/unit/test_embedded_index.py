@@ -19,7 +19,7 @@ from clipsearch.errors import (
 )
 from clipsearch.index import embedded, open_index
 from clipsearch.index.base import Document, doc_id
-from clipsearch.index.embedded import DB_NAME, EmbeddedIndex, check_index, storage_error
+from clipsearch.index.embedded import DB_NAME, SCHEMA_VERSION, EmbeddedIndex, check_index, storage_error
 from clipsearch.ingest import forget
 
 DIM = 8
@@ -601,7 +601,8 @@ def test_given_another_process_creates_the_index_first_then_its_model_record_is_
     first.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
     first.execute("CREATE TABLE images (id TEXT PRIMARY KEY, key TEXT NOT NULL, vector BLOB NOT NULL)")
     first.executemany(
-        "INSERT INTO meta VALUES (?, ?)", [("schema_version", "2"), ("model", "fake-a"), ("dim", str(DIM))]
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema_version", str(SCHEMA_VERSION)), ("model", "fake-a"), ("dim", str(DIM))],
     )
     first.execute("COMMIT")
     thread.join(30)

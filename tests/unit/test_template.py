@@ -151,6 +151,7 @@ def test_given_default_parameters_when_transformed_then_every_route_needs_an_api
         ("/health", "get"),
         ("/search", "get"),
         ("/search", "post"),
+        ("/duplicates", "get"),
     }
     for path, method, op in routes:
         if method != "options":  # CORS preflight: browsers send it without credentials
