@@ -18,7 +18,7 @@ from clipsearch.dates import parse_dates
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest, NotFound
 from clipsearch.images import load_bytes
-from clipsearch.index.base import DateRange, Hit, VectorIndex
+from clipsearch.index.base import DateRange, Hit, VectorIndex, check_model
 
 MAX_K = 100
 DEFAULT_K = 10
@@ -263,35 +263,67 @@ def image_request(data: bytes, params: Mapping[str, str] | None = None, max_k: i
 
 
 class SearchService:
-    """Encode a request and search the index; returns the REST response object."""
+    """Encode a request and search the index; returns the REST response object.
 
-    def __init__(self, encoder: Encoder, index: VectorIndex, url_for: Callable[[Hit], str]) -> None:
+    The encoder and the index are held as one pair, read once per request and replaced by one assignment
+    (swap), so a request never encodes with one model and searches vectors of another.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        index: VectorIndex,
+        url_for: Callable[[Hit], str],
+        follow: Callable[[SearchService], None] | None = None,
+    ) -> None:
+        """follow(service): called before each request; it may swap in another pair (clipsearch/follow.py)."""
         if encoder.dim != index.dim:
             from clipsearch.errors import ModelMismatch
 
             raise ModelMismatch(f"model {encoder.model} gives dimension {encoder.dim}, index has {index.dim}")
-        self.encoder, self.index, self.url_for = encoder, index, url_for
+        self._pair = (encoder, index)
+        self.url_for, self.follow = url_for, follow
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._pair[0]
+
+    @property
+    def index(self) -> VectorIndex:
+        return self._pair[1]
+
+    def swap(self, encoder: Encoder, index: VectorIndex) -> None:
+        """Answer with encoder and index from the next request on; the index must record encoder's model."""
+        check_model(index.model, index.dim, encoder.model, encoder.dim)
+        self._pair = (encoder, index)
+
+    def current(self) -> tuple[Encoder, VectorIndex]:
+        """The pair that answers the next request (after follow had its look)."""
+        if self.follow is not None:
+            self.follow(self)
+        return self._pair
 
     def search(self, req: SearchRequest) -> dict[str, Any]:
         started = time.perf_counter()
+        encoder, index = self.current()
         exclude = None
         if req.kind == "text":
-            vector = self.encoder.encode_texts([req.search_text or req.text or ""])[0]
+            vector = encoder.encode_texts([req.search_text or req.text or ""])[0]
         elif req.kind == "image":
-            vector = self.encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0]
+            vector = encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0]
         else:
-            doc = self.index.get(req.id or "")
+            doc = index.get(req.id or "")
             if doc is None:
                 raise NotFound(f"no indexed image with id {req.id!r}")
             vector, exclude = doc.vector, doc.id
         k = req.k + (1 if exclude else 0)
-        hits = self.index.search(
+        hits = index.search(
             vector, k=k, offset=req.offset, min_score=req.min_score, prefix=req.prefix, taken=req.taken or None
         )
         hits = [h for h in hits if h.id != exclude][: req.k]
         return {
             "query": req.describe(),
-            "model": self.index.model,
+            "model": index.model,
             "k": req.k,
             "from": req.offset,
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
@@ -311,7 +343,8 @@ class SearchService:
         }
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.index.model, "count": self.index.count()}
+        _, index = self.current()
+        return {"status": "ok", "model": index.model, "count": index.count()}
 
 
 def display_text(text: str) -> str:
