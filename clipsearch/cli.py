@@ -455,7 +455,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from clipsearch.http.server import logger, serve
 
-    index = _open_for_query(args)
+    named = _open_for_query(args)
+    index = _pinned(named)
     # The server's lines (one a request) go to stderr as they are; uvicorn's own only when they are errors.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -469,19 +470,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_body=args.max_body_mb * 1024 * 1024,
-        follow=_follower(args, index, logger.info),
+        follow=_follower(args, named, logger.info),
     )
     return EXIT_OK
 
 
-def _follower(args: argparse.Namespace, index: VectorIndex, log: Callable[[str], None]) -> Any:
+def _pinned(index: VectorIndex) -> VectorIndex:
+    """An OpenSearch index by its physical name (OpenSearchIndex.pinned): never another model's vectors."""
+    from clipsearch.index.opensearch import OpenSearchIndex
+
+    return index.pinned() if isinstance(index, OpenSearchIndex) else index
+
+
+def _follower(args: argparse.Namespace, named: VectorIndex, log: Callable[[str], None]) -> Any:
     """What lets `serve` follow a `clipsearch reindex` switch: it watches the pointer file or the alias."""
     from clipsearch.follow import Follower
     from clipsearch.index.generations import pointer_target
     from clipsearch.index.opensearch import OpenSearchIndex
 
-    if isinstance(index, OpenSearchIndex):
-        targets = index.targets  # the physical index behind the alias
+    if isinstance(named, OpenSearchIndex):
+        targets = named.targets  # the physical index behind the alias
 
         def where() -> str:
             return ",".join(targets())
@@ -491,7 +499,7 @@ def _follower(args: argparse.Namespace, index: VectorIndex, log: Callable[[str],
         def where() -> str:
             return pointer_target(root) or ""
 
-    return Follower(where, lambda: _open(args, read_only=True), _encoder, log=log)
+    return Follower(where, lambda: _pinned(_open(args, read_only=True)), _encoder, log=log)
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:

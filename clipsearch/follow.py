@@ -42,22 +42,28 @@ class Follower:
         self._lock = threading.Lock()
         self._loading: threading.Thread | None = None
 
-    def __call__(self, service: SearchService) -> None:
+    def __call__(self, service: SearchService, moved: bool = False) -> None:
+        """Look (at most every every_s) whether the name moved, and load the new pair in the background.
+
+        moved: the index itself reported that it reads another model's vectors now (a plain OpenSearch index
+        whose name became an alias): the request waits for the new pair instead.
+        """
         with self._lock:
             now = self.clock()
-            if now < self._next or self._loading is not None:
-                return
-            self._next = now + self.every_s
-            try:
-                where = self.where()
-            except ClipsearchError as e:  # the node is briefly away: keep answering with what is open
-                self.log(f"warning: cannot tell which index to serve: {e}")
-                return
-            if where == self.seen:
-                return
-            # Loading a model takes seconds: off the request path, which keeps the old pair meanwhile.
-            self._loading = threading.Thread(target=self._load, args=(service, where), daemon=True)
-            self._loading.start()
+            if self._loading is None and (moved or now >= self._next):
+                self._next = now + self.every_s
+                try:
+                    where = self.where()
+                except ClipsearchError as e:  # the node is briefly away: keep answering with what is open
+                    self.log(f"warning: cannot tell which index to serve: {e}")
+                    return
+                if where != self.seen or moved:
+                    # Loading a model takes seconds: off the request path, which keeps the old pair meanwhile.
+                    self._loading = threading.Thread(target=self._load, args=(service, where), daemon=True)
+                    self._loading.start()
+            loading = self._loading
+        if moved and loading is not None:
+            loading.join()
 
     def _load(self, service: SearchService, where: str) -> None:
         try:

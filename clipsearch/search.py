@@ -16,7 +16,7 @@ from typing import Any
 
 from clipsearch.dates import parse_dates
 from clipsearch.encoders import Encoder
-from clipsearch.errors import BadRequest, NotFound
+from clipsearch.errors import BadRequest, IndexMoved, NotFound
 from clipsearch.images import load_bytes
 from clipsearch.index.base import DateRange, Hit, VectorIndex, check_model
 
@@ -274,9 +274,10 @@ class SearchService:
         encoder: Encoder,
         index: VectorIndex,
         url_for: Callable[[Hit], str],
-        follow: Callable[[SearchService], None] | None = None,
+        follow: Callable[[SearchService, bool], None] | None = None,
     ) -> None:
-        """follow(service): called before each request; it may swap in another pair (clipsearch/follow.py)."""
+        """follow(service, moved): called before each request, and with moved=True when the index reports it
+        moved to another model; it may swap in another pair (clipsearch/follow.py)."""
         if encoder.dim != index.dim:
             from clipsearch.errors import ModelMismatch
 
@@ -300,12 +301,20 @@ class SearchService:
     def current(self) -> tuple[Encoder, VectorIndex]:
         """The pair that answers the next request (after follow had its look)."""
         if self.follow is not None:
-            self.follow(self)
+            self.follow(self, False)
         return self._pair
 
     def search(self, req: SearchRequest) -> dict[str, Any]:
         started = time.perf_counter()
-        encoder, index = self.current()
+        try:
+            return self._search(req, *self.current(), started)
+        except IndexMoved:
+            if self.follow is None:
+                raise
+            self.follow(self, True)  # loads the new model and index now; the request is answered with them
+            return self._search(req, *self._pair, started)
+
+    def _search(self, req: SearchRequest, encoder: Encoder, index: VectorIndex, started: float) -> dict[str, Any]:
         exclude = None
         if req.kind == "text":
             vector = encoder.encode_texts([req.search_text or req.text or ""])[0]

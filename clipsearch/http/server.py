@@ -521,7 +521,7 @@ class LocalServer:
 
 
 def _service(
-    index: VectorIndex, encoder: Encoder, follow: Callable[[SearchService], None] | None = None
+    index: VectorIndex, encoder: Encoder, follow: Callable[[SearchService, bool], None] | None = None
 ) -> SearchService:
     def url_for(hit: Hit) -> str:
         return f"/images/{hit.id}"
@@ -536,7 +536,7 @@ def make_server(
     port: int = 8000,
     log: Log | None = None,
     max_body: int = MAX_BODY_BYTES,
-    follow: Callable[[SearchService], None] | None = None,
+    follow: Callable[[SearchService, bool], None] | None = None,
 ) -> LocalServer:
     """Bind a server (port 0 picks a free one) without serving yet: call serve_forever() or start().
 
@@ -562,7 +562,7 @@ def serve(
     port: int = 8000,
     log: Log | None = None,
     max_body: int = MAX_BODY_BYTES,
-    follow: Callable[[SearchService], None] | None = None,
+    follow: Callable[[SearchService, bool], None] | None = None,
 ) -> None:
     """Serve the REST API and the page until SIGINT (Ctrl-C) or SIGTERM; in-flight requests finish."""
     server = make_server(index, encoder, host=host, port=port, log=log, max_body=max_body, follow=follow)

@@ -10,6 +10,7 @@ created as a plain index by an older clipsearch keeps working under its own name
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import numpy as np
 from opensearchpy import OpenSearch, RequestsHttpConnection
 from opensearchpy import exceptions as os_errors
 
-from clipsearch.errors import BadRequest, ConfigError, NotFound, Unavailable
+from clipsearch.errors import BadRequest, ConfigError, IndexMoved, NotFound, Unavailable
 from clipsearch.index.base import (
     DateRange,
     Document,
@@ -118,6 +119,7 @@ class OpenSearchIndex:
         self.max_bulk_docs, self.max_bulk_bytes = max_bulk_docs, max_bulk_bytes
         self._dirty = False
         self._alias = alias
+        self._expect: str | None = None  # pinned(): the physical index every hit must come from
         if client is not None:
             self.url, self.service = "(client)", service or "es"
             self.client = client
@@ -431,6 +433,7 @@ class OpenSearchIndex:
             resp = self._call("a get", self.client.get, index=self.name, id=id, expect=(os_errors.NotFoundError,))
         except os_errors.NotFoundError:
             return None
+        self._check_physical([resp])
         s = resp["_source"]
         return Document(
             key=s["key"],
@@ -497,6 +500,7 @@ class OpenSearchIndex:
             body["min_score"] = _cos_to_score(min_score)
         self._see_own_writes()
         resp = self._call("a search", self.client.search, index=self.name, body=body)
+        self._check_physical(resp["hits"]["hits"])
         hits = []
         for h in resp["hits"]["hits"]:
             s = h.get("_source", {})
@@ -647,6 +651,26 @@ class OpenSearchIndex:
         except os_errors.NotFoundError:
             return []
         return sorted(got)
+
+    def pinned(self) -> OpenSearchIndex:
+        """This index opened by its physical name, sharing the client: it keeps reading its own model's vectors
+        after a reindex moves the alias, so a server swaps to the new index only with the new model."""
+        targets = self.targets()
+        if len(targets) != 1 or targets == [self.name]:
+            # A plain index: its first reindex turns its name into an alias, so hits are checked instead.
+            self._expect = self.name
+            return self
+        pinned = copy.copy(self)
+        pinned.name, pinned._alias, pinned._expect = targets[0], self.name, targets[0]
+        meta = pinned._load_meta()  # the alias may have moved since this object read its model
+        if meta is None or (meta["model"], int(meta["dim"])) != (self.model, self.dim):
+            raise Unavailable(f"OpenSearch index {self.name!r} moved to another model while opening; retry")
+        return pinned
+
+    def _check_physical(self, found: list[dict[str, Any]]) -> None:
+        """A pinned plain index whose name a reindex turned into an alias reads another model's vectors now."""
+        if self._expect is not None and any(h.get("_index", self._expect) != self._expect for h in found):
+            raise IndexMoved(f"OpenSearch index {self.name!r} now leads to an index of another model")
 
     def generations(self) -> list[str]:
         """Every physical index built for this name (`NAME-<slug>-<n>`, its `_meta` says so), in use or not."""
