@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete the old index after the switch (default: keep it, e.g. to switch back by hand)",
     )
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument(
+        "--prepare",
+        action="store_true",
+        help="opensearch, for AWS: only create the new empty index and print its name (then backfill it)",
+    )
+    steps.add_argument(
+        "--switch", metavar="PHYSICAL", help="opensearch, for AWS: only move the index name to PHYSICAL, once filled"
+    )
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--workers", type=_positive, default=2, help="decoding threads")
     _add_index_options(p, model=False)
@@ -502,12 +511,46 @@ def _follower(args: argparse.Namespace, named: VectorIndex, log: Callable[[str],
     return Follower(where, lambda: _pinned(_open(args, read_only=True)), _encoder, log=log)
 
 
+def _opensearch_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"url": args.opensearch_url, "auth": os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")}
+
+
+def _reindex_step(args: argparse.Namespace, spec: str) -> int:
+    """One step of the AWS procedure (docs/deploy.md): --prepare the new index, or --switch to it once filled."""
+    from clipsearch import models, reindex
+    from clipsearch.index.opensearch import OpenSearchIndex
+
+    if args.backend != "opensearch":
+        raise errors.ConfigError("--prepare and --switch are steps of the AWS procedure: give --backend opensearch")
+    name = args.index or "clipsearch"
+    current = OpenSearchIndex(name, **_opensearch_options(args))
+    try:
+        if args.switch:
+            dropped = reindex.switch_opensearch(current, args.switch, spec, drop_old=args.drop_old)
+            gone = f"; deleted {', '.join(dropped)}" if dropped else ""
+            print(f"{name} now leads to {args.switch} ({spec}){gone}")
+            return EXIT_OK
+        reindex.require_new_model(current.model, spec)
+        dim = models.DEMO_DIM if spec == models.DEMO else models.KNOWN_DIMS.get(spec) or _encoder(spec).dim
+        physical = current.next_physical(spec)
+        OpenSearchIndex(physical, spec, dim, alias=name, **_opensearch_options(args)).close()
+        print(physical)
+        return EXIT_OK
+    finally:
+        current.close()
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     from clipsearch import models, reindex
 
     spec = models.canonical_spec(args.model)
+    if args.prepare or args.switch:
+        return _reindex_step(args, spec)
     old = _open(args, read_only=True)  # before the model loads: no index is no reason to load it
-    old.close()
+    try:
+        reindex.require_new_model(old.model, spec)
+    finally:
+        old.close()
     encoder = _encoder(spec)
     ingest: dict[str, Any] = {
         "batch_size": args.batch_size,
@@ -526,7 +569,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     else:
         from clipsearch.index.opensearch import OpenSearchIndex
 
-        options = {"url": args.opensearch_url, "auth": os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")}
+        options = _opensearch_options(args)
         name = args.index or "clipsearch"
         current = OpenSearchIndex(name, **options)
 

@@ -26,7 +26,15 @@ from clipsearch.ingest import IngestSummary, index_paths
 if TYPE_CHECKING:
     from clipsearch.index.opensearch import OpenSearchIndex
 
-__all__ = ["ReindexSummary", "reindex_embedded", "reindex_opensearch", "originals", "SIDE_FILES"]
+__all__ = [
+    "ReindexSummary",
+    "reindex_embedded",
+    "reindex_opensearch",
+    "switch_opensearch",
+    "originals",
+    "require_new_model",
+    "SIDE_FILES",
+]
 
 # What SQLite keeps beside a database in WAL mode, and the ANN cache: deleted with it.
 SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -45,11 +53,16 @@ class ReindexSummary:
     dropped: list[str] = field(default_factory=list)
 
 
+def require_new_model(current: str, new: str) -> None:
+    """BadRequest when the index already uses the model asked for."""
+    if current == new:
+        raise BadRequest(f"the index is already built with model {new!r}; nothing to reindex")
+
+
 def originals(index: VectorIndex, new_model: str) -> tuple[list[str], list[str]]:
     """The files the old index was built from: (those on disk, those gone). BadRequest when there is nothing
     to do (same model) or when some documents are S3 objects, which only AWS can re-encode."""
-    if index.model == new_model:
-        raise BadRequest(f"the index is already built with model {new_model!r}; nothing to reindex")
+    require_new_model(index.model, new_model)
     keys = sorted(index.fingerprints())
     remote = [k for k in keys if not os.path.isabs(k)]
     if remote:
@@ -136,14 +149,32 @@ def reindex_opensearch(
     new = open_physical(physical)
     try:
         built = _build(keys, encoder, new, **ingest)
-        new.refresh()  # every document searchable before the first query reaches it
     finally:
         new.close()
-    left = old.switch_alias(physical)
     summary = ReindexSummary(old.model, encoder.model, ",".join(before), physical, built, gone)
-    if old.name in before:
-        summary.dropped = [old.name]  # removed by the switch
-    elif drop_old:
-        old.delete_physical(left)
-        summary.dropped = left
+    summary.dropped = switch_opensearch(old, physical, encoder.model, drop_old)
     return summary
+
+
+def switch_opensearch(old: OpenSearchIndex, physical: str, model: str, drop_old: bool = False) -> list[str]:
+    """Move old's alias to physical, an index built for it (by `--prepare` and a backfill on AWS) with model.
+
+    Returns the physical indexes deleted: a plain index always (the switch removes it), the old one on drop_old.
+    """
+    from clipsearch.index.opensearch import OpenSearchIndex
+
+    target = OpenSearchIndex(physical, client=old.client)
+    if target.built_for != old.name or target.model != model:
+        raise BadRequest(
+            f"{physical!r} was not built for {old.name!r} with model {model!r} "
+            f"(it records {target.built_for!r}, {target.model!r})"
+        )
+    target.refresh()  # every document searchable before the first query reaches it
+    plain = old.name in old.targets()
+    left = old.switch_alias(physical)
+    if plain:
+        return [old.name]
+    if drop_old:
+        old.delete_physical(left)
+        return left
+    return []

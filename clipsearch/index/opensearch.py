@@ -642,6 +642,11 @@ class OpenSearchIndex:
 
     # -- physical indexes (clipsearch reindex) ------------------------------------------------
 
+    @property
+    def built_for(self) -> str:
+        """The name this physical index serves (recorded at creation; an older index: its own name)."""
+        return str(self._meta.get("alias", self.name))
+
     def targets(self) -> list[str]:
         """The physical indexes this name reads: [name] for a plain index, the alias's index otherwise."""
         try:

@@ -219,13 +219,75 @@ def test_given_an_index_of_s3_objects_when_reindexed_then_the_cli_refuses_in_one
     index = OpenSearchIndex(index_name, "an-older-model", 128, url=opensearch_url)
     index.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
     index.close()
-    run = subprocess.run(
-        [sys.executable, "-m", "clipsearch.cli", "reindex", "--model", "demo", "--backend", "opensearch"]
-        + ["--index", index_name, "--opensearch-url", opensearch_url],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+    run = cli(
+        "reindex",
+        "--model",
+        "demo",
+        "--backend",
+        "opensearch",
+        "--index",
+        index_name,
+        "--opensearch-url",
+        opensearch_url,
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("clipsearch: error: 1 of the index's 1 images are S3 objects")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clipsearch.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+
+
+def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_then_it_serves_the_new_model(
+    opensearch_url: str, index_name: str
+) -> None:
+    old = OpenSearchIndex(index_name, "an-older-model", 128, url=opensearch_url)
+    old.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
+    old.close()
+    where = ["--backend", "opensearch", "--index", index_name, "--opensearch-url", opensearch_url]
+    prepared = cli("reindex", "--model", "demo", "--prepare", *where)
+    assert prepared.returncode == 0, prepared.stderr
+    physical = prepared.stdout.strip()
+    assert physical == f"{index_name}-demo-1"
+    # The backfill's part: the new index, opened by its physical name, gets the re-encoded documents.
+    new = OpenSearchIndex(physical, url=opensearch_url)
+    new.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
+    new.close()
+    assert OpenSearchIndex(index_name, url=opensearch_url).model == "an-older-model"  # not switched yet
+    switched = cli("reindex", "--model", "demo", "--switch", physical, "--drop-old", *where)
+    assert switched.returncode == 0, switched.stderr
+    assert (
+        switched.stdout.strip() == f"{index_name} now leads to {physical} (demo); deleted {index_name}-an-older-model-1"
+    )
+    now = OpenSearchIndex(index_name, url=opensearch_url)
+    assert (now.model, now.count(), now.targets()) == ("demo", 1, [physical])
+    refused = cli("reindex", "--model", "ViT-B/32", "--switch", physical, *where)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"clipsearch: error: {physical!r} was not built for {index_name!r} with model 'ViT-B/32' "
+        f"(it records {index_name!r}, 'demo')"
+    )
+
+
+def test_given_an_embedded_index_when_reindexed_from_the_cli_then_stats_report_the_new_model(
+    pictures: Path, tmp_path: Path
+) -> None:
+    from clipsearch import models
+
+    checkpoint = tmp_path / "other.pt"  # the demo weights under another name: another model spec
+    checkpoint.write_bytes(models.DEMO_CHECKPOINT.read_bytes())
+    where = ["--index", str(tmp_path / "idx")]
+    assert cli("index", str(pictures), "--model", "demo", *where).returncode == 0
+    run = cli("reindex", "--model", str(checkpoint), "--drop-old", *where)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(cli("stats", "--json", *where).stdout)
+    assert (stats["model"], stats["count"]) == (str(checkpoint), len(COLOURS))
+    assert not (tmp_path / "idx" / "index.sqlite").exists()
+    again = cli("reindex", "--model", str(checkpoint), *where)
+    assert again.returncode == 2
+    assert (
+        again.stderr.strip()
+        == f"clipsearch: error: the index is already built with model {str(checkpoint)!r}; nothing to reindex"
+    )
