@@ -546,9 +546,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     spec = models.canonical_spec(args.model)
     if args.prepare or args.switch:
         return _reindex_step(args, spec)
-    old = _open(args, read_only=True)  # before the model loads: no index is no reason to load it
-    try:
-        reindex.require_new_model(old.model, spec)
+    old = _open(args, read_only=True)
+    try:  # before the model loads: no index, the same model or S3 objects are no reason to load it
+        reindex.originals(old, spec)
     finally:
         old.close()
     encoder = _encoder(spec)

@@ -86,6 +86,20 @@ def pictures(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture
+def root(pictures: Path) -> Path:
+    """A plain embedded index folder (no pointer) of the pictures, built with the fake model."""
+    folder = pictures.parent / "idx"
+    old = open_index("embedded", str(folder), model="fake", dim=FAKE_DIM)
+    index_paths([pictures], ENCODERS["fake"], old)
+    old.close()
+    return folder
+
+
+def open_at(folder: Path, model: str | None, dim: int | None) -> VectorIndex:
+    return open_index("embedded", str(folder), model=model, dim=dim, read_only=model is None)
+
+
 def assert_one_model_per_answer(answers: list[Answer], query: Path) -> None:
     """Every answer succeeded and found the query picture itself (score 1.0: one model encoded and searched);
     the old model answered first, the new one from the switch on, never the old one again."""
@@ -107,18 +121,10 @@ def test_given_model_specs_when_slugged_then_they_are_lower_case_index_safe_name
 
 
 def test_given_a_served_plain_embedded_index_when_reindexed_then_no_request_fails_or_mixes_models(
-    pictures: Path,
+    pictures: Path, root: Path
 ) -> None:
-    root = pictures.parent / "idx"
-    old = open_index("embedded", str(root), model="fake", dim=FAKE_DIM)
-    index_paths([pictures], ENCODERS["fake"], old)
-    old.close()
-
     def reopen() -> VectorIndex:
         return open_index("embedded", str(root), read_only=True)
-
-    def open_at(folder: Path, model: str | None, dim: int | None) -> VectorIndex:
-        return open_index("embedded", str(folder), model=model, dim=dim, read_only=model is None)
 
     follower = Follower(lambda: pointer_target(root) or "", reopen, ENCODERS.__getitem__, every_s=0.05)
     query = pictures / "p07.png"
@@ -138,15 +144,8 @@ def test_given_a_served_plain_embedded_index_when_reindexed_then_no_request_fail
 
 
 def test_given_a_reindexed_embedded_index_when_reindexed_with_drop_old_then_the_old_database_is_deleted(
-    pictures: Path,
+    root: Path,
 ) -> None:
-    root = pictures.parent / "idx"
-    old = open_index("embedded", str(root), model="fake", dim=FAKE_DIM)
-    index_paths([pictures], ENCODERS["fake"], old)
-    old.close()
-
-    def open_at(folder: Path, model: str | None, dim: int | None) -> VectorIndex:
-        return open_index("embedded", str(folder), model=model, dim=dim, read_only=model is None)
 
     first = reindex_embedded(root, ENCODERS["fake-rotated"], open_at, drop_old=True)
     assert not any(root.glob("index.sqlite*"))  # the plain index and SQLite's side files
@@ -213,40 +212,33 @@ def test_given_a_served_plain_opensearch_index_when_reindexed_twice_then_no_requ
     assert (again.model, again.count()) == ("fake", len(COLOURS))
 
 
-def test_given_an_index_of_s3_objects_when_reindexed_then_the_cli_refuses_in_one_line(
-    opensearch_url: str, index_name: str
-) -> None:
-    index = OpenSearchIndex(index_name, "an-older-model", 128, url=opensearch_url)
-    index.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
-    index.close()
-    run = cli(
-        "reindex",
-        "--model",
-        "demo",
-        "--backend",
-        "opensearch",
-        "--index",
-        index_name,
-        "--opensearch-url",
-        opensearch_url,
-    )
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].startswith("clipsearch: error: 1 of the index's 1 images are S3 objects")
-
-
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "clipsearch.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
 
 
-def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_then_it_serves_the_new_model(
-    opensearch_url: str, index_name: str
-) -> None:
+@pytest.fixture
+def where(opensearch_url: str, index_name: str) -> list[str]:
+    """The CLI options naming an OpenSearch index of one S3 object, built with another model than demo."""
     old = OpenSearchIndex(index_name, "an-older-model", 128, url=opensearch_url)
     old.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
     old.close()
-    where = ["--backend", "opensearch", "--index", index_name, "--opensearch-url", opensearch_url]
+    return ["--backend", "opensearch", "--index", index_name, "--opensearch-url", opensearch_url]
+
+
+def test_given_an_index_of_s3_objects_when_reindexed_then_the_cli_refuses_in_one_line(where: list[str]) -> None:
+    run = cli("reindex", "--model", "demo", *where)
+    assert run.returncode == 2
+    assert run.stderr.startswith(
+        "clipsearch: error: 1 of the index's 1 images are S3 objects (e.g. 'photos/a.jpg'); reindex them on AWS"
+    )
+    assert len(run.stderr.splitlines()) == 1
+
+
+def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_then_it_serves_the_new_model(
+    opensearch_url: str, index_name: str, where: list[str]
+) -> None:
     prepared = cli("reindex", "--model", "demo", "--prepare", *where)
     assert prepared.returncode == 0, prepared.stderr
     physical = prepared.stdout.strip()
