@@ -596,10 +596,11 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from clipsearch.index.embedded import check_index, repair_command
+    from clipsearch.index.generations import resolve
 
     directory = Path(args.index).expanduser() if args.index else default_home() / "index"
     with _writing(args) if args.repair else contextlib.nullcontext():
-        report = check_index(directory, repair=args.repair)
+        report = check_index(resolve(directory), repair=args.repair)  # the database `current` names, if any
 
     def text(line: str) -> str:  # a file name's bytes that are not UTF-8 shown as \xNN
         return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -81,9 +81,3 @@ class Follower:
         finally:
             with self._lock:
                 self._loading = None
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Wait for a load in progress (tests, shutdown)."""
-        loading = self._loading
-        if loading is not None:
-            loading.join(timeout_s)
