@@ -14,6 +14,8 @@ import re
 import secrets
 from pathlib import Path
 
+from clipsearch.errors import ConfigError
+
 __all__ = ["POINTER", "model_slug", "resolve", "pointer_target", "next_generation", "switch", "generation_number"]
 
 POINTER = "current"
@@ -48,6 +50,8 @@ def pointer_target(directory: Path) -> str | None:
         name = (directory / POINTER).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+    if name and (name != Path(name).name or name in (".", "..")):
+        raise ConfigError(f"{directory / POINTER} names {name!r}, not a folder beside it; fix or remove it")
     return name or None
 
 
