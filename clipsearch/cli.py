@@ -9,7 +9,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -153,6 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("forget", help="remove the index entries at or below a path (it need not exist any more)")
     p.add_argument("path", metavar="PATH", help="a file or folder, matched by whole path components")
+    _add_index_options(p, model=False)
+
+    p = sub.add_parser(
+        "reindex",
+        help="rebuild the index with another model beside the old one, then switch to it (no downtime)",
+    )
+    p.add_argument("--model", required=True, help="the new model: a CLIP name such as RN50, demo, or a checkpoint path")
+    p.add_argument(
+        "--drop-old",
+        action="store_true",
+        help="delete the old index after the switch (default: keep it, e.g. to switch back by hand)",
+    )
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument(
+        "--prepare",
+        action="store_true",
+        help="opensearch, for AWS: only create the new empty index and print its name (then backfill it)",
+    )
+    steps.add_argument(
+        "--switch", metavar="PHYSICAL", help="opensearch, for AWS: only move the index name to PHYSICAL, once filled"
+    )
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--workers", type=_positive, default=2, help="decoding threads")
     _add_index_options(p, model=False)
 
     p = sub.add_parser("demo", help="generate a demo catalogue, index it and search it (offline)")
@@ -539,7 +562,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from clipsearch.http.server import logger, serve
 
-    index = _open_for_query(args)
+    named = _open_for_query(args)
+    index = _pinned(named)
     # The server's lines (one a request) go to stderr as they are; uvicorn's own only when they are errors.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -547,16 +571,134 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(level)
         logging.getLogger(name).propagate = False
-    serve(index, _encoder(index.model), host=args.host, port=args.port, max_body=args.max_body_mb * 1024 * 1024)
+    serve(
+        index,
+        _encoder(index.model),
+        host=args.host,
+        port=args.port,
+        max_body=args.max_body_mb * 1024 * 1024,
+        follow=_follower(args, named, logger.info),
+    )
     return EXIT_OK
+
+
+def _pinned(index: VectorIndex) -> VectorIndex:
+    """An OpenSearch index by its physical name (OpenSearchIndex.pinned): never another model's vectors."""
+    from clipsearch.index.opensearch import OpenSearchIndex
+
+    return index.pinned() if isinstance(index, OpenSearchIndex) else index
+
+
+def _follower(args: argparse.Namespace, named: VectorIndex, log: Callable[[str], None]) -> Any:
+    """What lets `serve` follow a `clipsearch reindex` switch: it watches the pointer file or the alias."""
+    from clipsearch.follow import Follower
+    from clipsearch.index.generations import pointer_target
+    from clipsearch.index.opensearch import OpenSearchIndex
+
+    if isinstance(named, OpenSearchIndex):
+        targets = named.targets  # the physical index behind the alias
+
+        def where() -> str:
+            return ",".join(targets())
+    else:
+        root = Path(args.index).expanduser() if args.index else default_home() / "index"
+
+        def where() -> str:
+            return pointer_target(root) or ""
+
+    return Follower(where, lambda: _pinned(_open(args, read_only=True)), _encoder, log=log)
+
+
+def _opensearch_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"url": args.opensearch_url, "auth": os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")}
+
+
+def _reindex_step(args: argparse.Namespace, spec: str) -> int:
+    """One step of the AWS procedure (docs/deploy.md): --prepare the new index, or --switch to it once filled."""
+    from clipsearch import models, reindex
+    from clipsearch.index.opensearch import OpenSearchIndex
+
+    if args.backend != "opensearch":
+        raise errors.ConfigError("--prepare and --switch are steps of the AWS procedure: give --backend opensearch")
+    name = args.index or "clipsearch"
+    current = OpenSearchIndex(name, **_opensearch_options(args))
+    try:
+        if args.switch:
+            dropped = reindex.switch_opensearch(current, args.switch, spec, drop_old=args.drop_old)
+            gone = f"; deleted {', '.join(dropped)}" if dropped else ""
+            print(f"{name} now leads to {args.switch} ({spec}){gone}")
+            return EXIT_OK
+        reindex.require_new_model(current.model, spec)
+        dim = models.DEMO_DIM if spec == models.DEMO else models.KNOWN_DIMS.get(spec) or _encoder(spec).dim
+        physical = current.next_physical(spec)
+        OpenSearchIndex(physical, spec, dim, alias=name, **_opensearch_options(args)).close()
+        print(physical)
+        return EXIT_OK
+    finally:
+        current.close()
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from clipsearch import models, reindex
+
+    spec = models.canonical_spec(args.model)
+    if args.prepare or args.switch:
+        return _reindex_step(args, spec)
+    old = _open(args, read_only=True)
+    try:  # before the model loads: no index, the same model or S3 objects are no reason to load it
+        reindex.originals(old, spec)
+    finally:
+        old.close()
+    encoder = _encoder(spec)
+    ingest: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "on_skip": lambda path, reason: print(f"warning: skipped {shown(path)}: {reason}", file=sys.stderr),
+    }
+    print(f"building a new index with {spec} beside the old one; searches use the old one meanwhile", file=sys.stderr)
+    if args.backend == "embedded":
+        root = Path(args.index).expanduser() if args.index else default_home() / "index"
+
+        def open_at(folder: Path, model: str | None, dim: int | None) -> VectorIndex:
+            return open_index("embedded", str(folder), model=model, dim=dim, read_only=model is None)
+
+        with _writing(args):
+            summary = reindex.reindex_embedded(root, encoder, open_at, drop_old=args.drop_old, **ingest)
+    else:
+        from clipsearch.index.opensearch import OpenSearchIndex
+
+        options = _opensearch_options(args)
+        name = args.index or "clipsearch"
+        current = OpenSearchIndex(name, **options)
+
+        def open_physical(physical: str) -> OpenSearchIndex:
+            return OpenSearchIndex(physical, encoder.model, encoder.dim, alias=name, **options)
+
+        try:
+            summary = reindex.reindex_opensearch(current, encoder, open_physical, drop_old=args.drop_old, **ingest)
+        finally:
+            current.close()
+    built = summary.ingest
+    print(
+        f"reindexed {built.indexed} of {built.seen} images with {summary.new_model} into {summary.new} "
+        f"(was {summary.old_model}); searches now use it"
+    )
+    if summary.gone:
+        print(f"warning: {len(summary.gone)} indexed files are gone, e.g. {shown(summary.gone[0])}", file=sys.stderr)
+    if summary.dropped:
+        print(f"deleted the old index: {', '.join(summary.dropped)}")
+    else:
+        print(f"the old index is kept in {summary.old}: delete it once no server uses it (or reindex with --drop-old)")
+    return EXIT_FAILED if built.skipped else EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from clipsearch.index.embedded import check_index, repair_command
+    from clipsearch.index.generations import resolve
 
     directory = Path(args.index).expanduser() if args.index else default_home() / "index"
     with _writing(args) if args.repair else contextlib.nullcontext():
-        report = check_index(directory, repair=args.repair)
+        report = check_index(resolve(directory), repair=args.repair)  # the database `current` names, if any
 
     def text(line: str) -> str:  # a file name's bytes that are not UTF-8 shown as \xNN
         return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -772,6 +914,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "check": cmd_check,
     "forget": cmd_forget,
+    "reindex": cmd_reindex,
     "demo": cmd_demo,
     "package-model": cmd_package_model,
     "backfill": cmd_backfill,

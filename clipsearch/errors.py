@@ -79,3 +79,9 @@ class IndexReadOnly(ClipsearchError):
     """A write to an index that cannot be written: a read-only mount, folder or file (exit 2)."""
 
     code = "index_read_only"
+
+
+class IndexMoved(Unavailable):
+    """The index name now leads to an index of another model (a reindex switched it): reopen with that model."""
+
+    code = "index_moved"

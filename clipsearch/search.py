@@ -19,9 +19,9 @@ import numpy as np
 from clipsearch import fusion
 from clipsearch.dates import parse_dates
 from clipsearch.encoders import Encoder
-from clipsearch.errors import BadRequest, NotFound
+from clipsearch.errors import BadRequest, IndexMoved, NotFound
 from clipsearch.images import load_bytes
-from clipsearch.index.base import DateRange, Hit, VectorIndex
+from clipsearch.index.base import DateRange, Hit, VectorIndex, check_model
 from clipsearch.terms import Term, base64_image, combine, parse_terms
 
 MAX_K = 100
@@ -283,25 +283,67 @@ def image_request(data: bytes, params: Mapping[str, str] | None = None, max_k: i
 
 
 class SearchService:
-    """Encode a request and search the index; returns the REST response object."""
+    """Encode a request and search the index; returns the REST response object.
 
-    def __init__(self, encoder: Encoder, index: VectorIndex, url_for: Callable[[Hit], str]) -> None:
+    The encoder and the index are held as one pair, read once per request and replaced by one assignment
+    (swap), so a request never encodes with one model and searches vectors of another.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        index: VectorIndex,
+        url_for: Callable[[Hit], str],
+        follow: Callable[[SearchService, bool], None] | None = None,
+    ) -> None:
+        """follow(service, moved): called before each request, and with moved=True when the index reports it
+        moved to another model; it may swap in another pair (clipsearch/follow.py)."""
         if encoder.dim != index.dim:
             from clipsearch.errors import ModelMismatch
 
             raise ModelMismatch(f"model {encoder.model} gives dimension {encoder.dim}, index has {index.dim}")
-        self.encoder, self.index, self.url_for = encoder, index, url_for
+        self._pair = (encoder, index)
+        self.url_for, self.follow = url_for, follow
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._pair[0]
+
+    @property
+    def index(self) -> VectorIndex:
+        return self._pair[1]
+
+    def swap(self, encoder: Encoder, index: VectorIndex) -> None:
+        """Answer with encoder and index from the next request on; the index must record encoder's model."""
+        check_model(index.model, index.dim, encoder.model, encoder.dim)
+        self._pair = (encoder, index)
+
+    def current(self) -> tuple[Encoder, VectorIndex]:
+        """The pair that answers the next request (after follow had its look)."""
+        if self.follow is not None:
+            self.follow(self, False)
+        return self._pair
 
     def search(self, req: SearchRequest) -> dict[str, Any]:
         started = time.perf_counter()
-        vector, exclude = self._vector(req)
+        try:
+            return self._search(req, *self.current(), started)
+        except IndexMoved:
+            if self.follow is None:
+                raise
+            self.follow(self, True)  # loads the new model and index now; the request is answered with them
+            return self._search(req, *self._pair, started)
+
+    def _search(self, req: SearchRequest, encoder: Encoder, index: VectorIndex, started: float) -> dict[str, Any]:
+        """One request on one (encoder, index) pair: every vector of it comes from the same model."""
+        vector, exclude = self._vector(req, encoder, index)
         if req.mode == "hybrid":
-            hits = self._hybrid(req, vector)
+            hits = self._hybrid(req, vector, index)
         else:
             # The query's own pictures (an id query, id terms) are never hits: rank from the top with room
             # for them, drop them, then take the page, so that pages neither repeat nor skip a hit.
             first = req.offset if not exclude else 0
-            hits = self.index.search(
+            hits = index.search(
                 vector,
                 k=req.offset - first + req.k + len(exclude),
                 offset=first,
@@ -313,56 +355,60 @@ class SearchService:
             hits = [h for h in hits if h.id not in exclude][skip : skip + req.k]
         return {
             "query": req.describe(),
-            "model": self.index.model,
+            "model": index.model,
             "k": req.k,
             "from": req.offset,
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
             "hits": [self._hit(h) for h in hits],
         }
 
-    def _vector(self, req: SearchRequest) -> tuple[np.ndarray, set[str]]:
+    @staticmethod
+    def _vector(req: SearchRequest, encoder: Encoder, index: VectorIndex) -> tuple[np.ndarray, set[str]]:
         """The query vector, and the ids of indexed pictures the query names (left out of the hits)."""
         if req.kind == "text":
-            return self.encoder.encode_texts([req.search_text or req.text or ""])[0], set()
+            return encoder.encode_texts([req.search_text or req.text or ""])[0], set()
         if req.kind == "image":
-            return self.encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0], set()
+            return encoder.encode_images([load_bytes(req.image or b"", name=req.name)])[0], set()
         if req.kind == "id":
-            return self._stored(req.id or ""), {req.id or ""}
+            return _stored(index, req.id or ""), {req.id or ""}
         terms = req.terms
         vectors: dict[int, np.ndarray] = {}
         texts = [n for n, t in enumerate(terms) if t.kind == "text"]
         images = [n for n, t in enumerate(terms) if t.kind == "image"]
         # One encoder call per kind: a SageMaker endpoint is one round trip for all of a kind's terms.
         if texts:
-            vectors.update(zip(texts, self.encoder.encode_texts([terms[n].text or "" for n in texts]), strict=True))
+            vectors.update(zip(texts, encoder.encode_texts([terms[n].text or "" for n in texts]), strict=True))
         if images:
             pictures = [load_bytes(terms[n].image or b"") for n in images]
-            vectors.update(zip(images, self.encoder.encode_images(pictures), strict=True))
+            vectors.update(zip(images, encoder.encode_images(pictures), strict=True))
         for n, t in enumerate(terms):
             if t.kind == "id":
-                vectors[n] = self._stored(t.id or "")
+                vectors[n] = _stored(index, t.id or "")
         vector = combine([vectors[n] for n in range(len(terms))], [t.weight for t in terms])
         return vector, {t.id for t in terms if t.kind == "id" and t.id}
 
-    def _stored(self, id: str) -> np.ndarray:
-        doc = self.index.get(id)
-        if doc is None:
-            raise NotFound(f"no indexed image with id {id!r}")
-        return doc.vector
-
-    def _hybrid(self, req: SearchRequest, vector: np.ndarray) -> list[Hit]:
+    @staticmethod
+    def _hybrid(req: SearchRequest, vector: np.ndarray, index: VectorIndex) -> list[Hit]:
         """RRF of the vector ranking (min_score applies here only) and the word ranking of the text."""
         n = fusion.candidates(req.k, req.offset)
         taken = req.taken or None
-        by_vector = self.index.search(vector, k=n, min_score=req.min_score, prefix=req.prefix, taken=taken)
-        by_words = self.index.lexical(req.search_text or req.text or "", vector, k=n, prefix=req.prefix, taken=taken)
+        by_vector = index.search(vector, k=n, min_score=req.min_score, prefix=req.prefix, taken=taken)
+        by_words = index.lexical(req.search_text or req.text or "", vector, k=n, prefix=req.prefix, taken=taken)
         return fusion.fuse(by_vector, by_words)[req.offset : req.offset + req.k]
 
     def _hit(self, hit: Hit) -> dict[str, Any]:
         return hit_json(hit, self.url_for(hit))
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.index.model, "count": self.index.count()}
+        _, index = self.current()
+        return {"status": "ok", "model": index.model, "count": index.count()}
+
+
+def _stored(index: VectorIndex, id: str) -> np.ndarray:
+    doc = index.get(id)
+    if doc is None:
+        raise NotFound(f"no indexed image with id {id!r}")
+    return doc.vector
 
 
 def hit_json(hit: Hit, url: str) -> dict[str, Any]:

@@ -244,12 +244,12 @@ class _Refusal(Response):
 class _Bridge:
     """The ASGI app: checks every request, serves the page and images, sends the rest to the resolver."""
 
-    def __init__(self, service: SearchService, index: VectorIndex, log: Log, max_body: int, loopback_only: bool):
+    def __init__(self, service: SearchService, log: Log, max_body: int, loopback_only: bool):
         self.log = log
         self.max_body = max_body
         self.loopback_only = loopback_only
         self.assets = {route: (_asset(name), ctype) for route, (name, ctype) in ASSETS.items()}
-        self.read_image = image_reader(index)
+        self.service = service
         self.app = build_app(service, max_body=max_body)
         # Powertools keeps the current event in class attributes (BaseRouter.current_event), so one
         # resolve runs at a time; bodies, images, the page and responses still move in parallel.
@@ -359,7 +359,8 @@ class _Bridge:
     async def image(self, id: str) -> Response:
         """An indexed image by hit id, read off the event loop and outside the resolve lock."""
         try:
-            data, content_type = await run_in_threadpool(self.read_image, id)
+            # The index that answers now: after a reindex switch, the new one (clipsearch/follow.py).
+            data, content_type = await run_in_threadpool(image_reader(self.service.index), id)
         except errors.ClipsearchError as exc:
             return _from_powertools(error_for(exc))
         return Response(data, 200, {"Content-Type": content_type, "Cache-Control": "private, max-age=300"})
@@ -421,9 +422,7 @@ def _protocol(log: Log) -> type[H11Protocol]:
 class LocalServer:
     """uvicorn serving the bridge on a socket bound at creation; `url` is where it listens."""
 
-    def __init__(
-        self, host: str, port: int, service: SearchService, index: VectorIndex, log: Log, max_body: int
-    ) -> None:
+    def __init__(self, host: str, port: int, service: SearchService, log: Log, max_body: int) -> None:
         # Request threads, the event loop and the main thread all log; one line at a time, so lines
         # never interleave.
         log_lock = threading.Lock()
@@ -435,7 +434,7 @@ class LocalServer:
         self.log = log_line
         self.max_body = max_body
         self.loopback_only = _is_loopback(host)
-        self.bridge = _Bridge(service, index, log_line, max_body, self.loopback_only)
+        self.bridge = _Bridge(service, log_line, max_body, self.loopback_only)
         # Bound and listening now, so the port is known (port 0) and taken before serving starts.
         # IPPROTO_TCP by name: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP,
         # and accepted sockets inherit it; with Nagle on, a reply's head and body meet delayed ACKs (40 ms).
@@ -521,11 +520,13 @@ class LocalServer:
         self.close()
 
 
-def _service(index: VectorIndex, encoder: Encoder) -> SearchService:
+def _service(
+    index: VectorIndex, encoder: Encoder, follow: Callable[[SearchService, bool], None] | None = None
+) -> SearchService:
     def url_for(hit: Hit) -> str:
         return f"/images/{hit.id}"
 
-    return SearchService(encoder, index, url_for=url_for)
+    return SearchService(encoder, index, url_for=url_for, follow=follow)
 
 
 def make_server(
@@ -535,12 +536,14 @@ def make_server(
     port: int = 8000,
     log: Log | None = None,
     max_body: int = MAX_BODY_BYTES,
+    follow: Callable[[SearchService, bool], None] | None = None,
 ) -> LocalServer:
     """Bind a server (port 0 picks a free one) without serving yet: call serve_forever() or start().
 
-    Each request logs one line: to `log` if given, else to the `clipsearch.serve` logger.
+    Each request logs one line: to `log` if given, else to the `clipsearch.serve` logger. follow: looks
+    before each request whether a reindex moved the index name, and swaps in the new model (clipsearch/follow.py).
     """
-    return LocalServer(host, port, _service(index, encoder), index, log or logger.info, max_body)
+    return LocalServer(host, port, _service(index, encoder, follow), log or logger.info, max_body)
 
 
 def _is_loopback(host: str) -> bool:
@@ -559,9 +562,10 @@ def serve(
     port: int = 8000,
     log: Log | None = None,
     max_body: int = MAX_BODY_BYTES,
+    follow: Callable[[SearchService, bool], None] | None = None,
 ) -> None:
     """Serve the REST API and the page until SIGINT (Ctrl-C) or SIGTERM; in-flight requests finish."""
-    server = make_server(index, encoder, host=host, port=port, log=log, max_body=max_body)
+    server = make_server(index, encoder, host=host, port=port, log=log, max_body=max_body, follow=follow)
     say = server.log
     if not _is_loopback(host):
         say(f"warning: listening on {host}: anyone who can reach it can search and fetch the indexed images")

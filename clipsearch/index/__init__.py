@@ -31,14 +31,16 @@ def open_index(
 ) -> VectorIndex:
     """Open (or create, when model and dim are given) an index.
 
-    embedded: `index` is a directory (default: default_home()/index).
+    embedded: `index` is a directory (default: default_home()/index); where it holds a `current` pointer
+    (clipsearch/index/generations.py), the database is in the sub-folder that pointer names.
     opensearch: `index` is the OpenSearch index name; options carry url, auth, engine, m, ef_construction.
     """
     if backend == "embedded":
         from clipsearch.index.embedded import EmbeddedIndex
+        from clipsearch.index.generations import resolve
 
         directory = Path(index).expanduser() if index else default_home() / "index"
-        return EmbeddedIndex(directory, model=model, dim=dim, **options)
+        return EmbeddedIndex(resolve(directory), model=model, dim=dim, **options)
     if backend == "opensearch":
         from clipsearch.index.opensearch import OpenSearchIndex
 

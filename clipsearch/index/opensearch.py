@@ -2,16 +2,21 @@
 
 The index records the model spec and dimension in its mapping's `_meta`, like the embedded
 index does in SQLite, and refuses another model. Scores leave as cosine: cos = 2 * score - 1.
+
+The name a user gives is an alias over the physical index `NAME-<model slug>-<n>` (created together), so
+`clipsearch reindex` can build the next one beside it and move the alias in one atomic call; an index
+created as a plain index by an older clipsearch keeps working under its own name until its first reindex.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -19,7 +24,7 @@ import numpy as np
 from opensearchpy import OpenSearch, RequestsHttpConnection
 from opensearchpy import exceptions as os_errors
 
-from clipsearch.errors import BadRequest, ConfigError, NotFound, Unavailable
+from clipsearch.errors import BadRequest, ConfigError, IndexMoved, NotFound, Unavailable
 from clipsearch.index.base import (
     DateRange,
     Document,
@@ -35,6 +40,7 @@ from clipsearch.index.base import (
     key_words,
     query_words,
 )
+from clipsearch.index.generations import generation_number, model_slug
 
 __all__ = ["OpenSearchIndex", "ENGINES", "AUTH_MODES", "MAX_K"]
 
@@ -115,10 +121,14 @@ class OpenSearchIndex:
         max_bulk_bytes: int = 8_000_000,
         client: OpenSearch | None = None,
         deadline: Callable[[], float] | None = None,
+        alias: str | None = None,
     ) -> None:
         """deadline(): the seconds the caller has left (a Lambda's budget). With it, no attempt starts (opening
         included) unless timeout_s still fits, no backoff sleeps past it, and a bulk write's passes share one
-        budget of max_retries + 1 attempts; without it (the CLI), each call retries on its own."""
+        budget of max_retries + 1 attempts; without it (the CLI), each call retries on its own.
+
+        alias: `name` is the physical index a reindex builds for that alias; it is created without the alias,
+        which switch_alias() moves to it once it is complete."""
         if engine not in ENGINES:
             raise ConfigError(f"unknown k-NN engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.name = name
@@ -128,6 +138,8 @@ class OpenSearchIndex:
         self._deadline = deadline
         self.max_bulk_docs, self.max_bulk_bytes = max_bulk_docs, max_bulk_bytes
         self._dirty = False
+        self._alias = alias
+        self._expect: str | None = None  # pinned(): the physical index every hit must come from
         if client is not None:
             self.url, self.service = "(client)", service or "es"
             self.client = client
@@ -255,13 +267,15 @@ class OpenSearchIndex:
                 "ef_construction": self.ef_construction,
             },
             "created_at": time.time(),
+            "alias": self._alias or self.name,  # the name this physical index serves (drop, reindex)
         }
         settings: dict[str, Any] = {"index.knn": True}
         if self.service != "aoss":  # Serverless manages shards, replicas and refresh itself.
             settings.update(
                 {"number_of_shards": shards, "number_of_replicas": replicas, "refresh_interval": refresh_interval}
             )
-        body = {
+        target = self.name
+        body: dict[str, Any] = {
             "settings": settings,
             "mappings": {
                 "_meta": {"clipsearch": meta},
@@ -293,11 +307,15 @@ class OpenSearchIndex:
                 },
             },
         }
+        if self._alias is None and self.service != "aoss":  # Serverless has no aliases: a plain index there
+            # The physical index and its alias in one call, so no reader ever finds the name missing.
+            target = f"{self.name}-{model_slug(model)}-1"
+            body["aliases"] = {self.name: {}}
         try:
             self._call(
                 "creating the index",
                 self.client.indices.create,
-                index=self.name,
+                index=target,
                 body=body,
                 expect=(os_errors.RequestError,),
             )
@@ -469,6 +487,7 @@ class OpenSearchIndex:
             resp = self._call("a get", self.client.get, index=self.name, id=id, expect=(os_errors.NotFoundError,))
         except os_errors.NotFoundError:
             return None
+        self._check_physical([resp])
         return _document(resp["_source"])
 
     def search(
@@ -507,6 +526,7 @@ class OpenSearchIndex:
             body["min_score"] = _cos_to_score(min_score)
         self._see_own_writes()
         resp = self._call("a search", self.client.search, index=self.name, body=body)
+        self._check_physical(resp["hits"]["hits"])
         return [_hit(h, _score_to_cos(float(h["_score"]))) for h in resp["hits"]["hits"]]
 
     def lexical(
@@ -535,6 +555,7 @@ class OpenSearchIndex:
         }
         self._see_own_writes()
         resp = self._call("a word search", self.client.search, index=self.name, body=body)
+        self._check_physical(resp["hits"]["hits"])
         q_norm = float(np.linalg.norm(q)) or 1.0
         hits = []
         for h in resp["hits"]["hits"]:
@@ -765,13 +786,91 @@ class OpenSearchIndex:
         )
 
     def drop(self) -> None:
-        """Delete the whole OpenSearch index (tests and benchmarks)."""
+        """Delete the whole OpenSearch index: every physical index of this name, old ones included (tests)."""
+        self.delete_physical(set(self.targets()) | (set(self.generations()) if self._alias is None else set()))
+
+    def delete_physical(self, names: Iterable[str]) -> None:
+        """Delete these physical indexes (an old one after a reindex); one already gone is no error."""
+        for name in sorted(names):
+            try:
+                self._call(
+                    "deleting the index", self.client.indices.delete, index=name, expect=(os_errors.NotFoundError,)
+                )
+            except os_errors.NotFoundError:
+                pass
+
+    # -- physical indexes (clipsearch reindex) ------------------------------------------------
+
+    @property
+    def built_for(self) -> str:
+        """The name this physical index serves (recorded at creation; an older index: its own name)."""
+        return str(self._meta.get("alias", self.name))
+
+    def targets(self) -> list[str]:
+        """The physical indexes this name reads: [name] for a plain index, the alias's index otherwise."""
         try:
-            self._call(
-                "deleting the index", self.client.indices.delete, index=self.name, expect=(os_errors.NotFoundError,)
+            got = self._call(
+                "resolving the alias", self.client.indices.get_alias, index=self.name, expect=(os_errors.NotFoundError,)
             )
         except os_errors.NotFoundError:
-            pass
+            return []
+        return sorted(got)
+
+    def pinned(self) -> OpenSearchIndex:
+        """This index opened by its physical name, sharing the client: it keeps reading its own model's vectors
+        after a reindex moves the alias, so a server swaps to the new index only with the new model."""
+        targets = self.targets()
+        if len(targets) != 1 or targets == [self.name]:
+            # A plain index: its first reindex turns its name into an alias, so hits are checked instead.
+            self._expect = self.name
+            return self
+        pinned = copy.copy(self)
+        pinned.name, pinned._alias, pinned._expect = targets[0], self.name, targets[0]
+        meta = pinned._load_meta()  # the alias may have moved since this object read its model
+        if meta is None or (meta["model"], int(meta["dim"])) != (self.model, self.dim):
+            raise Unavailable(f"OpenSearch index {self.name!r} moved to another model while opening; retry")
+        return pinned
+
+    def _check_physical(self, found: list[dict[str, Any]]) -> None:
+        """A pinned plain index whose name a reindex turned into an alias reads another model's vectors now."""
+        if self._expect is not None and any(h.get("_index", self._expect) != self._expect for h in found):
+            raise IndexMoved(f"OpenSearch index {self.name!r} now leads to an index of another model")
+
+    def generations(self) -> list[str]:
+        """Every physical index built for this name (`NAME-<slug>-<n>`, its `_meta` says so), in use or not."""
+        got = self._call(
+            "listing physical indexes",
+            self.client.indices.get_mapping,
+            index=f"{self.name}-*",
+            params={"allow_no_indices": "true", "ignore_unavailable": "true"},
+        )
+        return sorted(
+            name
+            for name, entry in got.items()
+            if entry.get("mappings", {}).get("_meta", {}).get("clipsearch", {}).get("alias") == self.name
+        )
+
+    def next_physical(self, model: str) -> str:
+        """The name of the next physical index for model: `NAME-<slug>-<n>` with n one above any in use."""
+        slug = model_slug(model)
+        found = [generation_number(name, self.name, slug) for name in self.generations()]
+        return f"{self.name}-{slug}-{max((n for n in found if n is not None), default=0) + 1}"
+
+    def switch_alias(self, physical: str) -> list[str]:
+        """Point this name at physical in one atomic `_aliases` call; returns the physical indexes it left.
+
+        An alias cannot share a plain index's name, so a plain index is removed in that same call
+        (remove_index, OpenSearch docs "Alias API"): it cannot be kept. A reader sees the old index or the
+        new one, never neither.
+        """
+        old = self.targets()
+        if self.name in old:
+            actions: list[dict[str, Any]] = [{"remove_index": {"index": self.name}}]
+        else:
+            actions = [{"remove": {"index": name, "alias": self.name}} for name in old]
+        actions.append({"add": {"index": physical, "alias": self.name}})
+        self._call("switching the alias", self.client.indices.update_aliases, body={"actions": actions})
+        return [name for name in old if name != self.name]
 
     def close(self) -> None:
         # A CLI run that wrote something should be searchable by the next command at once.

@@ -296,7 +296,10 @@ def os_name(opensearch_url: str) -> Iterator[str]:
     name = f"cs-dates-{uuid.uuid4().hex[:10]}"
     yield name
     # A plain client: opening the index as clipsearch would need its model, and a failed open left it behind.
-    OpenSearch(opensearch_url).indices.delete(index=name, ignore_unavailable=True)
+    # `name*`: the index, the physical one behind the alias `name` (clipsearch reindex) and the probe.
+    client = OpenSearch(opensearch_url)
+    for physical in client.indices.get(index=f"{name}*"):
+        client.indices.delete(index=physical)
 
 
 @pytest.mark.opensearch

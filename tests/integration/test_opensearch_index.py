@@ -113,8 +113,9 @@ def test_new_index_has_knn_hnsw_lucene_cosine_mapping_and_records_model(make_ind
     # GIVEN a fresh index opened with a model and dimension
     idx = make_index(m=8, ef_construction=64)
     # WHEN its settings and mapping are read back from the node
-    settings = idx.client.indices.get_settings(index=idx.name)[idx.name]["settings"]["index"]
-    mapping = idx.client.indices.get_mapping(index=idx.name)[idx.name]["mappings"]
+    (physical,) = idx.targets()  # the name is an alias over one physical index
+    settings = idx.client.indices.get_settings(index=idx.name)[physical]["settings"]["index"]
+    mapping = idx.client.indices.get_mapping(index=idx.name)[physical]["mappings"]
     # THEN k-NN is on, replicas are 0 and the vector field is HNSW/lucene/cosine with our parameters
     assert settings["knn"] == "true"
     assert settings["number_of_replicas"] == "0"

@@ -53,6 +53,22 @@ class FakeEncoder:
         return np.stack(out)
 
 
+class RotatedEncoder(FakeEncoder):
+    """A second model of the same dimension: FakeEncoder's vectors rolled by 3 places.
+
+    An image query finds its own picture with score 1.0 only in an index this same model built, so a
+    response that mixed the two models shows.
+    """
+
+    model = "fake-rotated"
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return np.roll(super().encode_texts(texts), 3, axis=1)
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        return np.roll(super().encode_images(images), 3, axis=1)
+
+
 class FakeClock:
     """A monotonic clock that moves only when told to."""
 

@@ -1,0 +1,99 @@
+"""Physical indexes behind one index name, so a model migration (`clipsearch reindex`) needs no downtime.
+
+The name a user gives leads to one physical index built with one model: on OpenSearch an alias over
+`NAME-<model slug>-<n>`, on the embedded backend a pointer file `<folder>/current` naming the sub-folder
+`index-<model slug>-<n>` that holds the database. A reindex builds the next one beside the current one and
+then moves the name over in one atomic step. A folder without a pointer is a plain index and keeps working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+
+from clipsearch.errors import ConfigError
+
+__all__ = ["POINTER", "model_slug", "resolve", "pointer_target", "next_generation", "switch", "generation_number"]
+
+POINTER = "current"
+_PREFIX = "index-"
+_UNSAFE = re.compile(r"[^a-z0-9]+")
+# A checkpoint file name keeps this much of its stem; the hash tells two `model.pt` in other folders apart.
+_STEM_CHARS = 40
+
+
+def model_slug(spec: str) -> str:
+    """A lower-case, index-safe form of a model spec: "ViT-B/32" -> "vit-b-32", a path -> stem + short hash.
+
+    OpenSearch index names must be lower case and cannot hold `\\ / * ? " < > | space , #` (OpenSearch docs,
+    "Index naming restrictions"); the result also makes a portable folder name.
+    """
+    if Path(spec).is_absolute() or spec.endswith((".pt", ".pth")):  # a checkpoint, not a CLIP name
+        stem = _UNSAFE.sub("-", Path(spec).stem.lower()).strip("-")[:_STEM_CHARS] or "checkpoint"
+        return f"{stem}-{hashlib.sha1(spec.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    return _UNSAFE.sub("-", spec.lower()).strip("-") or "model"
+
+
+def generation_number(name: str, base: str, slug: str) -> int | None:
+    """n of a physical name `<base>-<slug>-<n>`, else None."""
+    prefix = f"{base}-{slug}-"
+    rest = name[len(prefix) :]
+    return int(rest) if name.startswith(prefix) and rest.isdigit() else None
+
+
+def pointer_target(directory: Path) -> str | None:
+    """The sub-folder name `<directory>/current` holds; None: a plain index (no pointer)."""
+    try:
+        name = (directory / POINTER).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if name and (name != Path(name).name or name in (".", "..")):
+        raise ConfigError(f"{directory / POINTER} names {name!r}, not a folder beside it; fix or remove it")
+    return name or None
+
+
+def resolve(directory: Path) -> Path:
+    """The folder that holds the database the index folder leads to now: the pointer's, else itself."""
+    name = pointer_target(directory)
+    return directory / name if name else directory
+
+
+def next_generation(directory: Path, spec: str) -> Path:
+    """A new, not yet existing sub-folder `index-<slug>-<n>` for an index of spec."""
+    slug = model_slug(spec)
+    taken = (
+        [generation_number(p.name, _PREFIX.rstrip("-"), slug) for p in directory.iterdir()]
+        if directory.is_dir()
+        else []
+    )
+    return directory / f"{_PREFIX}{slug}-{max((n for n in taken if n is not None), default=0) + 1}"
+
+
+def switch(directory: Path, target: Path) -> None:
+    """Point the index folder at target atomically: write a temporary file, then os.replace it.
+
+    A reader opens whatever the pointer names at the moment it reads it: the old folder or the new one, never
+    half of either. The database itself is never renamed, as SQLite's -wal and -shm files go by its name.
+    """
+    tmp = directory / f".{POINTER}-{os.getpid()}-{secrets.token_hex(4)}"
+    # os.open with 0o666: the pointer gets the umask's usual permissions, as the database beside it does.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            os.write(fd, (target.name + "\n").encode("utf-8", "surrogateescape"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, directory / POINTER)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename is durable once the folder's entry is on disk.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,285 @@
+"""clipsearch reindex: a server keeps answering, one model at a time, while the index moves to another model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opensearchpy import OpenSearch
+from support.fakes import FAKE_DIM, ROOT, FakeEncoder, RotatedEncoder
+from support.images import picture
+
+from clipsearch.follow import Follower
+from clipsearch.http.server import make_server
+from clipsearch.index import open_index
+from clipsearch.index.base import Document, VectorIndex
+from clipsearch.index.generations import model_slug, pointer_target
+from clipsearch.index.opensearch import OpenSearchIndex
+from clipsearch.ingest import index_paths
+from clipsearch.reindex import reindex_embedded, reindex_opensearch
+
+COLOURS = [(40 * i % 256, 90 * i % 256, 160 * i % 256) for i in range(1, 41)]
+ENCODERS = {"fake": FakeEncoder(), "fake-rotated": RotatedEncoder()}
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    model: str | None = None
+    top_key: str | None = None
+    top_score: float | None = None
+
+
+class Stream:
+    """Sends one image query after another to a server from a thread until stopped; keeps every answer."""
+
+    def __init__(self, url: str, image: bytes) -> None:
+        self.url, self.image = url, image
+        self.answers: list[Answer] = []
+        self.stop = threading.Event()
+        self.seen: dict[str, threading.Event] = {model: threading.Event() for model in ENCODERS}
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            request = urllib.request.Request(
+                f"{self.url}/search?k=1", data=self.image, headers={"Content-Type": "image/png"}, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    body = json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                self.answers.append(Answer(e.code))
+                continue
+            top = body["hits"][0]
+            self.answers.append(Answer(200, body["model"], top["key"], top["score"]))
+            self.seen[body["model"]].set()
+
+    def wait_for(self, model: str) -> None:
+        assert self.seen[model].wait(120), f"no answer from {model} came back"
+
+    def __enter__(self) -> Stream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.fixture
+def pictures(tmp_path: Path) -> Path:
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, colour in enumerate(COLOURS):
+        (folder / f"p{i:02d}.png").write_bytes(picture(colour))
+    return folder
+
+
+@pytest.fixture
+def root(pictures: Path) -> Path:
+    """A plain embedded index folder (no pointer) of the pictures, built with the fake model."""
+    folder = pictures.parent / "idx"
+    old = open_index("embedded", str(folder), model="fake", dim=FAKE_DIM)
+    index_paths([pictures], ENCODERS["fake"], old)
+    old.close()
+    return folder
+
+
+def open_at(folder: Path, model: str | None, dim: int | None) -> VectorIndex:
+    return open_index("embedded", str(folder), model=model, dim=dim, read_only=model is None)
+
+
+def assert_one_model_per_answer(answers: list[Answer], query: Path) -> None:
+    """Every answer succeeded and found the query picture itself (score 1.0: one model encoded and searched);
+    the old model answered first, the new one from the switch on, never the old one again."""
+    assert answers and all(a.status == 200 for a in answers), {a.status for a in answers}
+    assert all(a.top_key == str(query) and a.top_score == pytest.approx(1.0, abs=1e-4) for a in answers), [
+        a for a in answers if a.top_score != pytest.approx(1.0, abs=1e-4)
+    ][:3]
+    models = [a.model for a in answers]
+    first_new = models.index("fake-rotated")
+    assert set(models[:first_new]) == {"fake"} and set(models[first_new:]) == {"fake-rotated"}
+
+
+def test_given_model_specs_when_slugged_then_they_are_lower_case_index_safe_names() -> None:
+    assert model_slug("ViT-B/32") == "vit-b-32"
+    assert model_slug("RN50x4") == "rn50x4"
+    slug = model_slug("/models/My Model.pt")
+    assert slug.startswith("my-model-") and len(slug) == len("my-model-") + 8
+    assert model_slug("/other/My Model.pt") != slug
+
+
+def test_given_a_served_plain_embedded_index_when_reindexed_then_no_request_fails_or_mixes_models(
+    pictures: Path, root: Path
+) -> None:
+    def reopen() -> VectorIndex:
+        return open_index("embedded", str(root), read_only=True)
+
+    follower = Follower(lambda: pointer_target(root) or "", reopen, ENCODERS.__getitem__, every_s=0.05)
+    query = pictures / "p07.png"
+    with (
+        make_server(reopen(), ENCODERS["fake"], port=0, follow=follower, log=lambda line: None).start() as server,
+        Stream(server.url, query.read_bytes()) as stream,
+    ):
+        stream.wait_for("fake")
+        summary = reindex_embedded(root, ENCODERS["fake-rotated"], open_at)
+        stream.wait_for("fake-rotated")
+    assert_one_model_per_answer(stream.answers, query)
+    assert (summary.old_model, summary.ingest.indexed) == ("fake", len(COLOURS))
+    now = reopen()
+    assert (now.model, now.count()) == ("fake-rotated", len(COLOURS))
+    assert pointer_target(root) == "index-fake-rotated-1"
+    assert (root / "index.sqlite").exists()  # the old index is kept without --drop-old
+
+
+def test_given_a_reindexed_embedded_index_when_reindexed_with_drop_old_then_the_old_database_is_deleted(
+    root: Path,
+) -> None:
+
+    first = reindex_embedded(root, ENCODERS["fake-rotated"], open_at, drop_old=True)
+    assert not any(root.glob("index.sqlite*"))  # the plain index and SQLite's side files
+    assert first.dropped and Path(first.new).is_dir()
+    second = reindex_embedded(root, ENCODERS["fake"], open_at, drop_old=True)
+    assert second.dropped == [first.new] and not Path(first.new).exists()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["index-fake-1"]
+    now = open_index("embedded", str(root), read_only=True)
+    assert (now.model, now.count()) == ("fake", len(COLOURS))
+
+
+@pytest.fixture
+def index_name(opensearch_url: str) -> Iterator[str]:
+    name = f"reindex-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = OpenSearch(hosts=[opensearch_url])
+    for physical in client.indices.get(index=f"{name}*"):  # the plain index and every physical one
+        client.indices.delete(index=physical)
+    client.close()
+
+
+def test_given_a_new_opensearch_index_name_when_created_then_it_is_an_alias_over_a_physical_index(
+    opensearch_url: str, index_name: str
+) -> None:
+    index = OpenSearchIndex(index_name, "ViT-B/32", FAKE_DIM, url=opensearch_url)
+    assert index.targets() == [f"{index_name}-vit-b-32-1"]
+    assert OpenSearchIndex(index_name, url=opensearch_url).model == "ViT-B/32"
+
+
+def test_given_a_served_plain_opensearch_index_when_reindexed_twice_then_no_request_fails_or_mixes_models(
+    pictures: Path, opensearch_url: str, index_name: str
+) -> None:
+    # An index as an older clipsearch created it: a plain index under the name itself.
+    plain = OpenSearchIndex(index_name, "fake", FAKE_DIM, url=opensearch_url, alias=index_name)
+    index_paths([pictures], ENCODERS["fake"], plain)
+    plain.close()
+    named = OpenSearchIndex(index_name, url=opensearch_url)
+
+    def reopen() -> VectorIndex:
+        return OpenSearchIndex(index_name, url=opensearch_url).pinned()
+
+    def builder(model: str) -> object:
+        return lambda physical: OpenSearchIndex(physical, model, FAKE_DIM, url=opensearch_url, alias=index_name)
+
+    follower = Follower(lambda: ",".join(named.targets()), reopen, ENCODERS.__getitem__, every_s=0.05)
+    query = pictures / "p07.png"
+    with (
+        make_server(reopen(), ENCODERS["fake"], port=0, follow=follower, log=lambda line: None).start() as server,
+        Stream(server.url, query.read_bytes()) as stream,
+    ):
+        stream.wait_for("fake")
+        first = reindex_opensearch(named, ENCODERS["fake-rotated"], builder("fake-rotated"))  # type: ignore[arg-type]
+        stream.wait_for("fake-rotated")
+    assert_one_model_per_answer(stream.answers, query)
+    # The plain index could not be kept: its name is the alias now.
+    assert first.dropped == [index_name] and named.targets() == [f"{index_name}-fake-rotated-1"]
+    assert OpenSearchIndex(index_name, url=opensearch_url).model == "fake-rotated"
+
+    named = OpenSearchIndex(index_name, url=opensearch_url)
+    second = reindex_opensearch(named, ENCODERS["fake"], builder("fake"), drop_old=True)  # type: ignore[arg-type]
+    assert second.dropped == [f"{index_name}-fake-rotated-1"]
+    assert named.targets() == named.generations() == [f"{index_name}-fake-1"]
+    again = OpenSearchIndex(index_name, url=opensearch_url)
+    assert (again.model, again.count()) == ("fake", len(COLOURS))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clipsearch.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+
+
+@pytest.fixture
+def where(opensearch_url: str, index_name: str) -> list[str]:
+    """The CLI options naming an OpenSearch index of one S3 object, built with another model than demo."""
+    old = OpenSearchIndex(index_name, "an-older-model", 128, url=opensearch_url)
+    old.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
+    old.close()
+    return ["--backend", "opensearch", "--index", index_name, "--opensearch-url", opensearch_url]
+
+
+def test_given_an_index_of_s3_objects_when_reindexed_then_the_cli_refuses_in_one_line(where: list[str]) -> None:
+    run = cli("reindex", "--model", "demo", *where)
+    assert run.returncode == 2
+    assert run.stderr.startswith(
+        "clipsearch: error: 1 of the index's 1 images are S3 objects (e.g. 'photos/a.jpg'); reindex them on AWS"
+    )
+    assert len(run.stderr.splitlines()) == 1
+
+
+def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_then_it_serves_the_new_model(
+    opensearch_url: str, index_name: str, where: list[str]
+) -> None:
+    prepared = cli("reindex", "--model", "demo", "--prepare", *where)
+    assert prepared.returncode == 0, prepared.stderr
+    physical = prepared.stdout.strip()
+    assert physical == f"{index_name}-demo-1"
+    # The backfill's part: the new index, opened by its physical name, gets the re-encoded documents.
+    new = OpenSearchIndex(physical, url=opensearch_url)
+    new.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
+    new.close()
+    assert OpenSearchIndex(index_name, url=opensearch_url).model == "an-older-model"  # not switched yet
+    switched = cli("reindex", "--model", "demo", "--switch", physical, "--drop-old", *where)
+    assert switched.returncode == 0, switched.stderr
+    assert (
+        switched.stdout.strip() == f"{index_name} now leads to {physical} (demo); deleted {index_name}-an-older-model-1"
+    )
+    now = OpenSearchIndex(index_name, url=opensearch_url)
+    assert (now.model, now.count(), now.targets()) == ("demo", 1, [physical])
+    refused = cli("reindex", "--model", "ViT-B/32", "--switch", physical, *where)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"clipsearch: error: {physical!r} was not built for {index_name!r} with model 'ViT-B/32' "
+        f"(it records {index_name!r}, 'demo')"
+    )
+
+
+def test_given_an_embedded_index_when_reindexed_from_the_cli_then_stats_report_the_new_model(
+    pictures: Path, tmp_path: Path
+) -> None:
+    from clipsearch import models
+
+    checkpoint = tmp_path / "other.pt"  # the demo weights under another name: another model spec
+    checkpoint.write_bytes(models.DEMO_CHECKPOINT.read_bytes())
+    where = ["--index", str(tmp_path / "idx")]
+    assert cli("index", str(pictures), "--model", "demo", *where).returncode == 0
+    run = cli("reindex", "--model", str(checkpoint), "--drop-old", *where)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(cli("stats", "--json", *where).stdout)
+    assert (stats["model"], stats["count"]) == (str(checkpoint), len(COLOURS))
+    assert not (tmp_path / "idx" / "index.sqlite").exists()
+    again = cli("reindex", "--model", str(checkpoint), *where)
+    assert again.returncode == 2
+    assert (
+        again.stderr.strip()
+        == f"clipsearch: error: the index is already built with model {str(checkpoint)!r}; nothing to reindex"
+    )
