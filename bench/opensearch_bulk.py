@@ -10,7 +10,9 @@
 "before" is OpenSearchIndex as of commit 81184e0 (its hand-written chunker, read with `git show`, so
 this needs the git history), default settings, one client; then today's streaming_bulk path with
 the same settings; then each bulk-load lever added in turn. A row's time runs from the first upsert
-until everything is searchable (the final refresh included).
+until everything is searchable (the final refresh included). "node CPU ms/doc" is the node
+process's CPU time over the same span per document, which a busy shared machine inflates far less
+than wall time (other clients of the same node still add to it).
 
 `scale` loads N vectors with --bulk-load's settings, logging docs/s as it goes (so a run cut short
 by --max-ingest-s still reports the size it reached), then measures query p50/p99 at k=10 per
@@ -96,6 +98,12 @@ def segments(index: Any) -> int:
     return sum(len(copy["segments"]) for copies in shards.values() for copy in copies)
 
 
+def node_cpu_s(index: Any) -> float:
+    """CPU seconds the node's process has used so far (all its threads): a measure other load cannot inflate."""
+    nodes = index.client.nodes.stats(metric="process")["nodes"]
+    return sum(n["process"]["cpu"]["total_in_millis"] for n in nodes.values()) / 1000
+
+
 def load(index: Any, n: int, dim: int, batch: int, bulk_load: bool) -> float:
     """Seconds from the first upsert until all n are searchable."""
     started = time.perf_counter()
@@ -136,19 +144,21 @@ def levers(args: argparse.Namespace) -> None:
         index = cls(f"bulk-bench-{uuid.uuid4().hex[:8]}", model="bench", dim=args.dim, url=args.url, **options)
         try:
             batch = options.get("max_bulk_docs", 500) * options.get("bulk_clients", 1)
-            load1 = os.getloadavg()[0]
+            load1, cpu1 = os.getloadavg()[0], node_cpu_s(index)
             seconds = load(index, args.n, args.dim, batch, bulk_load)
+            cpu_ms = (node_cpu_s(index) - cpu1) * 1000 / args.n
             assert index.count() == args.n
             rate = args.n / seconds
             first = first or rate
             rows.append([label, args.n, round(seconds, 1), round(rate), f"{rate / first:.2f}×", segments(index)])
-            rows[-1].append(f"{load1:.1f}–{os.getloadavg()[0]:.1f}")
-            print(json.dumps({"config": label, "n": args.n, "seconds": seconds, "docs_s": rate}), flush=True)
+            rows[-1] += [round(cpu_ms, 2), f"{load1:.1f}–{os.getloadavg()[0]:.1f}"]
+            print(json.dumps({"config": label, "n": args.n, "seconds": seconds, "docs_s": rate, "cpu_ms": cpu_ms}))
         finally:
             index.drop()
             index.client.close()
     print(f"\n{machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; dim {args.dim}\n")
-    print(table(["configuration", "N", "seconds", "docs/s", "vs before", "segments", "load avg"], rows))
+    headers = ["configuration", "N", "seconds", "docs/s", "vs before", "segments", "node CPU ms/doc", "load avg"]
+    print(table(headers, rows))
 
 
 def scale(args: argparse.Namespace) -> None:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,13 @@ from clipsearch.index.opensearch import OpenSearchIndex
 
 pytestmark = pytest.mark.opensearch
 
-DIM = 16
 CLI = [sys.executable, "-m", "clipsearch.cli"]
 
 
-def unit_docs(n: int, seed: int = 0) -> list[Document]:
-    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+def unit_docs(idx: OpenSearchIndex, n: int, seed: int = 0) -> list[Document]:
+    x = np.random.default_rng(seed).standard_normal((n, idx.dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return [Document(key=f"bulk/{i:04d}.jpg", vector=v, bucket="images") for i, v in enumerate(x)]
-
-
-@pytest.fixture
-def make_index(opensearch_url: str) -> Iterator[Callable[..., OpenSearchIndex]]:
-    """Opens OpenSearchIndex objects on fresh, uniquely named indices, dropped afterwards."""
-    opened: list[OpenSearchIndex] = []
-
-    def make(**kwargs: Any) -> OpenSearchIndex:
-        idx = OpenSearchIndex(f"bulk-test-{uuid.uuid4().hex[:10]}", model="fake", dim=DIM, url=opensearch_url, **kwargs)
-        opened.append(idx)
-        return idx
-
-    yield make
-    for idx in opened:
-        idx.drop()
-        idx.client.close()
 
 
 def settings(idx: OpenSearchIndex) -> tuple[str, str]:
@@ -76,7 +58,7 @@ def test_given_an_index_with_replicas_when_bulk_loaded_then_no_refresh_or_replic
     # WHEN documents are loaded in bulk-load mode
     with idx.bulk_load():
         during = settings(idx)
-        result = idx.upsert(unit_docs(20))
+        result = idx.upsert(unit_docs(idx, 20))
     # THEN refresh and replicas were off while loading, are back afterwards, and everything is searchable
     assert during == ("-1", "0")
     assert settings(idx) == ("10s", "1")
@@ -93,7 +75,7 @@ def test_given_a_bulk_load_when_it_stops_midway_then_the_settings_are_restored_a
     # WHEN an exception (or Ctrl-C) ends it before the second
     with pytest.raises(type(interruption)):
         with idx.bulk_load():
-            idx.upsert(unit_docs(10))
+            idx.upsert(unit_docs(idx, 10))
             raise interruption
     # THEN the settings are back and the first batch is searchable
     assert settings(idx) == ("10s", "1")
@@ -108,7 +90,7 @@ def test_given_a_load_killed_earlier_left_refresh_off_when_bulk_loaded_again_the
     idx.client.indices.put_settings(index=idx.name, body={"index": {"refresh_interval": "-1"}})
     # WHEN the next load finishes
     with idx.bulk_load():
-        idx.upsert(unit_docs(3))
+        idx.upsert(unit_docs(idx, 3))
     # THEN refresh is on again (the default), not -1 forever
     assert settings(idx) == ("10s", "0")
 
@@ -119,12 +101,12 @@ def test_given_small_bulk_limits_when_upserting_then_requests_are_cut_by_count_a
     counting = CountingClient(idx.client)
     idx.client = counting
     # WHEN 10 are upserted THEN 3 requests (4 + 4 + 2) carry them
-    assert idx.upsert(unit_docs(10)).written == 10
+    assert idx.upsert(unit_docs(idx, 10)).written == 10
     assert [body.count("\n") // 2 for body in counting.bulk_bodies] == [4, 4, 2]
     # GIVEN a byte limit below two documents WHEN 3 are upserted THEN one request each
     idx.max_bulk_docs, idx.max_bulk_bytes = 500, 600
     counting.bulk_bodies.clear()
-    assert idx.upsert(unit_docs(3, seed=1)).written == 3
+    assert idx.upsert(unit_docs(idx, 3, seed=1)).written == 3
     assert len(counting.bulk_bodies) == 3
 
 
@@ -135,8 +117,8 @@ def test_given_a_document_the_mapping_rejects_when_bulk_written_then_it_alone_is
     # GIVEN 25 documents over several requests (in parallel with 3 clients), one with a zero vector,
     # which the cosine mapping rejects
     idx = make_index(max_bulk_docs=4, bulk_clients=clients)
-    docs = unit_docs(25)
-    docs[13] = Document(key="bulk/blank.jpg", vector=np.zeros(DIM, np.float32), bucket="images")
+    docs = unit_docs(idx, 25)
+    docs[13] = Document(key="bulk/blank.jpg", vector=np.zeros(idx.dim, np.float32), bucket="images")
     # WHEN they are upserted
     result = idx.upsert(docs)
     # THEN that one is named with the node's reason and the other 24 are written
