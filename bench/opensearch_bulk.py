@@ -4,7 +4,7 @@
     python bench/opensearch_bulk.py levers [--n 100000] [--dim 512] [--rows 0,4] [--more-clients 4]
         [--url http://127.0.0.1:9200]
     python bench/opensearch_bulk.py scale [--n 1000000] [--queries 200] [--ef-search 100,200]
-        [--max-ingest-s 3000] [--url ...]
+        [--max-ingest-s 3000] [--before 100000] [--url ...]
 
 `levers` loads the same clustered vectors into a fresh index once per configuration, in one run:
 "before" is OpenSearchIndex as of commit 81184e0 (its hand-written chunker, read with `git show`, so
@@ -14,7 +14,8 @@ until everything is searchable (the final refresh included). "node CPU ms/doc" i
 process's CPU time over the same span per document, which a busy shared machine inflates far less
 than wall time (other clients of the same node still add to it).
 
-`scale` loads N vectors with --bulk-load's settings, logging docs/s as it goes (so a run cut short
+`scale` (after --before vectors loaded the "before" way, for comparison) loads N vectors with
+--bulk-load's settings, logging docs/s as it goes (so a run cut short
 by --max-ingest-s still reports the size it reached), then measures query p50/p99 at k=10 per
 ef_search, recall@10 against exact (numpy brute force over everything loaded), JVM heap
 (_nodes/stats) and disk (_cat/indices store size).
@@ -161,16 +162,34 @@ def levers(args: argparse.Namespace) -> None:
     print(table(headers, rows))
 
 
+def before(args: argparse.Namespace) -> None:
+    """The "before" row for scale: --before vectors through the base commit's chunker, default settings."""
+    index = base_module().OpenSearchIndex(
+        f"bulk-before-{uuid.uuid4().hex[:8]}", model="bench", dim=args.dim, url=args.url
+    )
+    try:
+        cpu0 = node_cpu_s(index)
+        seconds = load(index, args.before, args.dim, 500, bulk_load=False)
+        row = {"before": args.before, "seconds": seconds, "docs_s": args.before / seconds}
+        row["node_cpu_ms_per_doc"] = (node_cpu_s(index) - cpu0) * 1000 / args.before
+        print(json.dumps(row), flush=True)
+    finally:
+        index.drop()
+        index.client.close()
+
+
 def scale(args: argparse.Namespace) -> None:
+    if args.before:
+        before(args)
     c = centres(args.dim)
     queries = clustered(args.queries, args.dim, seed=7, c=c)
     best = np.full((args.queries, K), -2.0, dtype=np.float32)  # exact top-k scores and ids so far
     best_ids = np.zeros((args.queries, K), dtype=np.int64)
     name = f"bulk-scale-{uuid.uuid4().hex[:8]}"
-    index = OpenSearchIndex(name, model="bench", dim=args.dim, url=args.url, timeout_s=120.0, **BULK_LOAD)
+    index = OpenSearchIndex(name, model="bench", dim=args.dim, url=args.url, **BULK_LOAD)
     batch = BULK_LOAD["max_bulk_docs"] * BULK_LOAD["bulk_clients"]
     loaded = 0
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), node_cpu_s(index)
     try:
         with index.bulk_load():
             for start, vectors in chunks(args.n, args.dim):
@@ -187,11 +206,10 @@ def scale(args: argparse.Namespace) -> None:
                 best, best_ids = np.take_along_axis(merged, top, 1), np.take_along_axis(ids, top, 1)
                 loaded = start + len(vectors)
                 elapsed = time.perf_counter() - started
-                print(
-                    json.dumps({"loaded": loaded, "seconds": round(elapsed, 1), "docs_s": round(loaded / elapsed)}),
-                    flush=True,
-                )
-                if elapsed > args.max_ingest_s:
+                progress = {"loaded": loaded, "seconds": round(elapsed, 1), "docs_s": round(loaded / elapsed)}
+                progress["node_cpu_ms_per_doc"] = round((node_cpu_s(index) - cpu0) * 1000 / loaded, 2)
+                print(json.dumps(progress), flush=True)
+                if time.time() > args.stop_loading_at:
                     print(json.dumps({"stopped": "max-ingest-s reached", "loaded": loaded}), flush=True)
                     break
         ingest_s = time.perf_counter() - started
@@ -243,9 +261,11 @@ def main() -> None:
     p.add_argument("--rows", help="levers: only these rows, by number from 0 (e.g. 0,4: before and --bulk-load)")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--ef-search", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200])
-    p.add_argument("--max-ingest-s", type=float, default=float("inf"))
+    p.add_argument("--max-ingest-s", type=float, default=float("inf"), help="scale: stop loading this long after start")
+    p.add_argument("--before", type=int, default=0, help="scale: first load this many the old way, for comparison")
     p.add_argument("--keep", action="store_true", help="scale: keep the index (to query it again)")
     args = p.parse_args()
+    args.stop_loading_at = time.time() + args.max_ingest_s
     levers(args) if args.mode == "levers" else scale(args)
 
 
