@@ -62,6 +62,14 @@ def _add_index_options(p: argparse.ArgumentParser, model: bool = True) -> None:
         )
 
 
+def _add_bulk_load(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bulk-load",
+        action="store_true",
+        help="opensearch: a large first load (no refresh or replicas until done, larger and parallel bulks)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clipsearch", description="Text-and-image search with CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive, default=32, help="pictures encoded and committed together (default 32)"
     )
     p.add_argument("--workers", type=_positive, default=2, help="decoding threads")
+    _add_bulk_load(p)
 
     p = sub.add_parser(
         "search",
@@ -202,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance-type", default="ml.m5.xlarge")
     p.add_argument("--output", help="s3:// URL for the transform output (default s3://BUCKET/_clipsearch-batch/JOB/)")
     _add_index_options(p)
+    _add_bulk_load(p)
     p.set_defaults(backend="opensearch")
 
     p = sub.add_parser("models", help="list the models --model takes, their dimensions and which are cached")
@@ -264,6 +274,12 @@ def _open(
             raise errors.ConfigError("--backend opensearch needs --opensearch-url or CLIPSEARCH_OPENSEARCH_URL")
         options["url"] = args.opensearch_url
         options["auth"] = os.environ.get("CLIPSEARCH_OPENSEARCH_AUTH", "none")
+        if getattr(args, "bulk_load", False):
+            from clipsearch.index.opensearch import BULK_LOAD
+
+            options.update(BULK_LOAD)
+    elif getattr(args, "bulk_load", False):
+        raise errors.ConfigError("--bulk-load is for --backend opensearch")
     elif getattr(args, "search_mode", "exact") != "exact":
         options["search_mode"] = args.search_mode
     return open_index(args.backend, args.index, model=model, dim=dim, **options)
@@ -298,6 +314,23 @@ def _writing(args: argparse.Namespace, create: bool = False) -> contextlib.Abstr
     if not directory.is_dir() or not _writable(directory):
         return contextlib.nullcontext()
     return writer_lock(directory, on_wait=_waiting)
+
+
+def _loading(args: argparse.Namespace, index: VectorIndex) -> contextlib.AbstractContextManager[None]:
+    """--bulk-load: the OpenSearch index tuned for the load, and its settings put back however the run ends."""
+    bulk_load = getattr(index, "bulk_load", None)
+    return bulk_load() if args.bulk_load and bulk_load else contextlib.nullcontext()
+
+
+def _upsert_batch(args: argparse.Namespace) -> int:
+    """Documents per upsert for backfill: with --bulk-load, enough to keep every bulk client busy."""
+    from clipsearch.aws.backfill import UPSERT_BATCH
+
+    if not args.bulk_load:
+        return UPSERT_BATCH
+    from clipsearch.index.opensearch import BULK_LOAD
+
+    return BULK_LOAD["max_bulk_docs"] * BULK_LOAD["bulk_clients"]
 
 
 def _waiting(message: str) -> None:
@@ -380,17 +413,18 @@ def _index(args: argparse.Namespace, encoder: Any) -> int:
         )
 
     try:
-        summary = index_paths(
-            args.paths,
-            encoder,
-            index,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            on_skip=skipped,
-            on_progress=bar.update,
-            on_plan=plan,
-            on_unlisted=unlisted,
-        )
+        with _loading(args, index):
+            summary = index_paths(
+                args.paths,
+                encoder,
+                index,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                on_skip=skipped,
+                on_progress=bar.update,
+                on_plan=plan,
+                on_unlisted=unlisted,
+            )
     finally:
         bar.close()
     ignored = ""
@@ -788,12 +822,16 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from clipsearch.aws import backfill
 
     bucket, prefix = backfill.parse_s3_url(args.url)
-    opened: list[VectorIndex] = []
+    if args.bulk_load and not args.batch_transform:
+        raise errors.ConfigError("--bulk-load is for --batch-transform (the queue path writes through the Lambda)")
+    opened = contextlib.ExitStack()  # unwound last in, first out: a bulk load's settings go back, then close
 
     def index_for(dim: int) -> VectorIndex:
         spec = models.canonical_spec(args.model) if args.model else None
-        opened.append(_open(args, model=spec, dim=dim if spec else None))
-        return opened[-1]
+        index = _open(args, model=spec, dim=dim if spec else None)
+        opened.callback(index.close)  # makes the bulk-loaded documents searchable at once
+        opened.enter_context(_loading(args, index))
+        return index
 
     try:
         s3 = boto3.client("s3")
@@ -815,6 +853,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 args.instance_type,
                 output_url=args.output,
                 on_status=lambda status: print(f"transform job: {status}", file=sys.stderr, flush=True),
+                batch=_upsert_batch(args),
             )
             print(
                 f"indexed {summary.indexed} of {summary.listed} images under {args.url} "
@@ -823,8 +862,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     except (BotoCoreError, ClientError) as e:
         raise errors.Unavailable(f"AWS call failed: {e}") from None
     finally:
-        for index in opened:
-            index.close()  # makes the bulk-loaded documents searchable at once
+        opened.close()
     for key, reason in summary.failed[:20]:
         print(f"warning: {key}: {reason}", file=sys.stderr)
     return EXIT_FAILED if summary.failed else EXIT_OK

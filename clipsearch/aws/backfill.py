@@ -225,8 +225,10 @@ def load_transform_output(
     output_bucket: str,
     output_prefix: str,
     on_progress: Callable[[int], None] | None = None,
+    batch: int = UPSERT_BATCH,
 ) -> BackfillSummary:
-    """Upsert each key's `<output_prefix><key>.out` vector; index_for(dim) opens or creates the index."""
+    """Upsert each key's `<output_prefix><key>.out` vector, `batch` at a time; index_for(dim) opens or creates
+    the index."""
     from botocore.exceptions import ClientError
 
     summary = BackfillSummary(listed=len(keys))
@@ -256,7 +258,7 @@ def load_transform_output(
         if index is None:
             index = index_for(int(vector.shape[0]))
         docs.append(doc)
-        if len(docs) >= UPSERT_BATCH:
+        if len(docs) >= batch:
             flush()
     if docs:
         flush()
@@ -275,6 +277,7 @@ def batch_transform(
     job: str | None = None,
     poll_s: float = 30.0,
     on_status: Callable[[str], None] | None = None,
+    batch: int = UPSERT_BATCH,
 ) -> BackfillSummary:
     """List the images, run a transform job over exactly them, and bulk-load the vectors.
 
@@ -296,7 +299,7 @@ def batch_transform(
     manifest = write_manifest(s3, out_bucket, keys, f"{out_prefix}manifest.json")
     start_transform(sagemaker, job, model_name, manifest, f"s3://{out_bucket}/{out_prefix}", instance_type)
     wait_transform(sagemaker, job, poll_s=poll_s, on_status=on_status)
-    summary = load_transform_output(s3, index_for, bucket, keys, out_bucket, out_prefix)
+    summary = load_transform_output(s3, index_for, bucket, keys, out_bucket, out_prefix, batch=batch)
     summary.job = job
     summary.listed = len(objects)
     summary.failed[:0] = too_big

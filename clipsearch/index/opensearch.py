@@ -10,8 +10,8 @@ created as a plain index by an older clipsearch keeps working under its own name
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import os
 import random
 import re
@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import numpy as np
 from opensearchpy import OpenSearch, RequestsHttpConnection
 from opensearchpy import exceptions as os_errors
+from opensearchpy import helpers as os_helpers
 
 from clipsearch.errors import BadRequest, ConfigError, IndexMoved, NotFound, Unavailable
 from clipsearch.index.base import (
@@ -77,9 +78,16 @@ MAX_K = 10_000
 # The most duplicate groups by content hash one scan lists (a terms aggregation's size).
 MAX_GROUPS = 10_000
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# What --bulk-load changes besides the index settings (bulk_load()): measured in docs/benchmarks.md,
+# "OpenSearch bulk loading". A 2,000-document bulk of 512-d vectors outlasted a 30 s timeout on a busy
+# node, and a timed-out bulk is sent again while the node still works on the first: so 1,000 and 120 s.
+BULK_LOAD: dict[str, int] = {"max_bulk_docs": 1000, "max_bulk_bytes": 16_000_000, "bulk_clients": 2, "timeout_s": 120}
 _SOURCE_FIELDS = ["key", "bucket", "title", "width", "height", "taken_at", "taken_offset"]
 
 T = TypeVar("T")
+# One bulk action as the bulk helpers take it (expand_action's output): the action line, then the source
+# line (None for a delete).
+_Action = tuple[dict[str, Any], dict[str, Any] | None]
 
 
 def _cos_to_score(cos: float) -> float:
@@ -119,6 +127,7 @@ class OpenSearchIndex:
         timeout_s: float = 30.0,
         max_bulk_docs: int = 500,
         max_bulk_bytes: int = 8_000_000,
+        bulk_clients: int = 1,
         client: OpenSearch | None = None,
         deadline: Callable[[], float] | None = None,
         alias: str | None = None,
@@ -126,17 +135,21 @@ class OpenSearchIndex:
         """deadline(): the seconds the caller has left (a Lambda's budget). With it, no attempt starts (opening
         included) unless timeout_s still fits, no backoff sleeps past it, and a bulk write's passes share one
         budget of max_retries + 1 attempts; without it (the CLI), each call retries on its own.
+        bulk_clients: how many bulk requests of one upsert run at once (the CLI's --bulk-load); needs no deadline.
 
         alias: `name` is the physical index a reindex builds for that alias; it is created without the alias,
         which switch_alias() moves to it once it is complete."""
         if engine not in ENGINES:
             raise ConfigError(f"unknown k-NN engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if bulk_clients < 1 or (bulk_clients > 1 and deadline is not None):
+            raise ConfigError("bulk_clients must be 1 or more, and 1 under a deadline")
         self.name = name
         self.engine = engine
         self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
         self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
         self._deadline = deadline
-        self.max_bulk_docs, self.max_bulk_bytes = max_bulk_docs, max_bulk_bytes
+        self.max_bulk_docs, self.max_bulk_bytes, self.bulk_clients = max_bulk_docs, max_bulk_bytes, bulk_clients
+        self.refresh_interval = refresh_interval
         self._dirty = False
         self._alias = alias
         self._expect: str | None = None  # pinned(): the physical index every hit must come from
@@ -371,7 +384,7 @@ class OpenSearchIndex:
         self._migrate()
         result = UpsertResult()
         now = time.time()
-        lines: dict[str, str] = {}
+        actions: dict[str, _Action] = {}
         for d in docs:
             vec = np.asarray(d.vector, dtype=np.float32).reshape(-1)
             if vec.shape[0] != self.dim:
@@ -394,51 +407,46 @@ class OpenSearchIndex:
                 "taken_offset": d.taken_offset,
                 "phash": d.phash,
             }
-            action = json.dumps({"index": {"_index": self.name, "_id": d.id}})
-            lines[d.id] = action + "\n" + json.dumps(source, separators=(",", ":")) + "\n"
-        ok, failed = self._bulk(lines)
+            actions[d.id] = ({"index": {"_index": self.name, "_id": d.id}}, source)
+        ok, failed = self._bulk(actions)
         result.written += ok
         result.failed.update(failed)
         return result
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete by id; returns how many existed."""
-        lines = {i: json.dumps({"delete": {"_index": self.name, "_id": i}}) + "\n" for i in dict.fromkeys(ids)}
-        if not lines:
+        actions: dict[str, _Action] = {
+            i: ({"delete": {"_index": self.name, "_id": i}}, None) for i in dict.fromkeys(ids)
+        }
+        if not actions:
             return 0
-        removed, failed = self._bulk(lines, count_result="deleted")
+        removed, failed = self._bulk(actions, count_result="deleted")
         if failed:
             raise IndexError_(f"{len(failed)} deletes failed, e.g. {next(iter(failed.values()))}")
         return removed
 
-    def _bulk(self, lines: dict[str, str], count_result: str | None = None) -> tuple[int, dict[str, str]]:
-        """Send id -> ndjson lines in bounded chunks; items rejected with 429/5xx are retried."""
+    def _bulk(self, actions: dict[str, _Action], count_result: str | None = None) -> tuple[int, dict[str, str]]:
+        """Send id -> action through the bulk helpers; items rejected with 429/5xx are retried in later passes."""
         done = 0
         failed: dict[str, str] = {}
-        pending = dict(lines)
+        pending = dict(actions)
         # With a deadline (a Lambda), every request of every pass draws on one budget of attempts.
         shared = _Attempts(self.max_retries + 1) if self._deadline is not None else None
         for attempt in range(self.max_retries + 1):
-            retry: dict[str, str] = {}
-            for chunk in self._chunks(pending):
-                body = "".join(chunk.values())
-                resp = self._call("a bulk write", self.client.bulk, body=body, attempts=shared)
-                if not resp.get("errors") and count_result is None:
-                    done += len(chunk)
-                    continue
-                for item in resp["items"]:
-                    ((op, res),) = item.items()
-                    id_, status = res.get("_id", ""), int(res.get("status", 0))
-                    if 200 <= status < 300:
-                        if count_result is None or res.get("result") == count_result:
-                            done += 1
-                    elif op == "delete" and status == 404:
-                        pass  # already gone: deleting is idempotent
-                    elif status in RETRY_STATUS:
-                        retry[id_] = chunk[id_]
-                        failed[id_] = _item_reason(res)
-                    else:
-                        failed[id_] = _item_reason(res)
+            retry: dict[str, _Action] = {}
+            for _, item in self._send(pending.values(), shared):
+                ((op, res),) = item.items()
+                id_, status = res.get("_id", ""), int(res.get("status", 0))
+                if 200 <= status < 300:
+                    if count_result is None or res.get("result") == count_result:
+                        done += 1
+                elif op == "delete" and status == 404:
+                    pass  # already gone: deleting is idempotent
+                elif status in RETRY_STATUS:
+                    retry[id_] = pending[id_]
+                    failed[id_] = _item_reason(res)
+                else:
+                    failed[id_] = _item_reason(res)
             self._dirty = True
             if not retry:
                 break
@@ -456,17 +464,61 @@ class OpenSearchIndex:
             time.sleep(pause)
         return done, failed
 
-    def _chunks(self, lines: dict[str, str]) -> Iterator[dict[str, str]]:
-        chunk: dict[str, str] = {}
-        size = 0
-        for id_, text in lines.items():
-            if chunk and (len(chunk) >= self.max_bulk_docs or size + len(text) > self.max_bulk_bytes):
-                yield chunk
-                chunk, size = {}, 0
-            chunk[id_] = text
-            size += len(text)
-        if chunk:
-            yield chunk
+    def _send(self, actions: Iterable[_Action], shared: _Attempts | None) -> Iterator[tuple[bool, dict[str, Any]]]:
+        """One pass: the bulk helpers chunk by count and bytes and yield every item's outcome.
+
+        Their own retry stays off (max_retries=0): it sleeps without regard to a deadline and retries only
+        429 items, so whole requests retry in _call and rejected items in _bulk's passes.
+        """
+        client = _BulkClient(self, shared)
+        options: dict[str, Any] = {
+            "chunk_size": self.max_bulk_docs,
+            "max_chunk_bytes": self.max_bulk_bytes,
+            "expand_action_callback": _as_is,
+            "raise_on_error": False,  # per-item failures come back as items, not one BulkIndexError
+        }
+        if self.bulk_clients > 1:
+            return os_helpers.parallel_bulk(
+                client, actions, thread_count=self.bulk_clients, queue_size=self.bulk_clients, **options
+            )
+        return os_helpers.streaming_bulk(client, actions, max_retries=0, **options)
+
+    @contextlib.contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """Tune the index for a large initial load, and put its settings back afterwards, however it ends.
+
+        While loading: no periodic refresh (fewer, larger segments, so fewer merges rebuilding HNSW graphs) and
+        no replicas (each document indexed once, not once per copy); the documented bulk-loading advice of
+        OpenSearch ("Tuning for indexing speed") and Amazon OpenSearch Service ("Optimizing indexing
+        performance"). The old values return in a finally, so an exception or Ctrl-C restores them too, and a
+        refresh makes everything loaded searchable. Only a killed process leaves them: a refresh_interval
+        found at -1 (a killed load) is restored to this object's refresh_interval. Serverless manages these
+        settings itself: there, nothing changes.
+        """
+        if self.service == "aoss":
+            yield
+            return
+        current = self._call("reading the settings", self.client.indices.get_settings, index=self.name)
+        settings = next(iter(current.values()))["settings"]["index"]
+        refresh = settings.get("refresh_interval")
+        if refresh in (None, "-1"):
+            refresh = self.refresh_interval
+        replicas = int(settings.get("number_of_replicas", 0))
+        loading: dict[str, Any] = {"refresh_interval": "-1"}
+        if replicas > 0:
+            loading["number_of_replicas"] = 0
+        self._put_settings("starting a bulk load", loading)
+        try:
+            yield
+        finally:
+            restore: dict[str, Any] = {"refresh_interval": refresh}
+            if replicas > 0:
+                restore["number_of_replicas"] = replicas
+            self._put_settings("restoring the settings after a bulk load", restore)
+            self.refresh()
+
+    def _put_settings(self, what: str, settings: dict[str, Any]) -> None:
+        self._call(what, self.client.indices.put_settings, index=self.name, body={"index": settings})
 
     def refresh(self) -> None:
         """Make every write so far visible to search, in this process and others."""
@@ -668,20 +720,15 @@ class OpenSearchIndex:
             body={"ids": list(wanted)},
             params={"_source_includes": "indexed_at"},
         )
-        lines = {}
+        actions: dict[str, _Action] = {}
         for entry in got.get("docs", []):
             if not entry.get("found"):
                 continue  # deleted meanwhile: nothing to date
             doc = dict(wanted[entry["_id"]])
             if entry.get("_source", {}).get("indexed_at") is not None:
                 doc["indexed_at"] = repr(float(entry["_source"]["indexed_at"]))
-            lines[entry["_id"]] = (
-                json.dumps({"update": {"_index": self.name, "_id": entry["_id"]}})
-                + "\n"
-                + json.dumps({"doc": doc})
-                + "\n"
-            )
-        done, failed = self._bulk(lines)
+            actions[entry["_id"]] = ({"update": {"_index": self.name, "_id": entry["_id"]}}, {"doc": doc})
+        done, failed = self._bulk(actions)
         if failed:
             raise IndexError_(f"{len(failed)} {what} failed, e.g. {next(iter(failed.values()))}")
         return done
@@ -948,6 +995,21 @@ def _document(s: dict[str, Any]) -> Document:
         taken_offset=s.get("taken_offset") or "",
         phash=s.get("phash"),
     )
+
+
+class _BulkClient:
+    """What the bulk helpers call: the client's serializer, and bulk requests through OpenSearchIndex._call."""
+
+    def __init__(self, index: OpenSearchIndex, attempts: _Attempts | None) -> None:
+        self._index, self._attempts = index, attempts
+        self.transport = index.client.transport
+
+    def bulk(self, body: str) -> Any:
+        return self._index._call("a bulk write", self._index.client.bulk, body=body, attempts=self._attempts)
+
+
+def _as_is(action: _Action) -> _Action:
+    return action
 
 
 class _Attempts:

@@ -1,14 +1,17 @@
-"""Stand-ins shared by the AWS integration tests: the local SageMaker runtime and a moto server."""
+"""Shared by the integration tests: the local SageMaker runtime, a moto server, fresh OpenSearch indices."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 from support.sagemaker_endpoint import InvokeEndpointServer, running_endpoint
+
+from clipsearch.index.opensearch import OpenSearchIndex
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +60,21 @@ def s3(aws_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[Any]
     for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
         client.delete_object(Bucket=bucket, Key=obj["Key"])
     client.delete_bucket(Bucket=bucket)
+
+
+@pytest.fixture
+def make_index(opensearch_url: str) -> Iterator[Callable[..., OpenSearchIndex]]:
+    """Opens OpenSearchIndex objects on fresh, uniquely named indices, dropped afterwards."""
+    opened: list[OpenSearchIndex] = []
+
+    def make(name: str | None = None, **kwargs: Any) -> OpenSearchIndex:
+        kwargs.setdefault("model", "fake")
+        kwargs.setdefault("dim", 16)  # test_opensearch_index.DIM
+        idx = OpenSearchIndex(name or f"cs-test-{uuid.uuid4().hex[:10]}", url=opensearch_url, **kwargs)
+        opened.append(idx)
+        return idx
+
+    yield make
+    for idx in opened:
+        idx.drop()
+        idx.client.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -43,24 +42,6 @@ def docs_for(vectors: np.ndarray, prefix: str = "photos/", bucket: str = "images
         )
         for i, v in enumerate(vectors)
     ]
-
-
-@pytest.fixture
-def make_index(opensearch_url: str) -> Iterator[Callable[..., OpenSearchIndex]]:
-    """Opens OpenSearchIndex objects on fresh, uniquely named indices, dropped afterwards."""
-    opened: list[OpenSearchIndex] = []
-
-    def make(name: str | None = None, **kwargs: Any) -> OpenSearchIndex:
-        kwargs.setdefault("model", "fake")
-        kwargs.setdefault("dim", DIM)
-        idx = OpenSearchIndex(name or f"cs-test-{uuid.uuid4().hex[:10]}", url=opensearch_url, **kwargs)
-        opened.append(idx)
-        return idx
-
-    yield make
-    for idx in opened:
-        idx.drop()
-        idx.client.close()
 
 
 class RecordingClient:
