@@ -30,7 +30,9 @@ def unit_docs(idx: OpenSearchIndex, n: int, seed: int = 0) -> list[Document]:
 
 def settings(idx: OpenSearchIndex) -> tuple[str, str]:
     """The index's (refresh_interval, number_of_replicas) as the node reports them."""
-    got = idx.client.indices.get_settings(index=idx.name)[idx.name]["settings"]["index"]
+    # By the name given: an alias over the physical index `NAME-<model>-<n>`, the one entry of the answer.
+    (entry,) = idx.client.indices.get_settings(index=idx.name).values()
+    got = entry["settings"]["index"]
     return got.get("refresh_interval"), got["number_of_replicas"]
 
 
