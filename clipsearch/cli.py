@@ -721,6 +721,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         print(f"warning: {len(summary.gone)} indexed files are gone, e.g. {shown(summary.gone[0])}", file=sys.stderr)
     if summary.dropped:
         print(f"deleted the old index: {', '.join(summary.dropped)}")
+    elif args.drop_old and built.skipped:
+        print(
+            f"the old index is kept in {summary.old}, --drop-old or not: {len(built.skipped)} files could not be "
+            "read now, and their only vectors are there",
+            file=sys.stderr,
+        )
     else:
         print(f"the old index is kept in {summary.old}: delete it once no server uses it (or reindex with --drop-old)")
     return EXIT_FAILED if built.skipped else EXIT_OK

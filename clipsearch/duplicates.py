@@ -245,5 +245,6 @@ def duplicates(
     return {
         "took_ms": round((time.perf_counter() - started) * 1000, 2),
         "groups": out,
-        "next_from": next_from if next_from < len(groups) else None,
+        # None at the end, and past MAX_FROM: a page that `from` could not ask for is not offered.
+        "next_from": next_from if next_from < len(groups) and next_from <= MAX_FROM else None,
     }

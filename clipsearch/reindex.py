@@ -106,7 +106,7 @@ def reindex_embedded(
         new.close()
     generations.switch(root, new_dir)
     summary = ReindexSummary(old_model, encoder.model, str(old_dir), str(new_dir), built, gone)
-    if drop_old:
+    if drop_old and not built.skipped:  # a file unreadable now keeps its old vector in the old index
         summary.dropped = drop_embedded(root, old_dir)
     return summary
 
@@ -152,7 +152,8 @@ def reindex_opensearch(
     finally:
         new.close()
     summary = ReindexSummary(old.model, encoder.model, ",".join(before), physical, built, gone)
-    summary.dropped = switch_opensearch(old, physical, encoder.model, drop_old)
+    # A file unreadable now (skipped) keeps its old vector in the old index: never drop it then.
+    summary.dropped = switch_opensearch(old, physical, encoder.model, drop_old and not built.skipped)
     return summary
 
 

@@ -105,7 +105,9 @@ def build_app(
     def duplicates_get() -> dict[str, Any]:
         params = app.current_event.query_string_parameters or {}
         request = duplicates.parse_params(params)
-        return duplicates.duplicates(service.index, request, lambda hit: hit_json(hit, service.url_for(hit)))
+        # current(): the pair after a model switch was followed, as /search reads it.
+        _, index = service.current()
+        return duplicates.duplicates(index, request, lambda hit: hit_json(hit, service.url_for(hit)))
 
     @app.post("/search")
     def search_post() -> dict[str, Any]:

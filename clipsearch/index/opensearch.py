@@ -345,26 +345,38 @@ class OpenSearchIndex:
     # -- writes -------------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        """Bring an older index to SCHEMA_VERSION before its first write: add the fields, record the version.
+        """Bring an older index to SCHEMA_VERSION before its first write: add the fields, fill what the new
+        version computes from stored values, and only then record the version.
 
-        Adding fields to an existing mapping is allowed (OpenSearch docs, "Create or update mappings"), and
+        Adding fields to an existing mapping is allowed, and a put_mapping without `_meta` leaves it as it is
+        (OpenSearch docs, "Create or update mappings"; checked on the local node). Recording the version last
+        means a back-fill cut short (Ctrl-C, a Lambda's timeout, an error) runs again on the next write.
         `_meta` is replaced as a whole, so it is sent complete.
         """
         if self.schema >= SCHEMA_VERSION:
             return
-        meta = {**self._meta, "schema_version": SCHEMA_VERSION}
         fields: dict[str, Any] = {}
         for version in range(self.schema, SCHEMA_VERSION):
             fields.update(_MIGRATIONS[version])
         self._call(
-            "migrating the mapping",
+            "migrating the mapping", self.client.indices.put_mapping, index=self.name, body={"properties": fields}
+        )
+        # This object writes the new fields from now on; the back-fill's own writes must not migrate again.
+        found, self.schema = self.schema, SCHEMA_VERSION
+        try:
+            if found < 3:
+                self._backfill_key_words()
+        except BaseException:
+            self.schema = found
+            raise
+        meta = {**self._meta, "schema_version": SCHEMA_VERSION}
+        self._call(
+            "recording the schema version",
             self.client.indices.put_mapping,
             index=self.name,
-            body={"_meta": {"clipsearch": meta}, "properties": fields},
+            body={"_meta": {"clipsearch": meta}},
         )
-        found, (self._meta, self.schema) = self.schema, (meta, SCHEMA_VERSION)
-        if found < 3:
-            self._backfill_key_words()
+        self._meta = meta
 
     def _backfill_key_words(self) -> None:
         """Give documents written before schema 3 their key_words, by partial updates (vectors are kept), so
@@ -654,12 +666,15 @@ class OpenSearchIndex:
 
     def undated(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose documents have no taken_at (written before schema 2)."""
-        return self._keys_lacking("taken_at", 2, prefix)
+        return self._keys_lacking("taken_at", prefix)
 
-    def _keys_lacking(self, field: str, schema: int, prefix: str) -> set[str]:
-        """Keys starting with prefix whose documents lack the field (added in that schema version)."""
-        if self.schema < schema:
-            return set()
+    def _keys_lacking(self, field: str, prefix: str) -> set[str]:
+        """Keys starting with prefix whose documents lack the field (added by a later schema version).
+
+        Also on an index older than that schema: `exists` on a field the mapping lacks matches nothing, so every
+        document is listed, and filling them in (set_taken, set_hashes) migrates the index first. An index of
+        unchanged files then still gains its dates and hashes on the next `clipsearch index`.
+        """
         query: dict[str, Any] = {"bool": {"must_not": [{"exists": {"field": field}}]}}
         if prefix:
             query["bool"]["filter"] = [{"prefix": {"key": prefix}}]
@@ -727,7 +742,9 @@ class OpenSearchIndex:
             doc = dict(wanted[entry["_id"]])
             if entry.get("_source", {}).get("indexed_at") is not None:
                 doc["indexed_at"] = repr(float(entry["_source"]["indexed_at"]))
-            actions[entry["_id"]] = ({"update": {"_index": self.name, "_id": entry["_id"]}}, {"doc": doc})
+            # retry_on_conflict: another writer (a warm ingest Lambda migrating too) may update it meanwhile.
+            action = {"update": {"_index": self.name, "_id": entry["_id"], "retry_on_conflict": 3}}
+            actions[entry["_id"]] = (action, {"doc": doc})
         done, failed = self._bulk(actions)
         if failed:
             raise IndexError_(f"{len(failed)} {what} failed, e.g. {next(iter(failed.values()))}")
@@ -737,7 +754,7 @@ class OpenSearchIndex:
 
     def unhashed(self, prefix: str = "") -> set[str]:
         """Keys starting with prefix whose documents have no phash (written before schema 3)."""
-        return self._keys_lacking("phash", 3, prefix)
+        return self._keys_lacking("phash", prefix)
 
     def set_hashes(self, hashes: dict[str, tuple[str, str]]) -> int:
         """Fill in key -> (sha256, phash) by partial updates; vectors are kept."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -283,3 +284,15 @@ def test_given_an_embedded_index_when_reindexed_from_the_cli_then_stats_report_t
         again.stderr.strip()
         == f"clipsearch: error: the index is already built with model {str(checkpoint)!r}; nothing to reindex"
     )
+
+
+def test_given_a_file_unreadable_now_when_reindexed_with_drop_old_then_the_old_index_is_kept(
+    root: Path, pictures: Path
+) -> None:
+    # A half-synced placeholder: its only vector is in the old index, so --drop-old must not delete it.
+    (pictures / "p03.png").write_bytes(b"not a picture yet")
+    summary = reindex_embedded(root, ENCODERS["fake-rotated"], open_at, drop_old=True)
+    assert [Path(p).name for p, _ in summary.ingest.skipped] == ["p03.png"]
+    assert summary.dropped == [] and (root / "index.sqlite").exists()
+    with sqlite3.connect(root / "index.sqlite") as db:  # the old database, every picture's vector still there
+        assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == len(COLOURS)

@@ -26,3 +26,9 @@ def test_given_the_package_when_listed_then_every_core_module_is_a_source_of_the
 
 def test_given_the_core_contract_when_read_then_it_forbids_every_adapter_and_entry_point() -> None:
     assert {f"clipsearch.{name}" for name in EDGES} == set(core_contract()["forbidden_modules"])
+
+
+def test_given_the_test_folders_when_listed_then_no_two_test_modules_share_a_name() -> None:
+    # pytest imports test modules by basename (rootdir-relative, no packages): a second one fails collection.
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
