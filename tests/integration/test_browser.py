@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import math
 import os
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -345,6 +347,7 @@ def test_given_a_query_with_date_words_when_searched_then_the_understood_text_an
     )
     assert titles == [DATED_TITLE]
     expect(page.locator("#results .hit-taken")).to_have_text("2019-07-15 12:00")
+    save_screenshot(page, "browser-dates.png")
 
     with page.expect_request(lambda r: "/search?" in r.url) as sent:
         page.get_by_label("don\u2019t read dates").check()
@@ -368,8 +371,34 @@ def test_given_two_identical_files_when_duplicates_are_shown_then_their_exact_gr
         expect(thumbs.nth(i)).to_have_js_property("complete", True)
     assert all(w > 0 for w in thumbs.evaluate_all("(imgs) => imgs.map((img) => img.naturalWidth)"))
     expect(page.locator("#duplicates-status")).to_contain_text("of duplicates")
+    save_screenshot(page, "browser-duplicates.png")
 
     page.locator("#q").fill("a red circle")
 
     wait_for_results(page, "a red circle")
     expect(page.locator("#duplicates")).to_be_hidden()
+
+
+def test_given_more_groups_than_a_page_when_more_is_pressed_then_the_next_pages_follow_until_the_last(
+    page, demo_server
+):
+    with urllib.request.urlopen(f"{demo_server.url}/duplicates?kind=all&limit=200") as answer:
+        every = [group["hits"][0]["id"] for group in json.load(answer)["groups"]]
+    assert len(every) >= 2, every
+    # The real server answers, one group a page: the page's limit=50 is narrowed on its way out.
+    page.route("**/duplicates?*", lambda route: route.continue_(url=route.request.url.replace("limit=50", "limit=1")))
+    page.get_by_role("button", name="Duplicates").click()
+    expect(page.locator("#groups .group")).to_have_count(1)
+    more = page.get_by_role("button", name="More")
+
+    for shown in range(2, len(every) + 1):
+        with page.expect_request(lambda r: "/duplicates?" in r.url) as sent:
+            more.click()
+        assert search_params(sent.value)["from"] == [str(shown - 1)]
+        expect(page.locator("#groups .group")).to_have_count(shown)
+
+    expect(more).to_be_hidden()
+    firsts = page.locator("#groups .group").evaluate_all(
+        "(groups) => groups.map((g) => g.querySelector('.group-hit').dataset.id)"
+    )
+    assert firsts == every
