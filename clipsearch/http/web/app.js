@@ -100,6 +100,7 @@
       if (err.name === "AbortError" || mine !== sequence) return;
       showError(`Search failed: ${err.message}`);
       statusLine.textContent = "";
+      showUnderstood(null);
     } finally {
       if (mine === sequence) {
         setBusy(false);
