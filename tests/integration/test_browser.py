@@ -8,13 +8,17 @@ is written when it is missing or CLIPSEARCH_UPDATE_SCREENSHOT=1.
 
 from __future__ import annotations
 
+import datetime
 import io
+import json
 import math
 import os
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -89,15 +93,38 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+# Three extras beside the catalogue, in colours the older tests never ask for: a picture whose file name
+# holds a word no other title has, one taken in the summer of 2019 (its mtime: no EXIF), and an exact copy.
+RARE_WORD = "zanzibar"
+RARE_TITLE = "zanzibar lighthouse"
+DATED_TITLE = "holiday orange circle"
+DATED_AT = datetime.datetime(2019, 7, 15, 12, 0)
+COPY_TITLE = "copy of an orange picture"
+PICTURES = 96 + 3
+
+
+def write_extras(folder: Path, catalogue: Path) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    render("purple", "square", "small", rng=rng, image_size=160).save(folder / "zanzibar-lighthouse.png")
+    dated = folder / "holiday-orange-circle.png"
+    render("orange", "circle", "large", rng=rng, image_size=160).save(dated)
+    stamp = DATED_AT.timestamp()  # local time, as taken_at reads an mtime
+    os.utime(dated, (stamp, stamp))
+    original = sorted(catalogue.glob("*orange*"))[0]
+    shutil.copyfile(original, folder / "copy-of-an-orange-picture.png")
+
+
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory, demo_encoder: Any) -> Iterator[LocalServer]:
-    """96 generated shape pictures (every class twice), indexed with the demo model, served on loopback."""
+    """96 generated shape pictures (every class twice) and the extras, indexed with the demo model, on loopback."""
     base = tmp_path_factory.mktemp("browser")
     images = base / "catalogue"
     write_catalogue(images, count=96)
+    write_extras(base / "extras", images)
     index = EmbeddedIndex(base / "index", model=demo_encoder.model, dim=demo_encoder.dim)
-    summary = index_paths([images], demo_encoder, index)
-    assert summary.indexed == 96
+    summary = index_paths([images, base / "extras"], demo_encoder, index)
+    assert summary.indexed == PICTURES
     with make_server(index, demo_encoder, port=0).start() as srv:
         yield srv
 
@@ -119,7 +146,7 @@ def page(browser: Any, demo_server: LocalServer) -> Iterator[Any]:
         ),
     )
     tab.goto(demo_server.url + "/")
-    expect(tab.locator("#health")).to_contain_text("96 pictures")
+    expect(tab.locator("#health")).to_contain_text(f"{PICTURES} pictures")
     yield tab
     context.close()
     assert problems == [], problems
@@ -288,3 +315,90 @@ def test_given_a_camera_original_over_6_mb_when_uploaded_then_the_page_sends_a_s
     assert 4 * math.ceil(received / 3) < LAMBDA_EVENT_BYTES // 10, received  # base64 in the event: far under
     titles = wait_for_results(page, "camera-blue-star.jpg")
     assert "blue star" in titles[0], titles
+
+
+def search_params(request: Any) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(request.url).query)
+
+
+def test_given_the_hybrid_box_when_a_rare_file_name_word_is_searched_then_mode_hybrid_is_sent_and_that_picture_leads(
+    page,
+):
+    page.get_by_label("match words in titles and file names").check()
+
+    with page.expect_request(lambda r: "/search?" in r.url and RARE_WORD in r.url) as sent:
+        page.locator("#q").fill(RARE_WORD)
+
+    assert search_params(sent.value)["mode"] == ["hybrid"]
+    titles = wait_for_results(page, RARE_WORD)
+    assert titles[0] == RARE_TITLE, titles
+    # The score shown stays the cosine, not the fused rank score.
+    assert -1 <= float(page.locator("#results .hit-score").first.inner_text()) <= 1
+
+
+def test_given_a_query_with_date_words_when_searched_then_the_understood_text_and_dates_show_and_can_be_turned_off(
+    page,
+):
+    page.locator("#q").fill("an orange circle summer 2019")
+
+    titles = wait_for_results(page, "summer 2019")
+    expect(page.locator("#understood")).to_have_text(
+        "Searching \u201can orange circle\u201d taken 2019-06-01 to 2019-09-01"
+    )
+    assert titles == [DATED_TITLE]
+    expect(page.locator("#results .hit-taken")).to_have_text("2019-07-15 12:00")
+    save_screenshot(page, "browser-dates.png")
+
+    with page.expect_request(lambda r: "/search?" in r.url) as sent:
+        page.get_by_label("don\u2019t read dates").check()
+
+    assert search_params(sent.value)["dates"] == ["false"]
+    expect(page.locator("#results .hit")).to_have_count(10)
+    expect(page.locator("#understood")).to_be_hidden()
+
+
+def test_given_two_identical_files_when_duplicates_are_shown_then_their_exact_group_lists_both_thumbnails(page):
+    with page.expect_request(lambda r: "/duplicates?" in r.url) as sent:
+        page.get_by_role("button", name="Duplicates").click()
+
+    assert search_params(sent.value) == {"kind": ["all"], "limit": ["50"]}
+    group = page.locator("#groups .group", has_text=COPY_TITLE)
+    expect(group).to_have_count(1)
+    expect(group.locator(".group-head")).to_have_text("exact copies \u00b7 2 pictures")
+    thumbs = group.locator("img.group-thumb")
+    expect(thumbs).to_have_count(2)
+    for i in range(2):
+        expect(thumbs.nth(i)).to_have_js_property("complete", True)
+    assert all(w > 0 for w in thumbs.evaluate_all("(imgs) => imgs.map((img) => img.naturalWidth)"))
+    expect(page.locator("#duplicates-status")).to_contain_text("of duplicates")
+    save_screenshot(page, "browser-duplicates.png")
+
+    page.locator("#q").fill("a red circle")
+
+    wait_for_results(page, "a red circle")
+    expect(page.locator("#duplicates")).to_be_hidden()
+
+
+def test_given_more_groups_than_a_page_when_more_is_pressed_then_the_next_pages_follow_until_the_last(
+    page, demo_server
+):
+    with urllib.request.urlopen(f"{demo_server.url}/duplicates?kind=all&limit=200") as answer:
+        every = [group["hits"][0]["id"] for group in json.load(answer)["groups"]]
+    assert len(every) >= 2, every
+    # The real server answers, one group a page: the page's limit=50 is narrowed on its way out.
+    page.route("**/duplicates?*", lambda route: route.continue_(url=route.request.url.replace("limit=50", "limit=1")))
+    page.get_by_role("button", name="Duplicates").click()
+    expect(page.locator("#groups .group")).to_have_count(1)
+    more = page.get_by_role("button", name="More")
+
+    for shown in range(2, len(every) + 1):
+        with page.expect_request(lambda r: "/duplicates?" in r.url) as sent:
+            more.click()
+        assert search_params(sent.value)["from"] == [str(shown - 1)]
+        expect(page.locator("#groups .group")).to_have_count(shown)
+
+    expect(more).to_be_hidden()
+    firsts = page.locator("#groups .group").evaluate_all(
+        "(groups) => groups.map((g) => g.querySelector('.group-hit').dataset.id)"
+    )
+    assert firsts == every

@@ -1,4 +1,5 @@
-// clipsearch page: text, image, more-like-this and weighted-terms queries against the REST API of the same origin.
+// clipsearch page: text (vector or hybrid, dates read), image, more-like-this and weighted-terms queries, and
+// the duplicates, against the REST API of the same origin.
 "use strict";
 
 (() => {
@@ -27,6 +28,13 @@
   const queryImage = $("query-image");
   const queryThumb = $("query-thumb");
   const queryCaption = $("query-caption");
+  const hybridBox = $("hybrid");
+  const noDatesBox = $("no-dates");
+  const understood = $("understood");
+  const duplicatesView = $("duplicates");
+  const duplicatesStatus = $("duplicates-status");
+  const groupsList = $("groups");
+  const moreButton = $("duplicates-more");
 
   // The query being shown, so changing k re-runs it: {type: "text", text} | {type: "image", blob, name}
   // | {type: "id", id, title} | {type: "terms", terms: [{term, label}]}, term as the API's query terms.
@@ -56,10 +64,15 @@
     const controller = new AbortController();
     inflight = controller;
     const mine = ++sequence;
+    hideDuplicates();
     let url = "/search";
     const init = { method: "POST", signal: controller.signal, headers: {} };
     if (query.type === "text") {
-      url = `/search?${new URLSearchParams({ q: query.text, k: String(k()) })}`;
+      const params = new URLSearchParams({ q: query.text, k: String(k()) });
+      // Hybrid is for text only: the API refuses it with a picture, an id or query terms.
+      if (hybridBox.checked) params.set("mode", "hybrid");
+      if (noDatesBox.checked) params.set("dates", "false");
+      url = `/search?${params}`;
       init.method = "GET";
     } else if (query.type === "image") {
       url = `/search?${new URLSearchParams({ k: String(k()) })}`;
@@ -87,6 +100,7 @@
       if (err.name === "AbortError" || mine !== sequence) return;
       showError(`Search failed: ${err.message}`);
       statusLine.textContent = "";
+      showUnderstood(null);
     } finally {
       if (mine === sequence) {
         setBusy(false);
@@ -135,8 +149,30 @@
     run({ type: "terms", terms: [...terms, { term: { id: hit.id, weight }, label: `\u201c${title}\u201d` }] });
   }
 
+  // What a text query's date words became: the text CLIP read and the capture-time filter.
+  function showUnderstood(shown) {
+    const filter = shown && shown.filter;
+    if (!shown || shown.search_text === undefined || !filter) {
+      understood.hidden = true;
+      understood.textContent = "";
+      return;
+    }
+    const day = (value) => value.replace("T", " ");
+    let taken = "";
+    if (filter.taken_after && filter.taken_before) {
+      taken = `taken ${day(filter.taken_after)} to ${day(filter.taken_before)}`;
+    } else if (filter.taken_after) {
+      taken = `taken from ${day(filter.taken_after)}`;
+    } else if (filter.taken_before) {
+      taken = `taken before ${day(filter.taken_before)}`;
+    }
+    understood.textContent = `Searching \u201c${shown.search_text}\u201d ${taken}`.trim();
+    understood.hidden = false;
+  }
+
   function render(body, query) {
     results.replaceChildren();
+    showUnderstood(body.query);
     const hits = body.hits || [];
     if (!hits.length) {
       statusLine.textContent = `No results for ${describe(query)}.`;
@@ -148,6 +184,10 @@
     hits.forEach((hit, i) => results.append(card(hit, i + 1)));
   }
 
+  function titleOf(hit) {
+    return hit.title || hit.key.split(/[\\/]/).pop();
+  }
+
   function card(hit, rank) {
     const item = document.createElement("li");
     item.className = "hit";
@@ -155,7 +195,7 @@
     const button = document.createElement("button");
     button.type = "button";
     button.className = "hit-button";
-    const title = hit.title || hit.key.split(/[\\/]/).pop();
+    const title = titleOf(hit);
     button.setAttribute("aria-label", `${rank}. ${title}, score ${hit.score.toFixed(3)}: more like this`);
     button.title = "More like this";
 
@@ -180,6 +220,14 @@
     bar.setAttribute("aria-hidden", "true");
     bar.style.setProperty("--score", String(Math.max(0, Math.min(1, hit.score))));
     caption.append(name, bar, score);
+    if (hit.taken_at) {
+      // The capture time as the camera's clock read it, to the minute.
+      const taken = document.createElement("time");
+      taken.className = "hit-taken";
+      taken.dateTime = hit.taken_at;
+      taken.textContent = hit.taken_at.slice(0, 16).replace("T", " ");
+      caption.append(taken);
+    }
 
     button.append(img, caption);
     button.addEventListener("click", () => {
@@ -234,6 +282,7 @@
     sequence++;
     current = null;
     results.replaceChildren();
+    showUnderstood(null);
     statusLine.textContent = "";
     showError("");
     setBusy(false);
@@ -246,6 +295,99 @@
   });
   kSelect.addEventListener("change", () => {
     if (current) run(current);
+  });
+  for (const box of [hybridBox, noDatesBox]) {
+    box.addEventListener("change", () => {
+      if (current && current.type === "text") run(current);
+    });
+  }
+
+  // -- duplicates -----------------------------------------------------------------------------
+
+  const DUPLICATE_GROUPS = 50; // groups per page
+  let duplicatesFrom = null; // `from` of the next page, null when there is none
+  let duplicatesRequest = null;
+
+  async function loadDuplicates(from) {
+    if (duplicatesRequest) duplicatesRequest.abort();
+    const controller = new AbortController();
+    duplicatesRequest = controller;
+    const params = new URLSearchParams({ kind: "all", limit: String(DUPLICATE_GROUPS) });
+    if (from) params.set("from", String(from));
+    moreButton.disabled = true;
+    try {
+      const response = await fetch(`/duplicates?${params}`, { signal: controller.signal });
+      const body = await response.json().catch(() => null);
+      if (!response.ok) {
+        throw new Error(body && body.error ? body.error.message : `the server answered ${response.status}`);
+      }
+      if (!from) groupsList.replaceChildren();
+      body.groups.forEach((group) => groupsList.append(groupItem(group)));
+      const shown = groupsList.children.length;
+      duplicatesStatus.textContent = shown
+        ? `${shown} group${shown === 1 ? "" : "s"} of duplicates${body.next_from ? " so far" : ""}`
+        : "No duplicates found.";
+      duplicatesFrom = body.next_from || null;
+      moreButton.hidden = !duplicatesFrom;
+      showError("");
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      showError(`Duplicates failed: ${err.message}`);
+    } finally {
+      if (duplicatesRequest === controller) duplicatesRequest = null;
+      moreButton.disabled = false;
+    }
+  }
+
+  function groupItem(group) {
+    const item = document.createElement("li");
+    item.className = "group";
+    const head = document.createElement("p");
+    head.className = "group-head";
+    const kind = group.kind === "exact" ? "exact copies" : "near duplicates";
+    head.textContent = `${kind} \u00b7 ${group.count} pictures`;
+    const list = document.createElement("ul");
+    list.className = "group-hits";
+    for (const hit of group.hits) {
+      const entry = document.createElement("li");
+      entry.className = "group-hit";
+      entry.dataset.id = hit.id;
+      const title = titleOf(hit);
+      const img = document.createElement("img");
+      img.className = "group-thumb";
+      img.loading = "lazy";
+      img.alt = title;
+      img.src = hit.url;
+      img.title = hit.key;
+      img.addEventListener("error", () => img.classList.add("broken"), { once: true });
+      const name = document.createElement("span");
+      name.className = "group-title";
+      name.textContent = title;
+      entry.append(img, name);
+      list.append(entry);
+    }
+    item.append(head, list);
+    return item;
+  }
+
+  function hideDuplicates() {
+    if (duplicatesRequest) duplicatesRequest.abort();
+    duplicatesView.hidden = true;
+  }
+
+  $("show-duplicates").addEventListener("click", () => {
+    clearTimeout(debounce);
+    input.value = "";
+    clearImageQuery();
+    clearResults();
+    duplicatesView.hidden = false;
+    groupsList.replaceChildren();
+    moreButton.hidden = true;
+    duplicatesStatus.textContent = "Looking for duplicates\u2026";
+    loadDuplicates(0);
+  });
+  moreButton.addEventListener("click", () => {
+    if (duplicatesFrom) loadDuplicates(duplicatesFrom);
   });
 
   // -- image ----------------------------------------------------------------------------------
@@ -362,6 +504,7 @@
       input.value = "";
       clearImageQuery();
       clearResults();
+      hideDuplicates();
       input.focus();
     }
   });
