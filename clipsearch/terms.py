@@ -118,6 +118,14 @@ def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
     return (total / norm).astype(np.float32)
 
 
+def _names_a_file(text: str) -> bool:
+    """Whether a term names an existing file; a text no file could have as its name (too long, NUL) does not."""
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def parse_argv(words: Sequence[str], is_image: Any = None) -> list[tuple[str, float, str]]:
     """The CLI's terms in rclip's syntax: (kind "text"|"image", weight, text or path) for each term.
 
@@ -125,7 +133,7 @@ def parse_argv(words: Sequence[str], is_image: Any = None) -> list[tuple[str, fl
     between two separators form one term ("golden retriever"). "W:term" gives the weight W, signed by
     the separator before it; a term that names an existing file is an image (is_image decides).
     """
-    is_image = is_image or (lambda text: Path(text).expanduser().is_file())
+    is_image = is_image or _names_a_file
     out: list[tuple[str, float, str]] = []
     sign, pending = 1.0, False
     current: list[str] = []

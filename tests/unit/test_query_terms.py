@@ -144,3 +144,9 @@ def test_given_two_rankings_when_fused_then_rrf_sums_reciprocal_ranks_and_keeps_
 
 def test_given_any_page_when_candidates_counted_then_the_same_window_for_every_page():
     assert candidates(10, 0) == candidates(30, 40) == candidates(100, 100) == WINDOW
+
+
+def test_given_a_text_no_file_could_be_named_when_parsed_from_the_command_line_then_it_is_text():
+    # 100 KB (past NAME_MAX) and a NUL: os.stat raises instead of answering "no such file".
+    for text in ["a red circle " * 8000, "nul\x00byte"]:
+        assert parse_argv([text]) == [("text", 1.0, text.strip())]
