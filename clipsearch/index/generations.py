@@ -48,8 +48,11 @@ def pointer_target(directory: Path) -> str | None:
     """The sub-folder name `<directory>/current` holds; None: a plain index (no pointer)."""
     try:
         name = (directory / POINTER).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        # No pointer, or "directory" is not a folder one may read: the open itself then says what is wrong.
         return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {directory / POINTER}: {getattr(e, 'strerror', None) or e}") from None
     if name and (name != Path(name).name or name in (".", "..")):
         raise ConfigError(f"{directory / POINTER} names {name!r}, not a folder beside it; fix or remove it")
     return name or None
