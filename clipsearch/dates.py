@@ -187,7 +187,17 @@ def _read_bare_month(m: re.Match[str], today: Day) -> Span:
     return _month(today.year - (1 if number > today.month else 0), number)
 
 
-def _read_year(m: re.Match[str], today: Day) -> Span:
+# A bare number after one of these words is a number or a code, not a year: "number 2093", "SKU 2019".
+_COUNTER = re.compile(
+    r"(?:^|[\s(])(?:number|no|nr|#|sku|item|model|part|code|id|page|room|flight|route|track|episode|order|"
+    r"invoice|size)\.?\s*$",
+    re.IGNORECASE,
+)
+
+
+def _read_year(m: re.Match[str], today: Day) -> Span | None:
+    if not m.groupdict().get("prep") and _COUNTER.search(m.string, 0, m.start()):
+        return None
     return _year(int(m["y"]))
 
 
