@@ -39,7 +39,7 @@ FRAMES = (
     "a photo of a {size} {colour} {shape}",
     "{colour} {shape}, {size}",
     "a drawing of a {colour} {shape} number {n}",
-    "the {size} {shape} that is {colour} ({n})",
+    "the {size} {shape} that is {colour} (#{n})",  # "#": a number, not a year (docs/dates.md)
 )
 
 
