@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -176,3 +177,26 @@ def test_given_bulk_load_where_it_does_not_apply_then_one_clear_line(
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
+
+
+def test_given_float32_vectors_when_upserted_then_sent_as_float32_text_and_read_back_bit_for_bit(make_index) -> None:
+    # GIVEN a 512-d index whose bulk requests are recorded
+    idx = make_index(dim=512)
+    counting = CountingClient(idx.client)
+    idx.client = counting
+    docs = unit_docs(idx, 5, seed=3)
+    # WHEN they are upserted
+    assert idx.upsert(docs).written == 5
+    # THEN every number of a vector in the bodies has at most 9 significant digits (float32's shortest text;
+    # json writes float64's 17), so a document's line is far shorter than json's
+    sources = [json.loads(line) for body in counting.bulk_bodies for line in body.splitlines() if "vector" in line]
+    assert len(sources) == 5
+    numbers = counting.bulk_bodies[0].split('"vector":[')[1].split("]")[0].split(",")
+    mantissas = [n.lstrip("-").split("e")[0].replace(".", "").lstrip("0") for n in numbers]
+    assert len(numbers) == 512 and max(len(m) for m in mantissas) <= 9
+    as_json = json.dumps({"vector": docs[0].vector.tolist()})
+    assert len(json.dumps({"vector": sources[0]["vector"]}, separators=(",", ":"))) < 0.7 * len(as_json)
+    # AND the node gives back exactly the same float32 values
+    got = idx.documents([d.id for d in docs])
+    for d in docs:
+        assert np.array_equal(got[d.id].vector, d.vector)
