@@ -252,3 +252,24 @@ def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_the
     assert control.jobs == []  # one record over MaxPayloadInMB would fail the whole job
     assert summary.listed == 1 and [k for k, _ in summary.failed] == [key]
     assert f"{backfill.MAX_PAYLOAD_MB} MB" in summary.failed[0][1]
+
+
+def test_given_camera_raw_objects_when_backfilled_by_transform_then_reported_as_left_to_the_ingest_queue() -> None:
+    keys = ["photos/DSC_0001.NEF", "photos/IMG_0002.dng"]
+    control = RecordingSageMaker()
+
+    summary = backfill.batch_transform(
+        ListedBucket(dict.fromkeys(keys, 25 * MIB)),
+        control,
+        lambda dim: pytest.fail("nothing to index"),
+        "bucket",
+        "photos/",
+        "clip",
+        "ml.m5.xlarge",
+        job="job-1",
+        poll_s=0,
+    )
+
+    assert control.jobs == []  # the container gets no key to tell RAW by, and has no rawpy
+    assert summary.listed == 2 and [k for k, _ in summary.failed] == keys
+    assert all("ingest queue" in reason for _, reason in summary.failed)
