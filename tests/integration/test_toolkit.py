@@ -233,12 +233,11 @@ class ListedBucket:
         return [{"Contents": [{"Key": k, "Size": n} for k, n in self.sizes.items() if k.startswith(Prefix)]}]
 
 
-def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_then_reported_not_sent() -> None:
-    key = "photos/panorama.tif"
+def transform_nothing(sizes: dict[str, int]) -> tuple[backfill.BackfillSummary, RecordingSageMaker]:
+    """A transform backfill of a listing (key -> size) none of which may reach a job: its summary and the jobs."""
     control = RecordingSageMaker()
-
     summary = backfill.batch_transform(
-        ListedBucket({key: backfill.MAX_PAYLOAD_MB * MIB + 1}),
+        ListedBucket(sizes),
         control,
         lambda dim: pytest.fail("nothing to index"),
         "bucket",
@@ -248,6 +247,13 @@ def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_the
         job="job-1",
         poll_s=0,
     )
+    return summary, control
+
+
+def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_then_reported_not_sent() -> None:
+    key = "photos/panorama.tif"
+
+    summary, control = transform_nothing({key: backfill.MAX_PAYLOAD_MB * MIB + 1})
 
     assert control.jobs == []  # one record over MaxPayloadInMB would fail the whole job
     assert summary.listed == 1 and [k for k, _ in summary.failed] == [key]
@@ -256,19 +262,8 @@ def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_the
 
 def test_given_camera_raw_objects_when_backfilled_by_transform_then_reported_as_left_to_the_ingest_queue() -> None:
     keys = ["photos/DSC_0001.NEF", "photos/IMG_0002.dng"]
-    control = RecordingSageMaker()
 
-    summary = backfill.batch_transform(
-        ListedBucket(dict.fromkeys(keys, 25 * MIB)),
-        control,
-        lambda dim: pytest.fail("nothing to index"),
-        "bucket",
-        "photos/",
-        "clip",
-        "ml.m5.xlarge",
-        job="job-1",
-        poll_s=0,
-    )
+    summary, control = transform_nothing(dict.fromkeys(keys, 25 * MIB))
 
     assert control.jobs == []  # the container gets no key to tell RAW by, and has no rawpy
     assert summary.listed == 2 and [k for k, _ in summary.failed] == keys
