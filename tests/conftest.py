@@ -1,7 +1,8 @@
-"""Shared fixtures: the demo encoder (loaded once), the fake encoder, moto, the real OpenSearch URL."""
+"""Shared fixtures: the demo encoder (loaded once), the fake encoder, moto, the real OpenSearch URL, logs."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +50,19 @@ def opensearch_url() -> str:
             "a real OpenSearch node (scripts/opensearch-local start)"
         )
     return url
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Messages logged under the service logger `clipsearch` (the Lambda prints them as JSON lines)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    logger = logging.getLogger("clipsearch")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)

@@ -67,12 +67,11 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def list_images(s3: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
-    """Objects under the prefix whose names are images (the backfill's own outputs excluded)."""
+    """Objects under the prefix whose names are images, camera RAW included (the backfill's own outputs excluded)."""
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             key = obj["Key"]
-            # Camera RAW needs rawpy and the file name, which neither the container nor the Lambda has.
-            if is_image_name(key) and not is_raw_name(key) and not key.startswith(BATCH_OUTPUT_PREFIX):
+            if is_image_name(key) and not key.startswith(BATCH_OUTPUT_PREFIX):
                 yield S3Object(key, int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"'))
 
 
@@ -265,6 +264,18 @@ def load_transform_output(
     return summary
 
 
+def not_for_transform(obj: S3Object) -> str:
+    """Why a batch transform cannot take this object; "" when it can."""
+    if is_raw_name(obj.key):
+        # The transform sends the container the bytes alone (application/x-image), without the key that tells
+        # a RAW file, and the model archive carries no rawpy. The ingest Lambda reads the preview (its layer
+        # has rawpy): the queue path indexes these.
+        return "camera RAW, which a batch transform cannot read: backfill it through the ingest queue instead"
+    if obj.size > MAX_PAYLOAD_MB * 1024 * 1024:
+        return f"over the batch transform's {MAX_PAYLOAD_MB} MB payload limit"
+    return ""
+
+
 def batch_transform(
     s3: Any,
     sagemaker: Any,
@@ -281,18 +292,20 @@ def batch_transform(
 ) -> BackfillSummary:
     """List the images, run a transform job over exactly them, and bulk-load the vectors.
 
-    An object over MaxPayloadInMB would fail the whole job: it is left out and reported as failed.
+    An object over MaxPayloadInMB would fail the whole job, and the container cannot read camera RAW: both
+    are left out and reported as failed, each with its reason.
     """
-    limit = MAX_PAYLOAD_MB * 1024 * 1024
     objects = list(list_images(s3, bucket, prefix))
-    keys = [obj.key for obj in objects if obj.size <= limit]
-    too_big = [
-        (obj.key, f"over the batch transform's {MAX_PAYLOAD_MB} MB payload limit")
-        for obj in objects
-        if obj.size > limit
-    ]
+    keys: list[str] = []
+    left_out: list[tuple[str, str]] = []
+    for obj in objects:
+        reason = not_for_transform(obj)
+        if reason:
+            left_out.append((obj.key, reason))
+        else:
+            keys.append(obj.key)
     if not keys:
-        return BackfillSummary(listed=len(objects), failed=too_big)
+        return BackfillSummary(listed=len(objects), failed=left_out)
     job = job or f"clipsearch-backfill-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     out_bucket, out_prefix = parse_s3_url(output_url or f"s3://{bucket}/{BATCH_OUTPUT_PREFIX}{job}/")
     out_prefix = out_prefix if not out_prefix or out_prefix.endswith("/") else out_prefix + "/"
@@ -302,5 +315,5 @@ def batch_transform(
     summary = load_transform_output(s3, index_for, bucket, keys, out_bucket, out_prefix, batch=batch)
     summary.job = job
     summary.listed = len(objects)
-    summary.failed[:0] = too_big
+    summary.failed[:0] = left_out
     return summary

@@ -352,8 +352,9 @@ class Ingestor:
             raise _Skip(f"content type {obj.get('ContentType')!r} is not an image")
         data = body.read()
         try:
-            # Cropped to 2:1, downscaled and sent as PNG/JPEG (the endpoint's Pillow reads no HEIC or AVIF);
-            # the key's extension tells a camera RAW file (rawpy is not in the layer: skipped with the reason).
+            # Cropped to 2:1, downscaled and sent as PNG/JPEG (the endpoint's Pillow reads no HEIC, AVIF or RAW);
+            # the key's extension tells a camera RAW file, whose embedded JPEG preview is what is decoded (rawpy
+            # is in the layer). One without a preview is skipped with the reason, never retried.
             # Only the downscaled picture is kept: a batch holds one original at a time.
             decoded = decode_for_model(data, name=key)
         except ValueError as e:

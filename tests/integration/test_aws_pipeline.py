@@ -23,6 +23,8 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
+from PIL import Image
+from support import camera
 from support.fakes import LambdaContext, load_function
 from support.sagemaker_endpoint import InvokeEndpointServer
 
@@ -263,6 +265,36 @@ def test_given_raw_image_query_when_searched_then_the_closest_picture_comes_firs
     status, body = stack.api("search-binary.json")  # a 64 px red circle, sent as image/png
 
     assert status == 200 and body["hits"][0]["key"] == "q/red circle.png"
+
+
+def test_given_camera_raw_put_into_s3_when_pipeline_runs_then_its_preview_is_found_and_one_without_is_skipped(
+    stack: Stack, endpoint: InvokeEndpointServer, log_lines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str | None] = []
+
+    def note_format(img: Image.Image) -> bool:
+        seen.append(img.format)  # every picture the endpoint receives, as its Pillow reads it
+        return False
+
+    monkeypatch.setattr(endpoint, "refuse_image", note_format)
+    with_preview, without = "camera/DSC_0003.DNG", "camera/DSC_0007.nef"  # the extension's case does not matter
+    stack.s3.put_object(Bucket=BUCKET, Key=with_preview, Body=camera.dng(camera.shape("yellow", "triangle", seed=3)))
+    stack.s3.put_object(Bucket=BUCKET, Key=without, Body=camera.dng(None))
+    for n, (colour, kind) in enumerate([("green", "star"), ("purple", "square"), ("orange", "triangle")]):
+        stack.s3.put_object(
+            Bucket=BUCKET, Key=f"camera/{colour} {kind}.jpg", Body=picture(colour, kind, 40 + n, "JPEG")
+        )
+
+    assert stack.deliver_all() == []  # the RAW without a preview is skipped, not failed and redelivered
+
+    assert stack.sqs.receive_message(QueueUrl=stack.dlq_url, MaxNumberOfMessages=10).get("Messages", []) == []
+    skipped = [line for line in log_lines if "skipped" in line]
+    assert len(skipped) == 1 and without in skipped[0] and "RAW file without an embedded JPEG preview" in skipped[0]
+    index = stack.index()
+    assert index.count() == 4 and index.get(doc_id(BUCKET, without)) is None
+    assert seen and set(seen) <= {"PNG", "JPEG"}, seen  # the endpoint's Pillow reads no RAW
+    status, body = stack.api("search-text.json", {"text": "a yellow triangle", "k": 1})
+    assert status == 200 and body["hits"][0]["key"] == with_preview
 
 
 def test_given_throttled_endpoint_when_batch_arrives_then_only_the_records_of_that_request_fail_and_nothing_is_lost(

@@ -233,12 +233,11 @@ class ListedBucket:
         return [{"Contents": [{"Key": k, "Size": n} for k, n in self.sizes.items() if k.startswith(Prefix)]}]
 
 
-def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_then_reported_not_sent() -> None:
-    key = "photos/panorama.tif"
+def transform_nothing(sizes: dict[str, int]) -> tuple[backfill.BackfillSummary, RecordingSageMaker]:
+    """A transform backfill of a listing (key -> size) none of which may reach a job: its summary and the jobs."""
     control = RecordingSageMaker()
-
     summary = backfill.batch_transform(
-        ListedBucket({key: backfill.MAX_PAYLOAD_MB * MIB + 1}),
+        ListedBucket(sizes),
         control,
         lambda dim: pytest.fail("nothing to index"),
         "bucket",
@@ -248,7 +247,24 @@ def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_the
         job="job-1",
         poll_s=0,
     )
+    return summary, control
+
+
+def test_given_an_object_over_the_payload_limit_when_backfilled_by_transform_then_reported_not_sent() -> None:
+    key = "photos/panorama.tif"
+
+    summary, control = transform_nothing({key: backfill.MAX_PAYLOAD_MB * MIB + 1})
 
     assert control.jobs == []  # one record over MaxPayloadInMB would fail the whole job
     assert summary.listed == 1 and [k for k, _ in summary.failed] == [key]
     assert f"{backfill.MAX_PAYLOAD_MB} MB" in summary.failed[0][1]
+
+
+def test_given_camera_raw_objects_when_backfilled_by_transform_then_reported_as_left_to_the_ingest_queue() -> None:
+    keys = ["photos/DSC_0001.NEF", "photos/IMG_0002.dng"]
+
+    summary, control = transform_nothing(dict.fromkeys(keys, 25 * MIB))
+
+    assert control.jobs == []  # the container gets no key to tell RAW by, and has no rawpy
+    assert summary.listed == 2 and [k for k, _ in summary.failed] == keys
+    assert all("ingest queue" in reason for _, reason in summary.failed)

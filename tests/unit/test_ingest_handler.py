@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 from collections.abc import Callable, Iterator
 from email.header import Header
 from pathlib import Path
@@ -72,22 +71,6 @@ def metrics() -> Iterator[Metrics]:
     metrics.clear_metrics()  # Powertools shares one metric set between all Metrics instances
     yield metrics
     metrics.clear_metrics()
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    """Messages logged under the service logger `clipsearch` (the Lambda prints them as JSON lines)."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Collect(level=logging.INFO)
-    logger = logging.getLogger("clipsearch")
-    logger.addHandler(handler)
-    yield lines
-    logger.removeHandler(handler)
 
 
 def run_batch(ingestor: Ingestor, event: dict[str, Any]) -> list[str]:
@@ -791,15 +774,20 @@ def test_given_cli_backfill_without_a_queue_when_run_then_one_line_names_the_fix
     assert len(err) == 1 and "--queue-url" in err[0]
 
 
-def test_given_raw_and_ordinary_objects_when_listed_for_a_transform_then_raw_is_left_to_the_ingest_path(
+def test_given_raw_and_ordinary_objects_when_backfill_enqueues_then_raw_goes_to_the_ingest_queue_too(
     s3: Any,
 ) -> None:
+    sqs = boto3.client("sqs")
+    queue_url = sqs.create_queue(QueueName="ingest-raw")["QueueUrl"]
     for key in ("a/IMG_1.jpg", "a/DSC_2.NEF", "a/x.dng", "a/IMG_3.HEIC"):
         s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
 
-    keys = [obj.key for obj in backfill.list_images(s3, BUCKET, "a/")]
+    summary = backfill.enqueue(s3, sqs, queue_url, BUCKET, "a/")
 
-    assert keys == ["a/IMG_1.jpg", "a/IMG_3.HEIC"]
+    assert (summary.listed, summary.sent, summary.failed) == (4, 4, [])
+    messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
+    keys = [ev.key for m in messages for ev in parse_notification(m["Body"])]
+    assert sorted(keys) == ["a/DSC_2.NEF", "a/IMG_1.jpg", "a/IMG_3.HEIC", "a/x.dng"]
 
 
 def test_given_a_transformed_object_when_its_document_is_built_then_it_has_a_capture_time(s3: Any) -> None:
