@@ -5,11 +5,12 @@ uvicorn (h11) speaks HTTP; a small Starlette bridge turns each API request into 
 `sam local start-api` does, without Docker. The bridge adds what only a local host needs, outside the
 resolver: the page and its assets from a fixed list, `/openapi.json`, images by hit id, the Host check,
 the upload limit (from Content-Length before reading, and while streaming a chunked body), security
-headers and one log line a request. Blocking work runs in a thread pool, never on the event loop.
+headers and one log line a request. Blocking work runs on other threads (routes on one resolve thread), never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import logging
@@ -21,6 +22,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -252,8 +254,9 @@ class _Bridge:
         self.service = service
         self.app = build_app(service, max_body=max_body)
         # Powertools keeps the current event in class attributes (BaseRouter.current_event), so one
-        # resolve runs at a time; bodies, images, the page and responses still move in parallel.
-        self.resolve_lock = threading.Lock()
+        # resolve runs at a time: on this one thread, which waiting requests queue for without a lock to
+        # wake up on. Bodies, images, the page and responses still move in parallel.
+        self.resolver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-resolve")
         # Replaces the routes' catch-all so the trace lands in this server's log.
         self.app.exception_handler(Exception)(self.unexpected)
 
@@ -332,6 +335,8 @@ class _Bridge:
                 "this server answers to loopback names only (localhost, 127.0.0.1, [::1])",
                 drain,
             )
+        if not declared and not chunked:  # a GET, mostly: no body to wait for
+            return b""
         data = bytearray()
         try:
             with anyio.fail_after(_BODY_SECONDS):
@@ -357,7 +362,7 @@ class _Bridge:
         return _is_loopback(name.lower())
 
     async def image(self, id: str) -> Response:
-        """An indexed image by hit id, read off the event loop and outside the resolve lock."""
+        """An indexed image by hit id, read off the event loop, beside the resolve thread."""
         try:
             # The index that answers now: after a reindex switch, the new one (clipsearch/follow.py).
             data, content_type = await run_in_threadpool(image_reader(self.service.index), id)
@@ -371,12 +376,11 @@ class _Bridge:
         method = "GET" if scope["method"] == "HEAD" else scope["method"]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         event = to_event(method, _target(scope), headers, body, _client(scope), request_id)
-        result = await run_in_threadpool(self._resolve, event, request_id)
+        result = await asyncio.get_running_loop().run_in_executor(self.resolver, self._resolve, event, request_id)
         return _from_resolver(result)
 
     def _resolve(self, event: dict[str, Any], request_id: str) -> dict[str, Any]:
-        with self.resolve_lock:
-            return self.app.resolve(event, _LocalContext(request_id))  # type: ignore[arg-type]
+        return self.app.resolve(event, _LocalContext(request_id))  # type: ignore[arg-type]
 
 
 def _target(scope: Scope) -> str:
@@ -462,6 +466,9 @@ class LocalServer:
             self.bridge,
             http=_protocol(self.log),
             ws="none",
+            # uvloop where it is installed (the local extra, off Windows): its event loop hands a finished
+            # resolve back to the connection in less time than asyncio's own.
+            loop="auto",
             lifespan="off",
             interface="asgi3",
             # One line a request comes from the bridge; uvicorn's own lines would double it.
@@ -511,6 +518,7 @@ class LocalServer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.bridge.resolver.shutdown(wait=False)
         self.socket.close()
 
     def __enter__(self) -> LocalServer:
