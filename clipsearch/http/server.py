@@ -1,15 +1,17 @@
 """`clipsearch serve`: the search Lambda's routes over HTTP on one machine, plus the web page.
 
-uvicorn (h11) speaks HTTP; a small Starlette bridge turns each API request into an API Gateway REST
+uvicorn (its httptools protocol) speaks HTTP; a small Starlette bridge turns each API request into an API Gateway REST
 (v1 proxy) event and hands it to the resolver that routes.py builds for the Lambda, as
 `sam local start-api` does, without Docker. The bridge adds what only a local host needs, outside the
 resolver: the page and its assets from a fixed list, `/openapi.json`, images by hit id, the Host check,
 the upload limit (from Content-Length before reading, and while streaming a chunked body), security
-headers and one log line a request. Blocking work runs in a thread pool, never on the event loop.
+headers and one log line a request. Blocking work runs on other threads (the routes on one resolve
+thread), never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import logging
@@ -21,6 +23,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,14 +32,13 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
-import h11
 import uvicorn
 from aws_lambda_powertools.event_handler import Response as PowertoolsResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from clipsearch import errors
 from clipsearch.encoders import Encoder
@@ -252,8 +254,9 @@ class _Bridge:
         self.service = service
         self.app = build_app(service, max_body=max_body)
         # Powertools keeps the current event in class attributes (BaseRouter.current_event), so one
-        # resolve runs at a time; bodies, images, the page and responses still move in parallel.
-        self.resolve_lock = threading.Lock()
+        # resolve runs at a time: on this one thread, which waiting requests queue for without a lock to
+        # wake up on. Bodies, images, the page and responses still move in parallel.
+        self.resolver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-resolve")
         # Replaces the routes' catch-all so the trace lands in this server's log.
         self.app.exception_handler(Exception)(self.unexpected)
 
@@ -280,6 +283,8 @@ class _Bridge:
         self.log(f'{_client(scope)} "{_printable(line)}" {response.status_code} {sent} {took:.1f}ms')
 
     async def answer(self, request: Request) -> Response:
+        if request.scope["http_version"] not in ("1.0", "1.1"):  # llhttp reads a bare "GET /path" as HTTP/0.9
+            return _Refusal(400, "bad_request", "the request is not valid HTTP/1.1", drain=False)
         method = request.method
         path = request.scope["path"]
         allowed = allowed_methods(path)
@@ -317,7 +322,7 @@ class _Bridge:
     async def body(self, request: Request) -> bytes | Response:
         """The request's body, or the refusal that answers it: a declared size over the limit, then a foreign Host."""
         headers = request.headers
-        # h11 has already refused a Content-Length that is not one non-negative integer.
+        # The parser has already refused a Content-Length that is not one non-negative integer.
         declared = int(headers.get("content-length", 0))
         chunked = "content-length" not in headers and "chunked" in headers.get("transfer-encoding", "").lower()
         # Not while the client waits for "100 Continue": it has sent no body, and never will.
@@ -332,6 +337,8 @@ class _Bridge:
                 "this server answers to loopback names only (localhost, 127.0.0.1, [::1])",
                 drain,
             )
+        if not declared and not chunked:  # a GET, mostly: no body to wait for
+            return b""
         data = bytearray()
         try:
             with anyio.fail_after(_BODY_SECONDS):
@@ -357,7 +364,7 @@ class _Bridge:
         return _is_loopback(name.lower())
 
     async def image(self, id: str) -> Response:
-        """An indexed image by hit id, read off the event loop and outside the resolve lock."""
+        """An indexed image by hit id, read off the event loop, beside the resolve thread."""
         try:
             # The index that answers now: after a reindex switch, the new one (clipsearch/follow.py).
             data, content_type = await run_in_threadpool(image_reader(self.service.index), id)
@@ -371,12 +378,11 @@ class _Bridge:
         method = "GET" if scope["method"] == "HEAD" else scope["method"]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         event = to_event(method, _target(scope), headers, body, _client(scope), request_id)
-        result = await run_in_threadpool(self._resolve, event, request_id)
+        result = await asyncio.get_running_loop().run_in_executor(self.resolver, self._resolve, event, request_id)
         return _from_resolver(result)
 
     def _resolve(self, event: dict[str, Any], request_id: str) -> dict[str, Any]:
-        with self.resolve_lock:
-            return self.app.resolve(event, _LocalContext(request_id))  # type: ignore[arg-type]
+        return self.app.resolve(event, _LocalContext(request_id))  # type: ignore[arg-type]
 
 
 def _target(scope: Scope) -> str:
@@ -394,10 +400,11 @@ def _asset(name: str) -> bytes:
     return resources.files("clipsearch.http").joinpath("web", name).read_bytes()
 
 
-def _protocol(log: Log) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, answering what h11 cannot parse with the contract's JSON 400, logged once."""
+def _protocol(log: Log) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol (llhttp, Node's C parser), answering what it cannot parse with the
+    contract's JSON 400, logged once. (h11, pure Python, cost about 1 ms more a request: docs/benchmarks.md.)"""
 
-    class Protocol(H11Protocol):
+    class Protocol(HttpToolsProtocol):
         def send_400_response(self, msg: str) -> None:
             body = error_body("bad_request", "the request is not valid HTTP/1.1").encode()
             headers = [
@@ -407,11 +414,11 @@ def _protocol(log: Log) -> type[H11Protocol]:
                 (b"Connection", b"close"),
                 *((name.encode(), value.encode()) for name, value in SECURITY_HEADERS.items()),
             ]
-            try:
-                for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
-                    self.transport.write(self.conn.send(event) or b"")
-            except h11.LocalProtocolError:  # a reply was already under way on this connection
-                body = b""
+            if self.cycle is not None and self.cycle.response_started:
+                body = b""  # a reply was already under way on this connection: end it, add nothing
+            else:
+                head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\n" + head + b"\r\n" + body)
             self.transport.close()
             client = self.client[0] if self.client else "-"
             log(f'{client} "(not HTTP/1.1)" 400 {len(body)} 0.0ms')
@@ -462,6 +469,9 @@ class LocalServer:
             self.bridge,
             http=_protocol(self.log),
             ws="none",
+            # uvloop where it is installed (the local extra, off Windows): its event loop hands a finished
+            # resolve back to the connection in less time than asyncio's own.
+            loop="auto",
             lifespan="off",
             interface="asgi3",
             # One line a request comes from the bridge; uvicorn's own lines would double it.
@@ -511,6 +521,7 @@ class LocalServer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.bridge.resolver.shutdown(wait=False)
         self.socket.close()
 
     def __enter__(self) -> LocalServer:

@@ -418,6 +418,29 @@ def test_given_a_garbage_request_line_when_sent_then_a_json_400_comes_back_not_h
     assert b"<html" not in answer.lower()
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /health\r\n\r\n",  # HTTP/0.9: no version, no headers
+        # Both framings at once, the request-smuggling shape (RFC 9112 6.3): never answered as if one were right
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n folded: header\r\n\r\n",  # obs-fold (RFC 9112 5.2)
+    ],
+    ids=["http-0.9", "chunked-and-content-length", "folded-header"],
+)
+def test_given_a_request_that_is_not_valid_http_1_1_when_sent_then_a_json_400_and_nothing_searched(
+    server, fake_encoder: FakeEncoder, request_bytes: bytes
+) -> None:
+    encoded_before = list(fake_encoder.calls)
+    answer = raw_exchange(server, request_bytes)
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body)["error"] == {"code": "bad_request", "message": "the request is not valid HTTP/1.1"}
+    assert fake_encoder.calls == encoded_before
+
+
 def test_given_a_foreign_host_header_when_asked_then_403_so_dns_rebinding_cannot_read_the_index(server):
     reply = request(server, "GET", "/search?q=red", headers={"Host": "attacker.example:8000"})
     local = request(server, "GET", "/health", headers={"Host": f"localhost:{server.server_address[1]}"})
