@@ -1,7 +1,8 @@
 """`clipsearch serve`: the search Lambda's routes over HTTP on one machine, plus the web page.
 
-uvicorn (its httptools protocol) speaks HTTP; a small Starlette bridge turns each API request into an API Gateway REST
-(v1 proxy) event and hands it to the resolver that routes.py builds for the Lambda, as
+uvicorn (its httptools protocol, held to RFC 9112 by protocol.py) speaks HTTP; a small Starlette bridge
+turns each API request into an API Gateway REST (v1 proxy) event and hands it to the resolver that
+routes.py builds for the Lambda, as
 `sam local start-api` does, without Docker. The bridge adds what only a local host needs, outside the
 resolver: the page and its assets from a fixed list, `/openapi.json`, images by hit id, the Host check,
 the upload limit (from Content-Length before reading, and while streaming a chunked body), security
@@ -38,10 +39,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from clipsearch import errors
 from clipsearch.encoders import Encoder
+from clipsearch.http.protocol import protocol_class
 from clipsearch.http.routes import (
     MAX_BODY_BYTES,
     build_app,
@@ -283,8 +284,6 @@ class _Bridge:
         self.log(f'{_client(scope)} "{_printable(line)}" {response.status_code} {sent} {took:.1f}ms')
 
     async def answer(self, request: Request) -> Response:
-        if request.scope["http_version"] not in ("1.0", "1.1"):  # llhttp reads a bare "GET /path" as HTTP/0.9
-            return _Refusal(400, "bad_request", "the request is not valid HTTP/1.1", drain=False)
         method = request.method
         path = request.scope["path"]
         allowed = allowed_methods(path)
@@ -400,32 +399,6 @@ def _asset(name: str) -> bytes:
     return resources.files("clipsearch.http").joinpath("web", name).read_bytes()
 
 
-def _protocol(log: Log) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol (llhttp, Node's C parser), answering what it cannot parse with the
-    contract's JSON 400, logged once. (h11, pure Python, cost about 1 ms more a request: docs/benchmarks.md.)"""
-
-    class Protocol(HttpToolsProtocol):
-        def send_400_response(self, msg: str) -> None:
-            body = error_body("bad_request", "the request is not valid HTTP/1.1").encode()
-            headers = [
-                *self.server_state.default_headers,
-                (b"Content-Type", b"application/json"),
-                (b"Content-Length", str(len(body)).encode()),
-                (b"Connection", b"close"),
-                *((name.encode(), value.encode()) for name, value in SECURITY_HEADERS.items()),
-            ]
-            if self.cycle is not None and self.cycle.response_started:
-                body = b""  # a reply was already under way on this connection: end it, add nothing
-            else:
-                head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-                self.transport.write(b"HTTP/1.1 400 Bad Request\r\n" + head + b"\r\n" + body)
-            self.transport.close()
-            client = self.client[0] if self.client else "-"
-            log(f'{client} "(not HTTP/1.1)" 400 {len(body)} 0.0ms')
-
-    return Protocol
-
-
 class LocalServer:
     """uvicorn serving the bridge on a socket bound at creation; `url` is where it listens."""
 
@@ -467,7 +440,7 @@ class LocalServer:
     def _uvicorn(self) -> uvicorn.Server:
         config = uvicorn.Config(
             self.bridge,
-            http=_protocol(self.log),
+            http=protocol_class(self.log, SECURITY_HEADERS),
             ws="none",
             # uvloop where it is installed (the local extra, off Windows): its event loop hands a finished
             # resolve back to the connection in less time than asyncio's own.

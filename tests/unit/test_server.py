@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -426,19 +427,61 @@ def test_given_a_garbage_request_line_when_sent_then_a_json_400_comes_back_not_h
         b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
         b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n folded: header\r\n\r\n",  # obs-fold (RFC 9112 5.2)
+        # A coding other than chunked last (RFC 9112 6.3), on a GET that would otherwise search
+        b"GET /search?q=red HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET /search?q=red HTTP/1.1\r\nConnection: close\r\n\r\n",  # HTTP/1.1 without Host (RFC 9112 3.2)
+        b"GET /search?q=red HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: localhost\r\n\r\n",  # two Hosts
+        b"GET /search?q=red HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+        # curl --http2 on an http:// URL: llhttp would end the request at its headers and lose the body
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+        b'{"text":"red"}\n',
     ],
-    ids=["http-0.9", "chunked-and-content-length", "folded-header"],
+    ids=[
+        "http-0.9",
+        "chunked-and-content-length",
+        "folded-header",
+        "gzip-transfer-encoding",
+        "no-host",
+        "two-hosts",
+        "70-kib-header",
+        "upgrade-with-a-body",
+    ],
 )
-def test_given_a_request_that_is_not_valid_http_1_1_when_sent_then_a_json_400_and_nothing_searched(
-    server, fake_encoder: FakeEncoder, request_bytes: bytes
+def test_given_a_request_that_is_not_valid_http_1_1_when_sent_then_one_json_400_one_line_and_nothing_searched(
+    server, fake_encoder: FakeEncoder, log_lines: list[str], request_bytes: bytes
 ) -> None:
-    encoded_before = list(fake_encoder.calls)
+    encoded_before, logged_before = list(fake_encoder.calls), len(log_lines)
     answer = raw_exchange(server, request_bytes)
 
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
-    assert json.loads(body)["error"] == {"code": "bad_request", "message": "the request is not valid HTTP/1.1"}
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["message"]
     assert fake_encoder.calls == encoded_before
+    # One line for the one request, and nothing else logged after it (a request the app had started on
+    # would log its own line too)
+    assert [line.split('"')[1] for line in wait_for_lines(log_lines, logged_before + 1)[logged_before:]] == [
+        "(not HTTP/1.1)"
+    ]
+    time.sleep(0.2)
+    assert len(log_lines) == logged_before + 1
+
+
+def test_given_an_upgrade_request_without_a_body_when_sent_then_answered_as_http_1_1_and_the_connection_closed(
+    server,
+) -> None:
+    # RFC 9110 7.8: a server may ignore Upgrade. The parser reads nothing more on such a connection, so it
+    # must close after the answer rather than leave a keep-alive client waiting for a second one.
+    answer = raw_exchange(
+        server,
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)
 
 
 def test_given_a_foreign_host_header_when_asked_then_403_so_dns_rebinding_cannot_read_the_index(server):
