@@ -266,6 +266,7 @@ def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_t
     new.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
     new.close()
     assert OpenSearchIndex(index_name, url=opensearch_url).model == "an-older-model"  # not switched yet
+    assert OpenSearchIndex(index_name, url=opensearch_url).unfinished("demo") == physical  # a reindex resumes it
     switched = cli("reindex", "--model", "demo", "--switch", physical, "--drop-old", *where)
     assert switched.returncode == 0, switched.stderr
     assert (
@@ -273,6 +274,7 @@ def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_t
     )
     now = OpenSearchIndex(index_name, url=opensearch_url)
     assert (now.model, now.count(), now.targets()) == ("demo", 1, [physical])
+    assert now.unfinished("demo") is None  # live now: never resumed from here on
     refused = cli("reindex", "--model", "ViT-B/32", "--switch", physical, *where)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
