@@ -690,6 +690,13 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         "on_skip": lambda path, reason: print(f"warning: skipped {shown(path)}: {reason}", file=sys.stderr),
     }
     print(f"building a new index with {spec} beside the old one; searches use the old one meanwhile", file=sys.stderr)
+
+    def on_resume(name: str, done: int, total: int) -> None:
+        print(
+            f"resuming {name}, which an earlier reindex began: {done} of {total} images already encoded",
+            file=sys.stderr,
+        )
+
     if args.backend == "embedded":
         root = Path(args.index).expanduser() if args.index else default_home() / "index"
 
@@ -697,7 +704,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             return open_index("embedded", str(folder), model=model, dim=dim, read_only=model is None)
 
         with _writing(args):
-            summary = reindex.reindex_embedded(root, encoder, open_at, drop_old=args.drop_old, **ingest)
+            summary = reindex.reindex_embedded(
+                root, encoder, open_at, drop_old=args.drop_old, on_resume=on_resume, **ingest
+            )
     else:
         from clipsearch.index.opensearch import OpenSearchIndex
 
@@ -709,7 +718,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             return OpenSearchIndex(physical, encoder.model, encoder.dim, alias=name, **options)
 
         try:
-            summary = reindex.reindex_opensearch(current, encoder, open_physical, drop_old=args.drop_old, **ingest)
+            summary = reindex.reindex_opensearch(
+                current, encoder, open_physical, drop_old=args.drop_old, on_resume=on_resume, **ingest
+            )
         finally:
             current.close()
     built = summary.ingest

@@ -5,6 +5,10 @@ keep going to the old one; then the index name moves over in one atomic step (an
 embedded backend's pointer file, see clipsearch/index/generations.py). A running `clipsearch serve` notices
 the move and swaps model and index together (clipsearch/follow.py). The old index is kept until drop_old.
 
+A reindex cut short (Ctrl-C, a crash) leaves its new index half built; the next reindex with the same model
+resumes it, encoding only the files not yet in it. Only an index never switched to is resumed (generations
+and OpenSearchIndex.unfinished): one that was live may hold pictures deleted since.
+
 Documents of S3 objects are not local files: they are re-encoded on AWS (docs/deploy.md), not here.
 """
 
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from clipsearch.encoders import Encoder
 from clipsearch.errors import BadRequest
 from clipsearch.index import generations
-from clipsearch.index.base import VectorIndex
+from clipsearch.index.base import VectorIndex, doc_id
 from clipsearch.ingest import IngestSummary, index_paths
 
 if TYPE_CHECKING:
@@ -34,10 +38,14 @@ __all__ = [
     "originals",
     "require_new_model",
     "SIDE_FILES",
+    "OnResume",
 ]
 
 # What SQLite keeps beside a database in WAL mode, and the ANN cache: deleted with it.
 SIDE_FILES = ("-wal", "-shm", "-journal")
+
+# on_resume(new index's name, files already encoded into it, files to carry over in all)
+OnResume = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -74,6 +82,20 @@ def originals(index: VectorIndex, new_model: str) -> tuple[list[str], list[str]]
     return present, sorted(set(keys) - set(present))
 
 
+def _resume(new: VectorIndex, name: str, keys: list[str], on_resume: OnResume | None) -> None:
+    """Ready a half-built new index for the rest of its build: drop what it holds of files that are no longer
+    to carry over (forgotten or deleted since it began), and say how much is done.
+
+    index_paths then skips each file already in it with the same size and mtime, and encodes the rest."""
+    held = set(new.fingerprints())
+    wanted = set(keys)
+    stale = held - wanted
+    if stale:
+        new.delete([doc_id("", key) for key in sorted(stale)])
+    if on_resume:
+        on_resume(name, len(held & wanted), len(wanted))
+
+
 def _build(keys: list[str], encoder: Encoder, index: VectorIndex, **ingest: Any) -> IngestSummary:
     # Each file is named on its own: a folder would also take in pictures the old index never had.
     return index_paths(list(keys), encoder, index, **ingest) if keys else IngestSummary()
@@ -84,12 +106,14 @@ def reindex_embedded(
     encoder: Encoder,
     open_at: Callable[[Path, str | None, int | None], VectorIndex],
     drop_old: bool = False,
+    on_resume: OnResume | None = None,
     **ingest: Any,
 ) -> ReindexSummary:
     """Build `<root>/index-<slug>-<n>` with encoder from the current index's files, then point root at it.
 
     open_at(folder, model, dim) opens (model given: creates) the database in folder. The caller holds the
     index's writer lock, so no `clipsearch index` writes to the old one meanwhile and is lost.
+    A generation an earlier reindex with this model began and never switched to is resumed (on_resume).
     """
     old_dir = generations.resolve(root)
     old = open_at(old_dir, None, None)
@@ -98,9 +122,15 @@ def reindex_embedded(
         old_model = old.model
     finally:
         old.close()
-    new_dir = generations.next_generation(root, encoder.model)
+    new_dir = generations.unfinished(root, encoder.model)
+    resumed = new_dir is not None
+    if new_dir is None:
+        new_dir = generations.next_generation(root, encoder.model)
+        generations.begin(new_dir)
     new = open_at(new_dir, encoder.model, encoder.dim)
     try:
+        if resumed:
+            _resume(new, new_dir.name, keys, on_resume)
         built = _build(keys, encoder, new, **ingest)
     finally:
         new.close()
@@ -136,18 +166,25 @@ def reindex_opensearch(
     encoder: Encoder,
     open_physical: Callable[[str], OpenSearchIndex],
     drop_old: bool = False,
+    on_resume: OnResume | None = None,
     **ingest: Any,
 ) -> ReindexSummary:
     """Build `NAME-<slug>-<n>` for the OpenSearchIndex old (opened by its name), then move the alias to it.
 
-    open_physical(physical) creates that index for encoder's model without an alias. The first reindex of
-    a plain index removes it in the switch itself (an alias cannot share its name), so drop_old is moot then.
+    open_physical(physical) creates (or opens) that index for encoder's model without an alias. The first
+    reindex of a plain index removes it in the switch itself (an alias cannot share its name), so drop_old is
+    moot then. A physical index an earlier reindex with this model began and never switched to is resumed.
     """
     keys, gone = originals(old, encoder.model)
     before = old.targets()
-    physical = old.next_physical(encoder.model)
+    physical = old.unfinished(encoder.model)
+    resumed = physical is not None
+    physical = physical or old.next_physical(encoder.model)
     new = open_physical(physical)
     try:
+        if resumed:
+            new.refresh()  # what the run cut short wrote last is searchable, so it is skipped, not encoded again
+            _resume(new, physical, keys, on_resume)
         built = _build(keys, encoder, new, **ingest)
     finally:
         new.close()
@@ -171,6 +208,7 @@ def switch_opensearch(old: OpenSearchIndex, physical: str, model: str, drop_old:
             f"(it records {target.built_for!r}, {target.model!r})"
         )
     target.refresh()  # every document searchable before the first query reaches it
+    target.finish()  # before the alias moves: cut short in between, it is left behind, never resumed
     plain = old.name in old.targets()
     left = old.switch_alias(physical)
     if plain:

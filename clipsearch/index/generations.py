@@ -4,6 +4,11 @@ The name a user gives leads to one physical index built with one model: on OpenS
 `NAME-<model slug>-<n>`, on the embedded backend a pointer file `<folder>/current` naming the sub-folder
 `index-<model slug>-<n>` that holds the database. A reindex builds the next one beside the current one and
 then moves the name over in one atomic step. A folder without a pointer is a plain index and keeps working.
+
+A generation being built holds a marker file `building`, written before its database and removed just before
+the pointer first names it: a reindex cut short (Ctrl-C, a crash) is resumed from it, and a generation that
+was ever live (it may hold pictures deleted since) never is. A marker on a folder, not a row in the
+database, because the switch must clear it without opening a database another process may be writing.
 """
 
 from __future__ import annotations
@@ -16,9 +21,21 @@ from pathlib import Path
 
 from clipsearch.errors import ConfigError
 
-__all__ = ["POINTER", "model_slug", "resolve", "pointer_target", "next_generation", "switch", "generation_number"]
+__all__ = [
+    "POINTER",
+    "BUILDING",
+    "model_slug",
+    "resolve",
+    "pointer_target",
+    "next_generation",
+    "unfinished",
+    "begin",
+    "switch",
+    "generation_number",
+]
 
 POINTER = "current"
+BUILDING = "building"
 _PREFIX = "index-"
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 # A checkpoint file name keeps this much of its stem; the hash tells two `model.pt` in other folders apart.
@@ -64,15 +81,32 @@ def resolve(directory: Path) -> Path:
     return directory / name if name else directory
 
 
+def _numbered(directory: Path, spec: str) -> dict[int, Path]:
+    """n -> folder of every `index-<slug>-<n>` of spec in directory."""
+    if not directory.is_dir():
+        return {}
+    slug = model_slug(spec)
+    found = ((generation_number(p.name, _PREFIX.rstrip("-"), slug), p) for p in directory.iterdir())
+    return {n: p for n, p in found if n is not None}
+
+
 def next_generation(directory: Path, spec: str) -> Path:
     """A new, not yet existing sub-folder `index-<slug>-<n>` for an index of spec."""
     slug = model_slug(spec)
-    taken = (
-        [generation_number(p.name, _PREFIX.rstrip("-"), slug) for p in directory.iterdir()]
-        if directory.is_dir()
-        else []
-    )
-    return directory / f"{_PREFIX}{slug}-{max((n for n in taken if n is not None), default=0) + 1}"
+    return directory / f"{_PREFIX}{slug}-{max(_numbered(directory, spec), default=0) + 1}"
+
+
+def unfinished(directory: Path, spec: str) -> Path | None:
+    """The newest generation of spec whose build began and was never switched to (it holds the marker)."""
+    building = [n for n, p in _numbered(directory, spec).items() if (p / BUILDING).is_file()]
+    return directory / f"{_PREFIX}{model_slug(spec)}-{max(building)}" if building else None
+
+
+def begin(target: Path) -> None:
+    """Create the generation folder target with its marker, before anything is written into it."""
+    target.mkdir(parents=True)
+    (target / BUILDING).touch()
+    _sync(target)
 
 
 def switch(directory: Path, target: Path) -> None:
@@ -81,6 +115,10 @@ def switch(directory: Path, target: Path) -> None:
     A reader opens whatever the pointer names at the moment it reads it: the old folder or the new one, never
     half of either. The database itself is never renamed, as SQLite's -wal and -shm files go by its name.
     """
+    # The marker goes first: cut short between the two steps, the generation is left as garbage, never
+    # resumed; the other way round, a generation once live could be resumed with pictures deleted since.
+    (target / BUILDING).unlink(missing_ok=True)
+    _sync(target)
     tmp = directory / f".{POINTER}-{os.getpid()}-{secrets.token_hex(4)}"
     # os.open with 0o666: the pointer gets the umask's usual permissions, as the database beside it does.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -94,7 +132,11 @@ def switch(directory: Path, target: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # The rename is durable once the folder's entry is on disk.
+    _sync(directory)  # the rename is durable once the folder's entry is on disk
+
+
+def _sync(directory: Path) -> None:
+    """fsync a folder, so a file created, removed or renamed in it stays so after a crash."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -283,6 +283,9 @@ class OpenSearchIndex:
             "created_at": time.time(),
             "alias": self._alias or self.name,  # the name this physical index serves (drop, reindex)
         }
+        if self._alias not in (None, self.name):
+            # Built by a reindex for the alias and not yet live: a reindex cut short resumes it (finish()).
+            meta["building"] = True
         settings: dict[str, Any] = {"index.knn": True}
         if self.service != "aoss":  # Serverless manages shards, replicas and refresh itself.
             settings.update(
@@ -370,13 +373,12 @@ class OpenSearchIndex:
         except BaseException:
             self.schema = found
             raise
-        meta = {**self._meta, "schema_version": SCHEMA_VERSION}
-        self._call(
-            "recording the schema version",
-            self.client.indices.put_mapping,
-            index=self.name,
-            body={"_meta": {"clipsearch": meta}},
-        )
+        self._put_meta("recording the schema version", {**self._meta, "schema_version": SCHEMA_VERSION})
+
+    def _put_meta(self, what: str, meta: dict[str, Any]) -> None:
+        """Replace the index's clipsearch `_meta` with meta, which must be complete: put_mapping replaces
+        `_meta` as a whole (OpenSearch docs, "Create or update mappings")."""
+        self._call(what, self.client.indices.put_mapping, index=self.name, body={"_meta": {"clipsearch": meta}})
         self._meta = meta
 
     def _backfill_key_words(self) -> None:
@@ -902,25 +904,47 @@ class OpenSearchIndex:
         if self._expect is not None and any(h.get("_index", self._expect) != self._expect for h in found):
             raise IndexMoved(f"OpenSearch index {self.name!r} now leads to an index of another model")
 
-    def generations(self) -> list[str]:
-        """Every physical index built for this name (`NAME-<slug>-<n>`, its `_meta` says so), in use or not."""
+    def _generation_metas(self) -> dict[str, dict[str, Any]]:
+        """physical name -> its clipsearch `_meta`, for every physical index built for this name."""
         got = self._call(
             "listing physical indexes",
             self.client.indices.get_mapping,
             index=f"{self.name}-*",
             params={"allow_no_indices": "true", "ignore_unavailable": "true"},
         )
-        return sorted(
-            name
-            for name, entry in got.items()
-            if entry.get("mappings", {}).get("_meta", {}).get("clipsearch", {}).get("alias") == self.name
-        )
+        metas = {name: entry.get("mappings", {}).get("_meta", {}).get("clipsearch", {}) for name, entry in got.items()}
+        return {name: meta for name, meta in metas.items() if meta.get("alias") == self.name}
+
+    def generations(self) -> list[str]:
+        """Every physical index built for this name (`NAME-<slug>-<n>`, its `_meta` says so), in use or not."""
+        return sorted(self._generation_metas())
+
+    def _numbered(self, model: str, metas: dict[str, dict[str, Any]]) -> dict[int, str]:
+        slug = model_slug(model)
+        found = ((generation_number(name, self.name, slug), name) for name in metas)
+        return {n: name for n, name in found if n is not None}
 
     def next_physical(self, model: str) -> str:
         """The name of the next physical index for model: `NAME-<slug>-<n>` with n one above any in use."""
-        slug = model_slug(model)
-        found = [generation_number(name, self.name, slug) for name in self.generations()]
-        return f"{self.name}-{slug}-{max((n for n in found if n is not None), default=0) + 1}"
+        return f"{self.name}-{model_slug(model)}-{max(self._numbered(model, self._generation_metas()), default=0) + 1}"
+
+    def unfinished(self, model: str) -> str | None:
+        """The newest physical index a reindex began for model and never switched to (its `_meta` says
+        building), which a new reindex resumes; None when there is none."""
+        metas = self._generation_metas()
+        building = [
+            n
+            for n, name in self._numbered(model, metas).items()
+            if metas[name].get("building") and metas[name].get("model") == model
+        ]
+        return f"{self.name}-{model_slug(model)}-{max(building)}" if building else None
+
+    def finish(self) -> None:
+        """Record that this physical index is complete, before an alias first leads to it: a reindex never
+        resumes it from then on, as it may come to hold documents of pictures deleted since."""
+        found = self._load_meta() or self._meta  # as it is now, not as this object opened it
+        if found.get("building"):
+            self._put_meta("recording the index complete", {k: v for k, v in found.items() if k != "building"})
 
     def switch_alias(self, physical: str) -> list[str]:
         """Point this name at physical in one atomic `_aliases` call; returns the physical indexes it left.

@@ -10,24 +10,24 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from opensearchpy import OpenSearch
-from support.fakes import FAKE_DIM, ROOT, FakeEncoder, RotatedEncoder
+from support.fakes import FAKE_DIM, ROOT, FakeEncoder, InterruptingEncoder, RotatedEncoder
 from support.images import picture
 
 from clipsearch.follow import Follower
 from clipsearch.http.server import make_server
 from clipsearch.index import open_index
 from clipsearch.index.base import Document, VectorIndex
-from clipsearch.index.generations import model_slug, pointer_target
+from clipsearch.index.generations import BUILDING, model_slug, pointer_target
 from clipsearch.index.opensearch import OpenSearchIndex
-from clipsearch.ingest import index_paths
-from clipsearch.reindex import reindex_embedded, reindex_opensearch
+from clipsearch.ingest import forget, index_paths
+from clipsearch.reindex import OnResume, ReindexSummary, reindex_embedded, reindex_opensearch
 
 COLOURS = [(40 * i % 256, 90 * i % 256, 160 * i % 256) for i in range(1, 41)]
 ENCODERS = {"fake": FakeEncoder(), "fake-rotated": RotatedEncoder()}
@@ -99,6 +99,23 @@ def root(pictures: Path) -> Path:
 
 def open_at(folder: Path, model: str | None, dim: int | None) -> VectorIndex:
     return open_index("embedded", str(folder), model=model, dim=dim, read_only=model is None)
+
+
+def images_encoded(encoder: FakeEncoder) -> int:
+    return sum(n for kind, n in encoder.calls if kind == "image")
+
+
+class Resumed:
+    """An on_resume callback that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, int, int]] = []
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        self.told.append((name, done, total))
+
+
+CUT_AFTER = 16  # images encoded (two batches of 8) before the Ctrl-C
 
 
 def assert_one_model_per_answer(answers: list[Answer], query: Path) -> None:
@@ -249,6 +266,7 @@ def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_t
     new.upsert([Document(key="photos/a.jpg", bucket="bucket", vector=np.ones(128, np.float32))])
     new.close()
     assert OpenSearchIndex(index_name, url=opensearch_url).model == "an-older-model"  # not switched yet
+    assert OpenSearchIndex(index_name, url=opensearch_url).unfinished("demo") == physical  # a reindex resumes it
     switched = cli("reindex", "--model", "demo", "--switch", physical, "--drop-old", *where)
     assert switched.returncode == 0, switched.stderr
     assert (
@@ -256,6 +274,7 @@ def test_given_an_opensearch_index_when_prepared_filled_and_switched_as_on_aws_t
     )
     now = OpenSearchIndex(index_name, url=opensearch_url)
     assert (now.model, now.count(), now.targets()) == ("demo", 1, [physical])
+    assert now.unfinished("demo") is None  # live now: never resumed from here on
     refused = cli("reindex", "--model", "ViT-B/32", "--switch", physical, *where)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
@@ -296,3 +315,111 @@ def test_given_a_file_unreadable_now_when_reindexed_with_drop_old_then_the_old_i
     assert summary.dropped == [] and (root / "index.sqlite").exists()
     with sqlite3.connect(root / "index.sqlite") as db:  # the old database, every picture's vector still there
         assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == len(COLOURS)
+
+
+def test_given_an_embedded_reindex_cut_short_when_run_again_then_it_resumes_and_encodes_only_the_rest(
+    root: Path, pictures: Path
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        reindex_embedded(root, InterruptingEncoder(RotatedEncoder(), CUT_AFTER), open_at, batch_size=8)
+    assert pointer_target(root) is None  # never switched: searches still use the old index
+    # Forgotten from the old index meanwhile, though already in the half-built one: not carried over.
+    old = open_index("embedded", str(root))
+    assert forget(old, pictures / "p00.png") == 1
+    old.close()
+
+    again, resumed = RotatedEncoder(), Resumed()
+    summary = reindex_embedded(root, again, open_at, batch_size=8, on_resume=resumed)
+    assert resumed.told == [("index-fake-rotated-1", CUT_AFTER - 1, len(COLOURS) - 1)]
+    assert images_encoded(again) == summary.ingest.indexed == len(COLOURS) - CUT_AFTER
+    assert pointer_target(root) == "index-fake-rotated-1"
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["index-fake-rotated-1"]  # no second generation
+    assert not (root / "index-fake-rotated-1" / BUILDING).exists()
+    now = open_index("embedded", str(root), read_only=True)
+    assert (now.model, now.count()) == ("fake-rotated", len(COLOURS) - 1)
+    assert str(pictures / "p00.png") not in now.fingerprints()
+
+
+def test_given_an_embedded_generation_once_live_when_its_model_comes_back_then_a_fresh_one_is_built(
+    root: Path,
+) -> None:
+    reindex_embedded(root, RotatedEncoder(), open_at)  # A -> B
+    reindex_embedded(root, FakeEncoder(), open_at)  # B -> A: index-fake-rotated-1 was live, and is no more
+    again, resumed = RotatedEncoder(), Resumed()
+    summary = reindex_embedded(root, again, open_at, on_resume=resumed)  # A -> B again
+    assert resumed.told == [] and images_encoded(again) == summary.ingest.indexed == len(COLOURS)
+    assert pointer_target(root) == "index-fake-rotated-2"
+
+
+def physical_builder(opensearch_url: str, index_name: str, model: str) -> Callable[[str], OpenSearchIndex]:
+    return lambda physical: OpenSearchIndex(physical, model, FAKE_DIM, url=opensearch_url, alias=index_name)
+
+
+@pytest.fixture
+def named(pictures: Path, opensearch_url: str, index_name: str) -> OpenSearchIndex:
+    """An OpenSearch index of the pictures, built with the fake model (an alias over `NAME-fake-1`)."""
+    index = OpenSearchIndex(index_name, "fake", FAKE_DIM, url=opensearch_url)
+    index_paths([pictures], ENCODERS["fake"], index)
+    index.close()
+    return OpenSearchIndex(index_name, url=opensearch_url)
+
+
+def reindex_named(
+    opensearch_url: str, index_name: str, encoder: FakeEncoder | InterruptingEncoder, on_resume: OnResume | None = None
+) -> ReindexSummary:
+    named = OpenSearchIndex(index_name, url=opensearch_url)
+    build = physical_builder(opensearch_url, index_name, encoder.model)
+    return reindex_opensearch(named, encoder, build, batch_size=8, on_resume=on_resume)  # type: ignore[arg-type]
+
+
+def test_given_an_opensearch_reindex_cut_short_when_run_again_then_it_resumes_and_encodes_only_the_rest(
+    named: OpenSearchIndex, opensearch_url: str, index_name: str
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        reindex_named(opensearch_url, index_name, InterruptingEncoder(RotatedEncoder(), CUT_AFTER))
+    assert named.targets() == [f"{index_name}-fake-1"]  # never switched
+
+    again, resumed = RotatedEncoder(), Resumed()
+    summary = reindex_named(opensearch_url, index_name, again, resumed)
+    physical = f"{index_name}-fake-rotated-1"
+    assert resumed.told == [(physical, CUT_AFTER, len(COLOURS))]
+    assert images_encoded(again) == summary.ingest.indexed == len(COLOURS) - CUT_AFTER
+    assert named.targets() == [physical]
+    assert named.generations() == [f"{index_name}-fake-1", physical]  # no second half-built index
+    now = OpenSearchIndex(index_name, url=opensearch_url)
+    assert (now.model, now.count()) == ("fake-rotated", len(COLOURS))
+
+
+def test_given_an_opensearch_index_once_live_when_its_model_comes_back_then_a_fresh_one_is_built(
+    named: OpenSearchIndex, opensearch_url: str, index_name: str
+) -> None:
+    reindex_named(opensearch_url, index_name, RotatedEncoder())  # A -> B
+    reindex_named(opensearch_url, index_name, FakeEncoder())  # B -> A: NAME-fake-rotated-1 was live
+    again, resumed = RotatedEncoder(), Resumed()
+    summary = reindex_named(opensearch_url, index_name, again, resumed)  # A -> B again
+    assert resumed.told == [] and images_encoded(again) == summary.ingest.indexed == len(COLOURS)
+    assert named.targets() == [f"{index_name}-fake-rotated-2"]
+
+
+def test_given_an_embedded_reindex_cut_short_when_the_cli_runs_it_again_then_it_says_it_resumes(
+    pictures: Path, tmp_path: Path
+) -> None:
+    from clipsearch import models
+    from clipsearch.encoders import LocalEncoder
+
+    checkpoint = tmp_path / "other.pt"  # the demo weights under another name: another model spec
+    checkpoint.write_bytes(models.DEMO_CHECKPOINT.read_bytes())
+    spec = models.canonical_spec(str(checkpoint))
+    root = tmp_path / "idx"
+    assert cli("index", str(pictures), "--model", "demo", "--index", str(root)).returncode == 0
+    with pytest.raises(KeyboardInterrupt):
+        reindex_embedded(root, InterruptingEncoder(LocalEncoder(spec), CUT_AFTER), open_at, batch_size=8)
+    run = cli("reindex", "--model", spec, "--batch-size", "8", "--index", str(root))
+    assert run.returncode == 0, run.stderr
+    generation = f"index-{model_slug(spec)}-1"
+    assert (
+        f"resuming {generation}, which an earlier reindex began: {CUT_AFTER} of {len(COLOURS)} images already encoded"
+        in run.stderr.splitlines()
+    )
+    assert run.stdout.startswith(f"reindexed {len(COLOURS) - CUT_AFTER} of {len(COLOURS)} images with {spec}")
+    assert pointer_target(root) == generation

@@ -1,5 +1,5 @@
-"""Hand-written fakes for fast tests: a deterministic encoder with the Encoder interface, and the Lambda
-context plus a loader that imports a function's app.py as Lambda does."""
+"""Hand-written fakes for fast tests: a deterministic encoder with the Encoder interface, one cut short as by
+Ctrl-C, and the Lambda context plus a loader that imports a function's app.py as Lambda does."""
 
 from __future__ import annotations
 
@@ -67,6 +67,24 @@ class RotatedEncoder(FakeEncoder):
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         return np.roll(super().encode_images(images), 3, axis=1)
+
+
+class InterruptingEncoder:
+    """Wraps an encoder and, like a Ctrl-C, raises KeyboardInterrupt in the batch that would take it past
+    `after` images: the batches before it are encoded and written, that one and the rest are not."""
+
+    def __init__(self, encoder: Any, after: int) -> None:
+        self.encoder, self.after, self.encoded = encoder, after, 0
+        self.model, self.dim = encoder.model, encoder.dim
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.encoder.encode_texts(texts))
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        if self.encoded + len(images) > self.after:
+            raise KeyboardInterrupt
+        self.encoded += len(images)
+        return np.asarray(self.encoder.encode_images(images))
 
 
 class FakeClock:
