@@ -437,6 +437,10 @@ def _indexed_keys(index: VectorIndex, prefix: str) -> dict[str, tuple[int, float
     return keys
 
 
+# How many files named on their own are looked up one by one; more are found in one scan.
+_ONE_SCAN_FROM = 16
+
+
 def _under(key: str, folder: str) -> bool:
     """Whether key is folder or below it, by whole path components."""
     return key == folder or key.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
@@ -482,11 +486,18 @@ def index_paths(
     files = found.files
     summary.seen = len(files) + len(found.skipped)
     known: dict[str, tuple[int, float] | None] = {}
+    given = {str(root) for root in roots if not os.path.isdir(root)}
     for root in roots:
         if os.path.isdir(root):
             known.update(_indexed_keys(index, str(root).rstrip(os.sep) + os.sep))
-        else:  # a prefix match would also take in `a.jpg.png` beside `a.jpg`
-            known.update((k, v) for k, v in _indexed_keys(index, str(root)).items() if k == str(root))
+    if len(given) > _ONE_SCAN_FROM:
+        # Many files named one by one (a reindex names every file of the index): one scan of the folder they
+        # share, not a lookup each (on OpenSearch, a search request per file).
+        shared = os.path.commonpath(sorted(given))
+        known.update((k, v) for k, v in _indexed_keys(index, shared).items() if k in given)
+    else:  # a prefix match would also take in `a.jpg.png` beside `a.jpg`
+        for key in given:
+            known.update((k, v) for k, v in _indexed_keys(index, key).items() if k == key)
     todo: list[Path] = []
     unchanged: list[Path] = []
     for path in files:

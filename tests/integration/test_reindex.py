@@ -423,3 +423,36 @@ def test_given_an_embedded_reindex_cut_short_when_the_cli_runs_it_again_then_it_
     )
     assert run.stdout.startswith(f"reindexed {len(COLOURS) - CUT_AFTER} of {len(COLOURS)} images with {spec}")
     assert pointer_target(root) == generation
+
+
+class CountingIndex:
+    """An index that counts its fingerprints() calls (on OpenSearch, each is a search request)."""
+
+    def __init__(self, real: VectorIndex) -> None:
+        self._real, self.lookups = real, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def fingerprints(self, prefix: str = "") -> object:
+        self.lookups += 1
+        return self._real.fingerprints(prefix)
+
+
+def test_given_many_files_named_one_by_one_when_indexed_again_then_one_scan_finds_what_is_unchanged(
+    pictures: Path, tmp_path: Path
+) -> None:
+    # GIVEN every picture indexed by name (as a reindex names them), one changed since, and a file beside
+    # one of them whose name only starts like it (a prefix match must not take it for that one)
+    files = sorted(pictures.iterdir())
+    index = open_index("embedded", str(tmp_path / "idx"), model="fake", dim=FAKE_DIM)
+    index_paths(list(files), ENCODERS["fake"], index)
+    files[3].write_bytes(picture((1, 2, 3)))
+    (pictures / (files[0].name + ".png")).write_bytes(picture((9, 9, 9)))
+    # WHEN the same list is indexed again
+    counting = CountingIndex(index)
+    summary = index_paths(list(files), ENCODERS["fake"], counting)  # type: ignore[arg-type]
+    # THEN the index was asked once, not once a file; only the changed one is encoded again
+    assert len(files) > 16 and counting.lookups == 1
+    assert (summary.indexed, summary.unchanged) == (1, len(files) - 1)
+    assert str(pictures / (files[0].name + ".png")) not in index.fingerprints()
