@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from clipsearch import models
-from clipsearch.errors import BadRequest, ClipsearchError, ModelUnavailable, Unavailable
+from clipsearch.errors import BadRequest, ClipsearchError, ModelFailed, ModelUnavailable, Unavailable
 from clipsearch.images import MAX_TRANSPORT_BYTES, to_transport
 
 
@@ -44,10 +44,12 @@ def encode_each(encoder: Encoder, images: list[Image.Image]) -> list[np.ndarray 
 
 
 def bisect_encode(encode: Callable[[list[T]], np.ndarray], items: list[T]) -> list[np.ndarray | ClipsearchError]:
-    """encode(items) as one call; when it is refused (BadRequest), each half again, down to single items."""
+    """encode(items) as one call; when it is refused (BadRequest) or the model fails on it (ModelFailed: a
+    poison input can crash a container), each half again, down to single items. A lone input keeps its error:
+    refused, it is skipped; failed, it alone is retried (and reaches the dead-letter queue alone)."""
     try:
         vectors = encode(items)
-    except BadRequest as e:
+    except (BadRequest, ModelFailed) as e:
         if len(items) == 1:
             return [e]
         half = len(items) // 2
@@ -224,6 +226,9 @@ def _client_error(endpoint: str, response: Any) -> Exception:
     original = str(response.get("OriginalStatusCode", ""))
     if code == "ModelError" and original.startswith("4"):
         return BadRequest(f"encoder refused the input: {message}")
+    if code == "ModelError" and original.startswith("5"):
+        # The container answered, with an error: unlike throttling or a timeout, an input may be the cause.
+        return ModelFailed(f"encoder endpoint {endpoint}: the model failed ({original}): {message}", retry_after=2)
     if code == "ValidationError" and "payload" in message.lower():
         # A body over the serverless 4 MB cap: resending the same body cannot help. Other
         # ValidationErrors (an endpoint that does not exist) are configuration, so retried.

@@ -45,6 +45,12 @@ class Unavailable(ClipsearchError):
         self.retry_after = retry_after
 
 
+class ModelFailed(Unavailable):
+    """The model's container failed on a request (it answered 5xx): perhaps because of one input in it, so a
+    request of several inputs is split to find it; one input alone is retried later. Its code stays the
+    contract's "unavailable": to a search, it is a 503 like any other."""
+
+
 class ModelMismatch(ClipsearchError):
     """The index was built with another model (or dimension) than the one requested."""
 

@@ -175,6 +175,22 @@ def test_given_the_endpoint_refuses_one_image_of_a_request_when_ingested_then_ha
     assert ingest.ingestor.index.upserts == [7]
 
 
+def test_given_the_model_fails_on_one_image_of_a_request_when_ingested_then_halves_isolate_it_and_only_it_is_retried(
+    s3: Any, ingest: Any, stand_in: InvokeEndpointServer
+) -> None:
+    # GIVEN a batch in which one picture makes the container fail (a 5xx: a poison input crashing the model)
+    objects = {f"poison/{n}.jpg": photo(50 + n, (320, 240), mark=n == 5) for n in range(8)}
+    stand_in.refuse_image, stand_in.refuse_status = is_marked, 500
+
+    response = ingest.handler(batch(s3, objects), LambdaContext())
+
+    # THEN only its record fails (SQS redelivers it alone, and alone it reaches the dead-letter queue);
+    # its neighbours are indexed, found by the same halving as a refusal
+    assert failed(response) == ["poison/5.jpg"]
+    assert sorted(ingest.ingestor.index.fingerprints()) == sorted(k for k in objects if k != "poison/5.jpg")
+    assert stand_in.images == [8, 4, 4, 2, 1, 1, 2]
+
+
 def test_given_the_index_refuses_one_document_of_the_bulk_when_ingested_then_only_its_record_fails(
     s3: Any, ingest: Any, stand_in: InvokeEndpointServer
 ) -> None:

@@ -12,7 +12,8 @@ hung endpoint does, or a warm one's fixed overhead per invocation), per_image_s 
 image in the request: a forward's cost grows with its batch), max_body_bytes (SageMaker Serverless
 refuses request bodies over 4 MB), refuse_image (a predicate on each picture of a request: the
 container answers 400 for a request holding one it is true of, as model_code does for input it
-refuses, and SageMaker turns that into ModelError 424). `calls` lists (endpoint, content type) and
+refuses, and SageMaker turns that into ModelError 424; refuse_status 500 makes it the container failing on
+such a picture instead, as on a poison input that crashes the model). `calls` lists (endpoint, content type) and
 `images` the number of images of each call that passed the runtime's checks.
 """
 
@@ -129,6 +130,7 @@ class InvokeEndpointServer(ThreadingHTTPServer):
         self.delay_s = 0.0
         self.per_image_s = 0.0
         self.refuse_image: Callable[[Image.Image], bool] | None = None
+        self.refuse_status = 400
         self.images: list[int] = []
         self.max_body_bytes = SERVERLESS_MAX_BODY_BYTES
         self.calls: list[tuple[str, str]] = []
@@ -217,7 +219,7 @@ class _InvokeHandler(BaseHTTPRequestHandler):
                 self.server.refuse_image(img) for img in _pictures(body, ctype)
             )
             if refused:
-                status, payload, answer_type = 400, b"the model refused one of the images", "text/plain"
+                status, payload, answer_type = self.server.refuse_status, b"one of the images: no", "text/plain"
             else:
                 status, payload, answer_type = self.server.container.invoke(body, forwarded)
         if status != 200:
