@@ -133,9 +133,9 @@ class SageMakerEncoder:
     def encode_each(self, images: list[Image.Image]) -> list[np.ndarray | ClipsearchError]:
         """Each image's vector or the reason it has none, in as few requests as the 4 MB allows.
 
-        A request the endpoint refuses (4xx) is split in halves until the refused images stand alone, so
-        one bad image costs its neighbours a few requests, not their vectors; a retryable failure of a
-        request (throttled, timed out) is that of each of its images.
+        A request the endpoint refuses (4xx) or the model fails on (5xx) is split in halves until the images
+        at fault stand alone, so one bad image costs its neighbours a few requests, not their vectors; a
+        retryable failure of a request (throttled, timed out) is that of each of its images.
         """
         out: dict[int, np.ndarray | ClipsearchError] = {}
         for request in self._requests(images):

@@ -5,7 +5,8 @@ encoded in as few endpoint requests as the 4 MB body limit allows and written wi
 that may work on a retry (endpoint throttled or cold, OpenSearch down, S3 errors) fails the records it
 concerns (those of that request, that write, that read), so SQS redelivers them alone; objects that can
 never be indexed (not images, undecodable, refused by the endpoint) are skipped with one log line and a
-metric, a request the endpoint refuses being halved until the refused image stands alone.
+metric, a request the endpoint refuses being halved until the refused image stands alone. A request the
+model fails on (5xx) is halved the same way, and only the image it fails on alone is retried.
 """
 
 from __future__ import annotations
