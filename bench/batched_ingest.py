@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from common import machine, moto_aws, table  # noqa: E402
+from support.sqs import lambda_event  # noqa: E402
 
 BUCKET = "clipsearch-bench-batched"
 ENDPOINT = "clipsearch-demo"
@@ -64,19 +65,15 @@ def batches(keys: Sequence[str], sizes: dict[str, int], size: int) -> list[dict[
     """SQS events of `size` ObjectCreated notifications each, as the event source mapping delivers them."""
     from clipsearch.aws import backfill
 
-    records = [
+    messages = [
         {
-            "messageId": uuid.uuid4().hex,
-            "receiptHandle": key,
-            "body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, sizes[key]))),
-            "attributes": {},
-            "messageAttributes": {},
-            "eventSource": "aws:sqs",
-            "awsRegion": "us-east-1",
+            "MessageId": uuid.uuid4().hex,
+            "ReceiptHandle": key,
+            "Body": json.dumps(backfill.s3_event(BUCKET, backfill.S3Object(key, sizes[key]))),
         }
         for key in keys
     ]
-    return [{"Records": records[n : n + size]} for n in range(0, len(records), size)]
+    return [lambda_event(messages[n : n + size]) for n in range(0, len(messages), size)]
 
 
 class Counted:

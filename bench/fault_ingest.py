@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from common import moto_aws  # noqa: E402
 from support.fakes import LambdaContext, load_function  # noqa: E402
 from support.sagemaker_endpoint import InvokeEndpointServer, _InvokeHandler, running_endpoint  # noqa: E402
+from support.sqs import lambda_event  # noqa: E402
 
 BUCKET = "clipsearch-fault-ingest"
 ENDPOINT = "clipsearch-demo"
@@ -462,22 +463,7 @@ def run(
                 time.sleep(0.2 if not waiting else min(1.0, max(0.05, min(w[0] for w in waiting) - now)))
                 continue
             idle_polls = 0
-            event = {
-                "Records": [
-                    {
-                        "messageId": m["MessageId"],
-                        "receiptHandle": m["ReceiptHandle"],
-                        "body": m["Body"],
-                        "attributes": m.get("Attributes", {}),
-                        "messageAttributes": {},
-                        "md5OfBody": m["MD5OfBody"],
-                        "eventSource": "aws:sqs",
-                        "eventSourceARN": queue_arn,
-                        "awsRegion": "us-east-1",
-                    }
-                    for m in messages
-                ]
-            }
+            event = lambda_event(messages, queue_arn)
             response = ingest.handler(event, LambdaContext())
             failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
             report.batches += 1

@@ -27,6 +27,7 @@ from PIL import Image
 from support import camera
 from support.fakes import LambdaContext, load_function
 from support.sagemaker_endpoint import InvokeEndpointServer
+from support.sqs import lambda_event
 
 from clipsearch.aws import config as aws_config
 from clipsearch.aws import ingest as aws_ingest
@@ -76,22 +77,7 @@ class Stack:
         ).get("Messages", [])
         if not messages:
             return [], []
-        event = {
-            "Records": [
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m.get("Attributes", {}),
-                    "messageAttributes": {},
-                    "md5OfBody": m["MD5OfBody"],
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ingest",
-                    "awsRegion": "us-east-1",
-                }
-                for m in messages
-            ]
-        }
+        event = lambda_event(messages)
         response = self.ingest.handler(event, context or LambdaContext("clipsearch-e2e"))
         failed = [f["itemIdentifier"] for f in response["batchItemFailures"]]
         for m in messages:

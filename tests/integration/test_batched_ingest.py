@@ -21,6 +21,7 @@ import pytest
 from PIL import Image, ImageChops
 from support.fakes import LambdaContext, load_function
 from support.sagemaker_endpoint import SERVERLESS_MAX_BODY_BYTES, InvokeEndpointServer
+from support.sqs import lambda_event
 
 from clipsearch.aws import backfill
 from clipsearch.images import to_transport
@@ -100,14 +101,12 @@ def is_marked(img: Image.Image) -> bool:
 
 def batch(s3: Any, objects: dict[str, bytes]) -> dict[str, Any]:
     """Put the objects and make one SQS batch of their ObjectCreated notifications, message id = key."""
-    records = []
+    messages = []
     for key, data in objects.items():
         s3.put_object(Bucket=BUCKET, Key=key, Body=data)
         notification = backfill.s3_event(BUCKET, backfill.S3Object(key, len(data)))
-        records.append({"messageId": key, "receiptHandle": key, "body": json.dumps(notification)})
-    for record in records:
-        record.update(attributes={}, messageAttributes={}, eventSource="aws:sqs", awsRegion="us-east-1")
-    return {"Records": records}
+        messages.append({"MessageId": key, "ReceiptHandle": key, "Body": json.dumps(notification)})
+    return lambda_event(messages)
 
 
 def failed(response: dict[str, Any]) -> list[str]:
