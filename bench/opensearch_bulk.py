@@ -95,7 +95,9 @@ def base_module() -> ModuleType:
 
 
 def segments(index: Any) -> int:
-    shards = index.client.indices.segments(index=index.name)["indices"][index.name]["shards"]
+    # By the name given, an alias: the answer is keyed by the physical index behind it.
+    (entry,) = index.client.indices.segments(index=index.name)["indices"].values()
+    shards = entry["shards"]
     return sum(len(copy["segments"]) for copies in shards.values() for copy in copies)
 
 
